@@ -1,0 +1,1 @@
+"""Drift and accuracy monitors (issue 5). Imports nothing else of Servo's."""

@@ -1,0 +1,1 @@
+"""Model registry (issue 4). Imports nothing else of Servo's."""

@@ -1,0 +1,1 @@
+"""Retraining pipeline (issue 4). May import registry and monitors."""

@@ -1,0 +1,96 @@
+"""The REST route table (OIP v2 and V1) and its endpoints.
+
+Endpoints do the HTTP things (status codes, headers, bodies) and hand the work to the
+data plane, which gRPC shares.
+"""
+
+from __future__ import annotations
+
+from serving import rest_codec, v1
+from serving.dataplane import DataPlane
+from serving.errors import InvalidInput
+from serving.http import AsgiApp, Request, Response, Route, error_response, json_response
+
+HEADER_LENGTH = b"inference-header-content-length"
+OCTET_STREAM = b"application/octet-stream"
+
+
+class Endpoints:
+    def __init__(self, dataplane: DataPlane):
+        self.dataplane = dataplane
+
+    async def live(self, request: Request) -> Response:
+        return json_response(200, {"live": self.dataplane.live()})
+
+    async def ready(self, request: Request) -> Response:
+        ready = self.dataplane.ready()
+        return json_response(200 if ready else 503, {"ready": ready})
+
+    async def server_metadata(self, request: Request) -> Response:
+        return json_response(200, self.dataplane.server_metadata())
+
+    async def model_metadata(self, request: Request) -> Response:
+        params = request.params
+        doc = self.dataplane.model_metadata(params["model"], params.get("version"))
+        return json_response(200, doc)
+
+    async def model_ready(self, request: Request) -> Response:
+        params = request.params
+        ready = self.dataplane.model_ready(params["model"], params.get("version"))
+        return json_response(200 if ready else 503, {"name": params["model"], "ready": ready})
+
+    async def infer(self, request: Request) -> Response:
+        raw_length = request.header(HEADER_LENGTH)
+        header_length: int | None = None
+        if raw_length is not None:
+            if not raw_length.isdigit():
+                raise InvalidInput(f"Inference-Header-Content-Length {raw_length!r} is not a size")
+            header_length = int(raw_length)
+        infer_request = rest_codec.parse_infer_request(request.body, header_length)
+        params = request.params
+        response = await self.dataplane.infer(params["model"], params.get("version"), infer_request)
+        body, json_length = rest_codec.encode_infer_response(response, infer_request)
+        if json_length is None:
+            return Response(200, body)
+        return Response(200, body, OCTET_STREAM, [(HEADER_LENGTH, str(json_length).encode())])
+
+    # V1
+
+    async def v1_list(self, request: Request) -> Response:
+        return json_response(200, {"models": self.dataplane.repository.names()})
+
+    async def v1_model(self, request: Request) -> Response:
+        name = request.params["model"]
+        return json_response(200, {"name": name, "ready": self.dataplane.model_ready(name)})
+
+    async def v1_predict(self, request: Request) -> Response:
+        name = request.params["model"]
+        model = self.dataplane.repository.model(name)
+        infer_request = v1.parse_predict(rest_codec.loads(request.body), model.signature)
+        response = await self.dataplane.infer(name, model.version, infer_request)
+        return json_response(200, v1.encode_predict(response))
+
+
+def route_table(endpoints: Endpoints) -> list[Route]:
+    e = endpoints
+    return [
+        Route("GET", "/v2/health/live", e.live),
+        Route("GET", "/v2/health/ready", e.ready),
+        Route("GET", "/v2", e.server_metadata),
+        Route("GET", "/v2/models/{model}", e.model_metadata),
+        Route("GET", "/v2/models/{model}/versions/{version}", e.model_metadata),
+        Route("GET", "/v2/models/{model}/ready", e.model_ready),
+        Route("GET", "/v2/models/{model}/versions/{version}/ready", e.model_ready),
+        Route("POST", "/v2/models/{model}/infer", e.infer),
+        Route("POST", "/v2/models/{model}/versions/{version}/infer", e.infer),
+        Route("GET", "/v1/models", e.v1_list),
+        Route("GET", "/v1/models/{model}", e.v1_model),
+        Route("POST", "/v1/models/{model}:predict", e.v1_predict),
+    ]
+
+
+def build_app(dataplane: DataPlane, max_body_bytes: int) -> AsgiApp:
+    return AsgiApp(route_table(Endpoints(dataplane)), max_body_bytes)
+
+
+__all__ = ["build_app", "error_response"]

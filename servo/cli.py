@@ -1,0 +1,127 @@
+"""The `servo` command: one group, one command per verb."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+import click
+
+from servo import __version__
+from servo.settings import Settings
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _serve(settings: Settings, folders: list[Path], on_ready: object = None) -> None:
+    import uvloop
+
+    from serving.server import Server
+
+    server = Server(settings.serving_config(), folders)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, server.stop)
+        task = asyncio.create_task(server.run())
+        if callable(on_ready):
+            while server.http_port is None or not server.dataplane.ready():
+                if task.done():
+                    break
+                await asyncio.sleep(0.05)
+            if not task.done():
+                threading.Thread(target=on_ready, args=(server,), daemon=True).start()
+        await task
+
+    uvloop.run(main())
+
+
+@click.group()
+@click.version_option(__version__, prog_name="servo")
+def main() -> None:
+    """Servo: serve ONNX models over the Open Inference Protocol (REST and gRPC)."""
+
+
+@main.command()
+@click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--host", envvar="SERVO_HOST", default="127.0.0.1", show_default=True)
+@click.option("--http-port", envvar="SERVO_HTTP_PORT", default=8080, show_default=True)
+@click.option("--grpc-port", envvar="SERVO_GRPC_PORT", default=8081, show_default=True)
+@click.option("--log-level", envvar="SERVO_LOG_LEVEL", default="INFO", show_default=True)
+def serve(folders: list[Path], host: str, http_port: int, grpc_port: int, log_level: str) -> None:
+    """Serve model version folders (model.onnx + servo.json); several versions of one
+    model may be given. Other settings come from SERVO_* environment variables."""
+    settings = Settings(host=host, http_port=http_port, grpc_port=grpc_port, log_level=log_level)
+    _configure_logging(settings.log_level)
+    _serve(settings, list(folders))
+
+
+@main.command("export-demo")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--name", default="digits", show_default=True)
+@click.option("--version", "version_", default="1", show_default=True)
+def export_demo(folder: Path, name: str, version_: str) -> None:
+    """Train the digits classifier and write it as a model version folder."""
+    from servo.demo import export_digits
+
+    card = export_digits(folder, name=name, version=version_)
+    click.echo(
+        f"wrote {folder} ({card.name} version {card.version}, "
+        f"holdout accuracy {card.metrics['accuracy']:.3f})"
+    )
+
+
+@main.command()
+@click.option("--dir", "work_dir", default=".servo-demo", type=click.Path(path_type=Path))
+@click.option("--http-port", envvar="SERVO_HTTP_PORT", default=8080, show_default=True)
+@click.option("--grpc-port", envvar="SERVO_GRPC_PORT", default=8081, show_default=True)
+def demo(work_dir: Path, http_port: int, grpc_port: int) -> None:
+    """Train the digits model, serve it, and print a request that works."""
+    from servo.demo import digits_holdout, export_digits
+
+    settings = Settings(http_port=http_port, grpc_port=grpc_port, log_level="WARNING")
+    _configure_logging(settings.log_level)
+    folder = work_dir / "digits" / "1"
+    card = export_digits(folder)
+    click.echo(f"trained digits: holdout accuracy {card.metrics['accuracy']:.3f} -> {folder}")
+    x_test, y_test = digits_holdout()
+    body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": [1, 64],
+                    "data": [float(v) for v in x_test[0]],
+                }
+            ]
+        }
+    )
+
+    def on_ready(server: object) -> None:
+        port = getattr(server, "http_port", http_port)
+        url = f"http://127.0.0.1:{port}/v2/models/digits/infer"
+        request = urllib.request.Request(
+            url, data=body.encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            answer = json.loads(reply.read())
+        label = answer["outputs"][0]["data"][0]
+        click.echo(f"served: the first holdout digit (a {y_test[0]}) is predicted as {label}")
+        click.echo("try it (Ctrl-C stops the server):\n")
+        click.echo(f"curl -s {url} -H 'Content-Type: application/json' -d '{body}'\n")
+
+    _serve(settings, [folder], on_ready)

@@ -1,0 +1,42 @@
+"""One settings object per process (env prefix SERVO_), built in main() and passed down."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from serving.runtime import RuntimeOptions
+from serving.server import ServingConfig
+from servo import __version__
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SERVO_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address both servers listen on")
+    http_port: int = Field(8080, ge=0, le=65535, description="REST port (0: any free port)")
+    grpc_port: int = Field(8081, ge=0, le=65535, description="gRPC port (0: any free port)")
+    grpc_enabled: bool = True
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="larger requests get 413 / RESOURCE_EXHAUSTED"
+    )
+    intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads per session")
+    inline_max_us: float = Field(
+        300.0, ge=0, description="models whose warm-up call is slower run on worker threads"
+    )
+    executor_threads: int = Field(4, ge=1)
+    log_level: str = "INFO"
+
+    def serving_config(self) -> ServingConfig:
+        return ServingConfig(
+            host=self.host,
+            http_port=self.http_port,
+            grpc_port=self.grpc_port,
+            grpc_enabled=self.grpc_enabled,
+            max_request_bytes=self.max_request_bytes,
+            runtime=RuntimeOptions(
+                intra_op_threads=self.intra_op_threads, inline_max_us=self.inline_max_us
+            ),
+            executor_threads=self.executor_threads,
+            server_version=__version__,
+        )
