@@ -78,6 +78,9 @@ def decode_json(name: str, datatype: str, shape: list[int], data: Any) -> npt.ND
         arr = np.asarray(data)
     except (ValueError, TypeError) as exc:
         raise InvalidInput(f"input '{name}': data is not a rectangular array ({exc})") from None
+    if datatype in INT_TYPES and arr.dtype.kind in "fO":
+        # numpy infers float64 (or object) for ints beyond int64 mixed with smaller ones
+        arr = _exact_ints(name, datatype, data, arr)
     kind = arr.dtype.kind
     allowed = "b" if datatype == "BOOL" else _FLOAT_KINDS if datatype in FLOAT_TYPES else _INT_KINDS
     if kind not in allowed and arr.size:
@@ -91,6 +94,18 @@ def decode_json(name: str, datatype: str, shape: list[int], data: Any) -> npt.ND
         if arr.min() < info.min or arr.max() > info.max:
             raise InvalidInput(f"input '{name}': value out of range for {datatype}")
     return arr.astype(dtype, copy=False).reshape(shape)
+
+
+def _exact_ints(name: str, datatype: str, data: Any, inferred: npt.NDArray[Any]) -> Any:
+    objects = np.array(data, dtype=object)
+    if objects.shape != inferred.shape or not all(
+        type(item) is int for item in objects.reshape(-1)
+    ):
+        return inferred
+    try:
+        return np.array(objects.tolist(), dtype=NUMPY_DTYPES[datatype])
+    except OverflowError:
+        raise InvalidInput(f"input '{name}': value out of range for {datatype}") from None
 
 
 def _describe(arr: npt.NDArray[Any]) -> str:

@@ -116,7 +116,7 @@ def encode_request(request: InferRequest, model_name: str, raw: bool) -> Any:
             message.raw_input_contents.append(encode_binary(tensor.datatype, tensor.data))
         elif tensor.datatype == BYTES:
             item.contents.bytes_contents.extend(tensor.data.reshape(-1).tolist())
-        else:
+        elif tensor.datatype in TYPED_FIELD:
             getattr(item.contents, TYPED_FIELD[tensor.datatype]).extend(
                 tensor.data.reshape(-1).tolist()
             )

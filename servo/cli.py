@@ -125,3 +125,7 @@ def demo(work_dir: Path, http_port: int, grpc_port: int) -> None:
         click.echo(f"curl -s {url} -H 'Content-Type: application/json' -d '{body}'\n")
 
     _serve(settings, [folder], on_ready)
+
+
+if __name__ == "__main__":
+    main()

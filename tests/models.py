@@ -1,0 +1,84 @@
+"""Tiny real ONNX models built in fixtures (never written into the source tree)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper
+
+from serving import signature
+from serving.datatypes import NUMPY_DTYPES
+from serving.model_folder import MODEL_FILE, ModelCard, write_card
+
+ONNX_TYPES = {
+    "BOOL": TensorProto.BOOL,
+    "UINT8": TensorProto.UINT8,
+    "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32,
+    "UINT64": TensorProto.UINT64,
+    "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16,
+    "INT32": TensorProto.INT32,
+    "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16,
+    "FP32": TensorProto.FLOAT,
+    "FP64": TensorProto.DOUBLE,
+    "BYTES": TensorProto.STRING,
+}
+assert set(ONNX_TYPES) == set(NUMPY_DTYPES)
+
+
+def write_model(
+    folder: Path, model: onnx.ModelProto, name: str, version: str = "1", **card: object
+) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MODEL_FILE).write_bytes(model.SerializeToString())
+    write_card(
+        folder,
+        ModelCard(
+            name=name,
+            version=version,
+            framework="onnx",
+            created_at="2026-11-29T00:00:00+00:00",
+            signature=signature.from_onnx(model),
+            **card,  # type: ignore[arg-type]
+        ),
+    )
+    return folder
+
+
+def identity_model(datatype: str) -> onnx.ModelProto:
+    """x [N, 3] of `datatype` -> y = x."""
+    elem = ONNX_TYPES[datatype]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        f"identity_{datatype.lower()}",
+        [helper.make_tensor_value_info("x", elem, ["N", 3])],
+        [helper.make_tensor_value_info("y", elem, ["N", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def two_input_model() -> onnx.ModelProto:
+    """a [N, 2] FP32, b [N, 2] FP32 -> sum = a + b, scaled = a * 2 (INT check: none)."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["a", "b"], ["sum"]),
+            helper.make_node("Add", ["a", "a"], ["double"]),
+        ],
+        "two_inputs",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 2]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 2]),
+        ],
+        [
+            helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["N", 2]),
+            helper.make_tensor_value_info("double", TensorProto.FLOAT, ["N", 2]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model

@@ -1,0 +1,98 @@
+"""Start `servo serve` as a real process on 127.0.0.1 and stop it by its PID."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class RunningServer:
+    process: subprocess.Popen[bytes]
+    http_port: int
+    grpc_port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        return self.process.returncode
+
+
+def start_server(
+    folders: Sequence[Path],
+    log_path: Path,
+    wait_for: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    timeout: float = 60.0,
+) -> RunningServer:
+    """Start a server; wait until it is live and every model in `wait_for` answers ready."""
+    http_port, grpc_port = free_port(), free_port()
+    with log_path.open("wb") as handle:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "servo.cli",
+                "serve",
+                *map(str, folders),
+                "--http-port",
+                str(http_port),
+                "--grpc-port",
+                str(grpc_port),
+            ],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+    server = RunningServer(process, http_port, grpc_port, log_path)
+    deadline = time.monotonic() + timeout
+    pending = list(wait_for)
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.url}/v2/health/live", timeout=1).status_code == 200:
+                pending = [
+                    m
+                    for m in pending
+                    if httpx.get(f"{server.url}/v2/models/{m}/ready", timeout=1).status_code != 200
+                ]
+                if not pending:
+                    return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"server not ready in {timeout}s (waiting for {pending}):\n{server.log()}")
