@@ -26,7 +26,10 @@ async def _abort(context: Any, error: ServingError) -> None:
     await context.abort(STATUS_CODES.get(error.status, grpc.StatusCode.UNKNOWN), error.message)
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+_Servicer: Any = pb_grpc.GRPCInferenceServiceServicer
+
+
+class InferenceServicer(_Servicer):  # type: ignore[misc]
     def __init__(self, dataplane: DataPlane):
         self.dataplane = dataplane
 

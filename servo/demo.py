@@ -6,6 +6,7 @@ Until the retraining pipeline lands (issue 4), this is how a model version folde
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,7 @@ def export_medium_mlp(
     sizes = [784, 1024, 1024, 10]
     nodes, inits = [], []
     current = "input"
-    for layer, (n_in, n_out) in enumerate(zip(sizes, sizes[1:], strict=False)):
+    for layer, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         weight = (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32)
         bias = np.zeros(n_out, dtype=np.float32)
         inits += [

@@ -10,11 +10,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from serving.types import InferRequest, Tensor
 from servo.demo import digits_holdout
 from tests.clients import GrpcClient, OipError, RestClient, request_of
 from tests.models import ONNX_TYPES
 from tests.servers import RunningServer
-from serving.types import InferRequest, Tensor
 
 CLIENTS = ["rest-json", "rest-binary", "grpc-typed", "grpc-raw"]
 Client = RestClient | GrpcClient

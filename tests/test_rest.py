@@ -34,7 +34,8 @@ BAD_BODIES = [
     (b"[1, 2, 3]", "request body must be a JSON object"),
     (b'{"inputs": []}', "request needs a non-empty 'inputs' list"),
     (
-        b'{"id": 5, "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": []}]}',
+        b'{"id": 5, "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], '
+        b'"data": []}]}',
         "input 'input': shape [1, 64] needs 64 elements, data has 0",
     ),
     (orjson.dumps(infer_doc(["a"] * 64)), "input 'input': data is not FP32 (found strings)"),
@@ -63,8 +64,10 @@ BAD_BODIES = [
         "inputs[0] needs a string 'name'",
     ),
     (
-        b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "parameters": {"binary_data_size": 256}}]}',
-        "input 'input': binary_data_size given, but the request has no Inference-Header-Content-Length header",
+        b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], '
+        b'"parameters": {"binary_data_size": 256}}]}',
+        "input 'input': binary_data_size given, but the request has no "
+        "Inference-Header-Content-Length header",
     ),
     (b"NaN", "malformed JSON: "),
 ]
