@@ -5,7 +5,9 @@ Nothing that fails validation here reaches ONNX Runtime.
 
 from __future__ import annotations
 
-import uuid
+import itertools
+import math
+import os
 from typing import Any
 
 import numpy as np
@@ -16,11 +18,24 @@ from serving.repository import ModelRepository, State
 from serving.types import InferRequest, InferResponse, Tensor
 
 
+class RequestIds:
+    """Ids for requests that bring none: a random per-process prefix and a counter
+    (unique without a system call per request)."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(6).hex()
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}-{next(self._counter):x}"
+
+
 class DataPlane:
     def __init__(self, repository: ModelRepository, server_name: str, server_version: str):
         self.repository = repository
         self.server_name = server_name
         self.server_version = server_version
+        self._ids = RequestIds()
 
     # health and metadata
 
@@ -83,7 +98,13 @@ class DataPlane:
                     f"input '{tensor.name}': expected shape {list(spec.shape)} "
                     f"(-1: any size), got {tensor.shape}"
                 )
-            if spec.datatype in FLOAT_TYPES and tensor.name not in allow_non_finite:
+            if (
+                spec.datatype in FLOAT_TYPES
+                and tensor.name not in allow_non_finite
+                # one reduction on the common path; a non-finite sum (also reached by
+                # overflow of large finite values) takes the exact check
+                and not math.isfinite(tensor.data.sum(dtype=np.float64))
+            ):
                 finite = np.isfinite(tensor.data)
                 if not finite.all():
                     index = int(np.argmin(finite.reshape(-1)))
@@ -120,6 +141,6 @@ class DataPlane:
         return InferResponse(
             model_name=model.name,
             model_version=model.version,
-            id=request.id if request.id is not None else uuid.uuid4().hex,
+            id=request.id if request.id is not None else self._ids.next(),
             outputs=outputs,
         )

@@ -7,7 +7,6 @@ beyond one small Request, and bodies go straight from the socket to orjson and n
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,39 +61,71 @@ def error_response(status: int, message: str) -> Response:
     return Response(status, orjson.dumps({"error": message}))
 
 
-_PARAM = re.compile(r"\{(\w+)\}")
+@dataclass(frozen=True, slots=True)
+class _Segment:
+    text: str  # the literal, or the parameter's name
+    param: bool = False
+    suffix: str = ""  # `{model}:predict` matches a segment ending in ":predict"
 
 
-def _compile(pattern: str) -> re.Pattern[str]:
-    regex = ""
-    last = 0
-    for match in _PARAM.finditer(pattern):
-        regex += re.escape(pattern[last : match.start()]) + f"(?P<{match.group(1)}>[^/:]+)"
-        last = match.end()
-    return re.compile("^" + regex + re.escape(pattern[last:]) + "$")
+@dataclass(frozen=True, slots=True)
+class _Pattern:
+    """A route pattern as path segments: literals, and `{name}` parameters that match one
+    non-empty segment without ':' (so names are never path fragments)."""
+
+    segments: tuple[_Segment, ...]
+    methods: dict[str, Handler]
+
+    @classmethod
+    def parse(cls, pattern: str, methods: dict[str, Handler]) -> _Pattern:
+        segments: list[_Segment] = []
+        for part in pattern.strip("/").split("/"):
+            if part.startswith("{"):
+                name, _, suffix = part[1:].partition("}")
+                segments.append(_Segment(name, param=True, suffix=suffix))
+            else:
+                segments.append(_Segment(part))
+        return cls(tuple(segments), methods)
+
+    def match(self, parts: list[str]) -> dict[str, str] | None:
+        if len(parts) != len(self.segments):
+            return None
+        params: dict[str, str] = {}
+        for part, segment in zip(parts, self.segments, strict=True):
+            if not segment.param:
+                if part != segment.text:
+                    return None
+                continue
+            value = part
+            if segment.suffix:
+                if not part.endswith(segment.suffix):
+                    return None
+                value = part[: -len(segment.suffix)]
+            if not value or ":" in value:
+                return None
+            params[segment.text] = value
+        return params
 
 
 class AsgiApp:
     def __init__(self, routes: list[Route], max_body_bytes: int):
         self.max_body_bytes = max_body_bytes
         self._exact: dict[str, dict[str, Handler]] = {}
-        self._patterns: list[tuple[re.Pattern[str], dict[str, Handler]]] = []
-        compiled: dict[str, dict[str, Handler]] = {}
+        by_pattern: dict[str, dict[str, Handler]] = {}
         for route in routes:
-            if "{" in route.pattern:
-                compiled.setdefault(route.pattern, {})[route.method] = route.handler
-            else:
-                self._exact.setdefault(route.pattern, {})[route.method] = route.handler
-        self._patterns = [(_compile(p), methods) for p, methods in compiled.items()]
+            table = by_pattern if "{" in route.pattern else self._exact
+            table.setdefault(route.pattern, {})[route.method] = route.handler
+        self._patterns = [_Pattern.parse(p, methods) for p, methods in by_pattern.items()]
 
     def _match(self, path: str) -> tuple[dict[str, Handler], dict[str, str]]:
         methods = self._exact.get(path)
         if methods is not None:
             return methods, {}
-        for regex, methods in self._patterns:
-            found = regex.match(path)
-            if found is not None:
-                return methods, found.groupdict()
+        parts = path.strip("/").split("/")
+        for pattern in self._patterns:
+            params = pattern.match(parts)
+            if params is not None:
+                return pattern.methods, params
         raise RouteNotFound(f"no route for {path}")
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -46,6 +46,8 @@ class ModelRepository:
             max_workers=executor_threads, thread_name_prefix="servo-infer"
         )
         self._models: dict[str, dict[str, Entry]] = {}
+        #: name -> the version answering requests that name none (highest ready one)
+        self._default: dict[str, str] = {}
 
     def load_folder(self, folder: Path) -> Entry:
         """Load one model version folder. A broken folder is recorded as FAILED with the
@@ -66,9 +68,11 @@ class ModelRepository:
             model.load()
         except ModelLoadError as exc:
             entry.state, entry.error = State.FAILED, str(exc)
+            self._refresh_default(entry.name)
             log.error("model %s version %s failed to load: %s", card.name, card.version, exc)
             return entry
         entry.model, entry.state = model, State.READY
+        self._refresh_default(entry.name)
         log.info(
             "loaded model %s version %s (warm-up %.0f us, %s)",
             card.name,
@@ -80,6 +84,12 @@ class ModelRepository:
 
     def _put(self, entry: Entry) -> None:
         self._models.setdefault(entry.name, {})[entry.version] = entry
+        self._refresh_default(entry.name)
+
+    def _refresh_default(self, name: str) -> None:
+        versions = self._models[name]
+        ready = [v for v in versions if versions[v].state is State.READY]
+        self._default[name] = max(ready or list(versions), key=_version_key)
 
     def names(self) -> list[str]:
         return sorted(self._models)
@@ -101,8 +111,7 @@ class ModelRepository:
             shown = name if valid_name(name) else repr(name[:64])
             raise ModelNotFound(f"model '{shown}' not found")
         if version is None:
-            ready = [v for v in versions if versions[v].state is State.READY]
-            version = max(ready or list(versions), key=_version_key)
+            version = self._default[name]
         elif version not in versions:
             shown = version if valid_version(version) else repr(version[:64])
             raise ModelNotFound(f"model '{name}' has no version '{shown}'")

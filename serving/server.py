@@ -73,6 +73,7 @@ class Server:
                 access_log=False,
                 log_config=None,
                 timeout_keep_alive=65,
+                proxy_headers=False,
             )
         )
         http_task = asyncio.create_task(http.serve(sockets=[sock]))
