@@ -1,7 +1,9 @@
 """The peer: the stock KServe ModelServer serving an ONNX model through a plain
 `kserve.Model` (ONNX Runtime inside `predict`), as a KServe user would write it.
 
-    python benchmarks/kserve_peer.py MODEL_DIR NAME HTTP_PORT GRPC_PORT
+    python benchmarks/kserve_peer.py HTTP_PORT GRPC_PORT MODEL_DIR [MODEL_DIR ...]
+
+Each MODEL_DIR is a Servo model version folder (`<name>/<version>/model.onnx`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ class OnnxModel(kserve.Model):  # type: ignore[misc]
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(self.path), opts, providers=["CPUExecutionProvider"]
+        )
         self.ready = True
         return True
 
@@ -40,7 +44,9 @@ class OnnxModel(kserve.Model):  # type: ignore[misc]
         results = self.session.run(names, feeds)
         outputs = []
         for name, array in zip(names, results, strict=True):
-            out = InferOutput(name=name, shape=list(array.shape), datatype=from_np_dtype(array.dtype))
+            out = InferOutput(
+                name=name, shape=list(array.shape), datatype=from_np_dtype(array.dtype)
+            )
             out.set_data_from_numpy(array, binary_data=payload.use_binary_outputs)
             outputs.append(out)
         return InferResponse(
@@ -52,9 +58,10 @@ class OnnxModel(kserve.Model):  # type: ignore[misc]
 
 
 if __name__ == "__main__":
-    folder, name, http_port, grpc_port = Path(argv[0]), argv[1], int(argv[2]), int(argv[3])
-    model = OnnxModel(name, folder / "model.onnx")
-    model.load()
+    http_port, grpc_port = int(argv[0]), int(argv[1])
+    models = [OnnxModel(Path(f).parent.name, Path(f) / "model.onnx") for f in argv[2:]]
+    for model in models:
+        model.load()
     kserve.ModelServer(
         http_port=http_port, grpc_port=grpc_port, workers=1, enable_latency_logging=False
-    ).start([model])
+    ).start(models)

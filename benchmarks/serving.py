@@ -1,0 +1,523 @@
+"""Serving benchmark, side by side in one run (a script, not a timed test).
+
+  limit   raw ONNX Runtime in-process, one row per call (no server at all)
+  peer    the stock KServe ModelServer serving the same ONNX model via a plain kserve.Model
+  mlserver  MLServer with a custom ONNX Runtime runtime (own virtual environment)
+  servo   `servo serve`
+
+Every server is pinned to one core (taskset), the load generator to the other: wrk for
+REST (JSON and binary tensor extension), benchmarks/grpc_load.py for gRPC (raw contents).
+Two models: the digits classifier ([N,64] FP32) and a medium MLP ([N,784]->1024->1024->10).
+Prints a Markdown table with req/s, p50, p99 and the ratios to the peer and the limit.
+
+    python benchmarks/serving.py [--seconds 5] [--concurrency 1,16,64] [--no-mlserver]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import orjson
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from serving.grpc_stubs import pb  # noqa: E402
+from servo.demo import digits_holdout, export_digits, export_medium_mlp  # noqa: E402
+
+LOAD_CPU, SERVER_CPU = "0", "1"
+PROTOCOLS = ("rest-json", "rest-binary", "grpc")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Model:
+    name: str
+    folder: Path
+    row: np.ndarray
+
+    @property
+    def features(self) -> int:
+        return int(self.row.shape[1])
+
+
+def build_models(root: Path) -> list[Model]:
+    export_digits(root / "digits" / "1")
+    export_medium_mlp(root / "mlp" / "1")
+    x_test, _ = digits_holdout()
+    mlp_row = np.random.default_rng(0).random((1, 784), dtype=np.float32)
+    return [
+        Model("digits", root / "digits" / "1", x_test[:1]),
+        Model("mlp", root / "mlp" / "1", mlp_row),
+    ]
+
+
+# --- the limit ---------------------------------------------------------------------------
+
+
+def limit(model: Model, seconds: float) -> dict[str, float]:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(model.folder / "model.onnx"), opts)
+    feeds = {"input": model.row}
+    for _ in range(100):
+        session.run(None, feeds)
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return {
+        "rps": len(times) / sum(times),
+        "p50_ms": statistics.median(times) * 1000,
+        "p99_ms": float(np.quantile(times, 0.99)) * 1000,
+    }
+
+
+# --- payloads ----------------------------------------------------------------------------
+
+
+@dataclass
+class Payload:
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def rest_json(model: Model) -> Payload:
+    doc = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": [1, model.features],
+                "datatype": "FP32",
+                "data": model.row.reshape(-1).tolist(),
+            }
+        ]
+    }
+    return Payload(orjson.dumps(doc), {"Content-Type": "application/json"})
+
+
+def rest_binary(model: Model) -> Payload:
+    raw = model.row.astype("<f4").tobytes()
+    head = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [1, model.features],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    )
+    return Payload(
+        head + raw,
+        {
+            "Content-Type": "application/octet-stream",
+            "Inference-Header-Content-Length": str(len(head)),
+        },
+    )
+
+
+def grpc_request(model: Model) -> bytes:
+    message = pb.ModelInferRequest(model_name=model.name)
+    item = message.inputs.add()
+    item.name, item.datatype = "input", "FP32"
+    item.shape.extend([1, model.features])
+    message.raw_input_contents.append(model.row.astype("<f4").tobytes())
+    data: bytes = message.SerializeToString()
+    return data
+
+
+# --- servers -----------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    name: str
+    command: list[str]
+    http_port: int
+    grpc_port: int
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+
+    def start(self, workdir: Path, models: list[Model]) -> None:
+        self.log = workdir / f"{self.name}.log"
+        with self.log.open("wb") as handle:
+            self.process = subprocess.Popen(
+                ["taskset", "-c", SERVER_CPU, *self.command],
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
+                cwd=workdir,
+            )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                url = f"http://127.0.0.1:{self.http_port}/v2/models/{{}}/ready"
+                if all(httpx.get(url.format(m.name), timeout=2).status_code == 200 for m in models):
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"{self.name} not ready:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def servo_server(models: list[Model]) -> Server:
+    http, grpc = free_port(), free_port()
+    command = [sys.executable, "-m", "servo.cli", "serve", *(str(m.folder) for m in models)]
+    command += ["--http-port", str(http), "--grpc-port", str(grpc), "--log-level", "WARNING"]
+    return Server("servo", command, http, grpc, {"PYTHONPATH": str(ROOT)})
+
+
+def kserve_server(models: list[Model]) -> Server:
+    http, grpc = free_port(), free_port()
+    command = [sys.executable, str(HERE / "kserve_peer.py"), str(http), str(grpc)]
+    return Server("kserve", command + [str(m.folder) for m in models], http, grpc)
+
+
+def mlserver_server(models: list[Model], venv: Path, workdir: Path) -> Server:
+    http, grpc = free_port(), free_port()
+    repo = workdir / "mlserver"
+    for model in models:
+        folder = repo / model.name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "model-settings.json").write_text(
+            json.dumps(
+                {
+                    "name": model.name,
+                    "implementation": "onnx_runtime.OnnxRuntime",
+                    "parameters": {"uri": str(model.folder / "model.onnx")},
+                }
+            )
+        )
+    (repo / "settings.json").write_text(
+        json.dumps(
+            {
+                "host": "127.0.0.1",
+                "http_port": http,
+                "grpc_port": grpc,
+                "metrics_port": free_port(),
+                "parallel_workers": 0,
+                "debug": False,
+            }
+        )
+    )
+    command = [str(venv / "bin" / "mlserver"), "start", str(repo)]
+    return Server("mlserver", command, http, grpc, {"PYTHONPATH": str(HERE / "mlserver_peer")})
+
+
+def ensure_mlserver_venv(venv: Path) -> bool:
+    if (venv / "bin" / "mlserver").exists():
+        return True
+    print(f"creating {venv} for MLServer (once)...", flush=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run(
+            [str(venv / "bin" / "pip"), "install", "-q", "mlserver", "onnxruntime"], check=True
+        )
+    except subprocess.CalledProcessError as exc:
+        print(f"MLServer unavailable ({exc}); skipping it", flush=True)
+        return False
+    return True
+
+
+# --- load --------------------------------------------------------------------------------
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    return float(number) * _UNITS[unit]
+
+
+def wrk(
+    url: str, payload: Payload, concurrency: int, seconds: float, workdir: Path
+) -> dict[str, Any]:
+    body_file = workdir / "body.bin"
+    body_file.write_bytes(payload.body)
+    lines = [
+        'wrk.method = "POST"',
+        f'local f = io.open("{body_file}", "rb")',
+        "wrk.body = f:read('*all')",
+        "f:close()",
+        *(f'wrk.headers["{k}"] = "{v}"' for k, v in payload.headers.items()),
+    ]
+    script = workdir / "post.lua"
+    script.write_text("\n".join(lines) + "\n")
+    out = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            LOAD_CPU,
+            "wrk",
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{max(1, round(seconds))}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = int(bad.group(1)) if bad else 0
+    sock = re.search(r"Socket errors:.*", out)
+    return {
+        "rps": rps,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "errors": errors,
+        "socket_errors": sock.group(0) if sock else "",
+    }
+
+
+def grpc_load(
+    target: str, request: bytes, concurrency: int, seconds: float, workdir: Path
+) -> dict[str, Any]:
+    path = workdir / "request.pb"
+    path.write_bytes(request)
+    out = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            LOAD_CPU,
+            sys.executable,
+            str(HERE / "grpc_load.py"),
+            target,
+            str(path),
+            str(concurrency),
+            str(seconds),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def check(server: Server, model: Model, protocol: str) -> str | None:
+    """One request first: the reply must be a 200 with an output. None means fine."""
+    try:
+        if protocol == "grpc":
+            import grpc as grpclib
+
+            from serving.grpc_stubs import pb_grpc
+
+            with grpclib.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                reply = stub.ModelInfer(
+                    pb.ModelInferRequest.FromString(grpc_request(model)), timeout=10
+                )
+                return None if reply.outputs else "no outputs"
+        payload = rest_json(model) if protocol == "rest-json" else rest_binary(model)
+        url = f"http://127.0.0.1:{server.http_port}/v2/models/{model.name}/infer"
+        reply = httpx.post(url, content=payload.body, headers=payload.headers, timeout=10)
+        if reply.status_code != 200:
+            return f"HTTP {reply.status_code}: {reply.text[:120]}"
+        return None
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc)[:120]}"
+
+
+def run_load(
+    server: Server, model: Model, protocol: str, concurrency: int, seconds: float, workdir: Path
+) -> dict[str, Any]:
+    if protocol == "grpc":
+        return grpc_load(
+            f"127.0.0.1:{server.grpc_port}", grpc_request(model), concurrency, seconds, workdir
+        )
+    payload = rest_json(model) if protocol == "rest-json" else rest_binary(model)
+    url = f"http://127.0.0.1:{server.http_port}/v2/models/{model.name}/infer"
+    return wrk(url, payload, concurrency, seconds, workdir)
+
+
+# --- report ------------------------------------------------------------------------------
+
+
+def table(results: list[dict[str, Any]], limits: dict[str, dict[str, float]]) -> str:
+    rows = [
+        "| model | protocol | conc. | server | req/s | p50 ms | p99 ms | x peer (KServe) | x limit (ORT) |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    peer = {
+        (r["model"], r["protocol"], r["concurrency"]): r for r in results if r["server"] == "kserve"
+    }
+    for r in results:
+        if "error" in r:
+            rows.append(
+                f"| {r['model']} | {r['protocol']} | {r['concurrency']} | {r['server']} | n/a: {r['error']} | | | | |"
+            )
+            continue
+        base = peer.get((r["model"], r["protocol"], r["concurrency"]))
+        ratio = f"{r['rps'] / base['rps']:.2f}" if base and "rps" in base else "-"
+        rows.append(
+            f"| {r['model']} | {r['protocol']} | {r['concurrency']} | {r['server']} | {r['rps']:,.0f} | "
+            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {ratio} | {r['rps'] / limits[r['model']]['rps']:.3f} |"
+        )
+    lines = [
+        "| model | raw ONNX Runtime in-process (the limit): calls/s | p50 ms |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {m} | {v['rps']:,.0f} | {v['p50_ms']:.3f} |" for m, v in limits.items()]
+    return "\n".join(lines) + "\n\n" + "\n".join(rows)
+
+
+def goals(results: list[dict[str, Any]]) -> list[str]:
+    def find(
+        server: str, model: str = "digits", protocol: str = "rest-json", c: int = 16
+    ) -> dict[str, Any] | None:
+        for r in results:
+            if (r["server"], r["model"], r["protocol"], r["concurrency"]) == (
+                server,
+                model,
+                protocol,
+                c,
+            ) and "rps" in r:
+                return r
+        return None
+
+    servo, peer, mls = find("servo"), find("kserve"), find("mlserver")
+    out = []
+    if servo and peer:
+        out.append(
+            f"digits, REST JSON, c16: Servo/KServe req/s = {servo['rps'] / peer['rps']:.2f}x (goal >= 5x)"
+        )
+        out.append(
+            f"digits, REST JSON, c16: Servo p99 {servo['p99_ms']:.2f} ms vs KServe p50 {peer['p50_ms']:.2f} ms (goal: below)"
+        )
+    if servo and mls:
+        out.append(
+            f"digits, REST JSON, c16: Servo/MLServer req/s = {servo['rps'] / mls['rps']:.2f}x (goal >= 3x)"
+        )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--models", default="digits,mlp")
+    parser.add_argument("--protocols", default=",".join(PROTOCOLS))
+    parser.add_argument("--servers", default="kserve,mlserver,servo")
+    parser.add_argument("--no-mlserver", action="store_true")
+    parser.add_argument("--mlserver-venv", type=Path, default=HERE / ".venv-mlserver")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None or shutil.which("taskset") is None:
+        sys.exit("needs wrk and taskset (Debian packages wrk and util-linux)")
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    protocols = args.protocols.split(",")
+    wanted_servers = args.servers.split(",")
+    if args.no_mlserver and "mlserver" in wanted_servers:
+        wanted_servers.remove("mlserver")
+    workdir = Path(tempfile.mkdtemp(prefix="servo-bench-"))
+    try:
+        models = [m for m in build_models(workdir / "models") if m.name in args.models.split(",")]
+        limits = {m.name: limit(m, min(args.seconds, 3.0)) for m in models}
+        servers: list[Server] = []
+        for name in wanted_servers:
+            if name == "servo":
+                servers.append(servo_server(models))
+            elif name == "kserve":
+                servers.append(kserve_server(models))
+            elif name == "mlserver" and ensure_mlserver_venv(args.mlserver_venv):
+                servers.append(mlserver_server(models, args.mlserver_venv, workdir))
+        results: list[dict[str, Any]] = []
+        for server in servers:
+            print(f"== {server.name}", flush=True)
+            server.start(workdir, models)
+            try:
+                for model in models:
+                    for protocol in protocols:
+                        problem = check(server, model, protocol)
+                        for c in concurrencies:
+                            row: dict[str, Any] = {
+                                "server": server.name,
+                                "model": model.name,
+                                "protocol": protocol,
+                                "concurrency": c,
+                            }
+                            if problem is None:
+                                row.update(
+                                    run_load(server, model, protocol, c, args.seconds, workdir)
+                                )
+                            else:
+                                row["error"] = problem
+                            results.append(row)
+                            print(json.dumps(row), flush=True)
+            finally:
+                server.stop()
+        order = {"kserve": 0, "mlserver": 1, "servo": 2}
+        results.sort(
+            key=lambda r: (
+                r["model"],
+                PROTOCOLS.index(r["protocol"]),
+                r["concurrency"],
+                order[r["server"]],
+            )
+        )
+        report = table(results, limits)
+        summary = goals(results)
+        text = report + "\n\n" + "\n".join(f"- {line}" for line in summary) + "\n"
+        print("\n" + text)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "serving.md").write_text(text)
+        (args.out / "serving.json").write_text(
+            json.dumps({"limits": limits, "results": results}, indent=1)
+        )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
