@@ -72,8 +72,11 @@ class Endpoints:
 
 
 def route_table(endpoints: Endpoints) -> list[Route]:
+    """Every REST route; patterns are tried in this order, so the hot ones come first."""
     e = endpoints
     return [
+        Route("POST", "/v2/models/{model}/infer", e.infer),
+        Route("POST", "/v2/models/{model}/versions/{version}/infer", e.infer),
         Route("GET", "/v2/health/live", e.live),
         Route("GET", "/v2/health/ready", e.ready),
         Route("GET", "/v2", e.server_metadata),
@@ -81,8 +84,6 @@ def route_table(endpoints: Endpoints) -> list[Route]:
         Route("GET", "/v2/models/{model}/versions/{version}", e.model_metadata),
         Route("GET", "/v2/models/{model}/ready", e.model_ready),
         Route("GET", "/v2/models/{model}/versions/{version}/ready", e.model_ready),
-        Route("POST", "/v2/models/{model}/infer", e.infer),
-        Route("POST", "/v2/models/{model}/versions/{version}/infer", e.infer),
         Route("GET", "/v1/models", e.v1_list),
         Route("GET", "/v1/models/{model}", e.v1_model),
         Route("POST", "/v1/models/{model}:predict", e.v1_predict),

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from serving.datatypes import FLOAT_TYPES
 from serving.errors import InvalidInput
 from serving.repository import ModelRepository, State
 from serving.types import InferRequest, InferResponse, Tensor
@@ -76,16 +75,16 @@ class DataPlane:
 
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
         model = self.repository.model(name, version)
-        signature = model.signature
+        plan = model.plan
         feeds: dict[str, Any] = {}
-        allow_non_finite = model.card.allow_non_finite
         for tensor in request.inputs:
-            spec = signature.input(tensor.name)
-            if spec is None:
-                known = ", ".join(s.name for s in signature.inputs)
+            found = plan.inputs.get(tensor.name)
+            if found is None:
                 raise InvalidInput(
-                    f"model '{model.name}' has no input '{tensor.name}' (inputs: {known})"
+                    f"model '{model.name}' has no input '{tensor.name}' "
+                    f"(inputs: {', '.join(plan.inputs)})"
                 )
+            spec, finite_only = found
             if tensor.name in feeds:
                 raise InvalidInput(f"input '{tensor.name}' appears more than once")
             if tensor.datatype != spec.datatype:
@@ -98,13 +97,9 @@ class DataPlane:
                     f"input '{tensor.name}': expected shape {list(spec.shape)} "
                     f"(-1: any size), got {tensor.shape}"
                 )
-            if (
-                spec.datatype in FLOAT_TYPES
-                and tensor.name not in allow_non_finite
-                # one reduction on the common path; a non-finite sum (also reached by
-                # overflow of large finite values) takes the exact check
-                and not math.isfinite(tensor.data.sum(dtype=np.float64))
-            ):
+            # one reduction on the common path; a non-finite sum (also reached by overflow
+            # of large finite values) takes the exact check
+            if finite_only and not math.isfinite(tensor.data.sum(dtype=np.float64)):
                 finite = np.isfinite(tensor.data)
                 if not finite.all():
                     index = int(np.argmin(finite.reshape(-1)))
@@ -113,34 +108,30 @@ class DataPlane:
                         "this input only takes finite values"
                     )
             feeds[tensor.name] = tensor.data
-        if len(feeds) != len(signature.inputs):
-            missing = [s.name for s in signature.inputs if s.name not in feeds]
+        if len(feeds) != len(plan.inputs):
+            missing = [n for n in plan.inputs if n not in feeds]
             raise InvalidInput(f"model '{model.name}' needs input(s) {', '.join(missing)}")
+        specs = plan.output_specs
         output_names: list[str] | None = None
         if request.outputs:
             output_names = []
             for wanted in request.outputs:
-                if signature.output(wanted.name) is None:
-                    known = ", ".join(s.name for s in signature.outputs)
+                if wanted.name not in plan.outputs:
                     raise InvalidInput(
-                        f"model '{model.name}' has no output '{wanted.name}' (outputs: {known})"
+                        f"model '{model.name}' has no output '{wanted.name}' "
+                        f"(outputs: {', '.join(plan.outputs)})"
                     )
                 if wanted.name in output_names:
                     raise InvalidInput(f"output '{wanted.name}' is requested more than once")
                 output_names.append(wanted.name)
+            specs = tuple(plan.outputs[n] for n in output_names)
         arrays = await model.predict(feeds, output_names)
-        specs = (
-            signature.outputs
-            if output_names is None
-            else tuple(s for n in output_names for s in signature.outputs if s.name == n)
-        )
-        outputs = [
-            Tensor(spec.name, spec.datatype, list(array.shape), array)
-            for spec, array in zip(specs, arrays, strict=True)
-        ]
         return InferResponse(
             model_name=model.name,
             model_version=model.version,
             id=request.id if request.id is not None else self._ids.next(),
-            outputs=outputs,
+            outputs=[
+                Tensor(spec.name, spec.datatype, list(array.shape), array)
+                for spec, array in zip(specs, arrays, strict=True)
+            ],
         )

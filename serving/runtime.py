@@ -22,14 +22,35 @@ import onnx
 import onnxruntime as ort
 
 from serving import signature as signature_mod
-from serving.datatypes import BYTES, NUMPY_DTYPES
+from serving.datatypes import BYTES, FLOAT_TYPES, NUMPY_DTYPES
 from serving.errors import InferenceFailed, InvalidInput, ModelLoadError
 from serving.model_folder import MODEL_FILE, ModelCard
-from serving.signature import Signature
+from serving.signature import Signature, TensorSpec
 
 log = logging.getLogger("servo.serving")
 
 Arrays = Mapping[str, npt.NDArray[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What the data plane checks per request, looked up once at load."""
+
+    #: input name -> (spec, only finite values allowed)
+    inputs: dict[str, tuple[TensorSpec, bool]]
+    outputs: dict[str, TensorSpec]
+    output_specs: tuple[TensorSpec, ...]
+
+    @classmethod
+    def of(cls, signature: Signature, allow_non_finite: list[str]) -> Plan:
+        return cls(
+            inputs={
+                s.name: (s, s.datatype in FLOAT_TYPES and s.name not in allow_non_finite)
+                for s in signature.inputs
+            },
+            outputs={s.name: s for s in signature.outputs},
+            output_specs=signature.outputs,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +74,7 @@ class OnnxModel:
         self._executor = executor
         self.card = card
         self.signature: Signature = self.card.signature
+        self.plan = Plan.of(self.signature, card.allow_non_finite)
         self._session: ort.InferenceSession | None = None
         self._inline = False
         self._output_names: list[str] = []
@@ -85,6 +107,7 @@ class OnnxModel:
                 f"does not match the ONNX graph {graph_signature.to_json()}"
             )
         self.signature = graph_signature
+        self.plan = Plan.of(graph_signature, self.card.allow_non_finite)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.options.intra_op_threads
         opts.inter_op_num_threads = self.options.inter_op_threads

@@ -1,0 +1,51 @@
+"""The serving benchmark still runs end to end (a smoke run, not a measurement)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk (Debian package) not installed")
+def test_benchmark_runs_side_by_side(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "serving.py"),
+            "--seconds",
+            "1",
+            "--concurrency",
+            "4",
+            "--models",
+            "digits",
+            "--protocols",
+            "rest-json,rest-binary,grpc",
+            "--servers",
+            "kserve,servo",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((tmp_path / "serving.json").read_text())
+    assert report["limits"]["digits"]["rps"] > 0
+    rows = report["results"]
+    assert {(r["server"], r["protocol"]) for r in rows} == {
+        (s, p) for s in ("kserve", "servo") for p in ("rest-json", "rest-binary", "grpc")
+    }
+    for row in rows:
+        assert "error" not in row, row
+        assert row["rps"] > 0 and row["errors"] == 0, row
+    assert "x peer (KServe)" in (tmp_path / "serving.md").read_text()
