@@ -367,40 +367,48 @@ def check(server: Server, model: Model, protocol: str) -> str | None:
         return f"{type(exc).__name__}: {str(exc)[:120]}"
 
 
-def run_load(
-    server: Server, model: Model, protocol: str, concurrency: int, seconds: float, workdir: Path
-) -> dict[str, Any]:
-    if protocol == "grpc":
-        return grpc_load(
-            f"127.0.0.1:{server.grpc_port}", grpc_request(model), concurrency, seconds, workdir
-        )
-    payload = rest_json(model) if protocol == "rest-json" else rest_binary(model)
+@dataclass(frozen=True)
+class Cell:
+    server: Server
+    model: Model
+    protocol: str
+    concurrency: int
+
+
+def run_load(cell: Cell, seconds: float, workdir: Path) -> dict[str, Any]:
+    server, model, c = cell.server, cell.model, cell.concurrency
+    if cell.protocol == "grpc":
+        target = f"127.0.0.1:{server.grpc_port}"
+        return grpc_load(target, grpc_request(model), c, seconds, workdir)
+    payload = rest_json(model) if cell.protocol == "rest-json" else rest_binary(model)
     url = f"http://127.0.0.1:{server.http_port}/v2/models/{model.name}/infer"
-    return wrk(url, payload, concurrency, seconds, workdir)
+    return wrk(url, payload, c, seconds, workdir)
 
 
 # --- report ------------------------------------------------------------------------------
 
+HEADER = (
+    "| model | protocol | conc. | server | req/s | p50 ms | p99 ms "
+    "| x peer (KServe) | x limit (ORT) |"
+)
+
 
 def table(results: list[dict[str, Any]], limits: dict[str, dict[str, float]]) -> str:
-    rows = [
-        "| model | protocol | conc. | server | req/s | p50 ms | p99 ms | x peer (KServe) | x limit (ORT) |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|",
-    ]
+    rows = [HEADER, "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     peer = {
         (r["model"], r["protocol"], r["concurrency"]): r for r in results if r["server"] == "kserve"
     }
     for r in results:
+        key = f"| {r['model']} | {r['protocol']} | {r['concurrency']} | {r['server']} "
         if "error" in r:
-            rows.append(
-                f"| {r['model']} | {r['protocol']} | {r['concurrency']} | {r['server']} | n/a: {r['error']} | | | | |"
-            )
+            rows.append(key + f"| n/a: {r['error']} | | | | |")
             continue
         base = peer.get((r["model"], r["protocol"], r["concurrency"]))
         ratio = f"{r['rps'] / base['rps']:.2f}" if base and "rps" in base else "-"
+        to_limit = r["rps"] / limits[r["model"]]["rps"]
         rows.append(
-            f"| {r['model']} | {r['protocol']} | {r['concurrency']} | {r['server']} | {r['rps']:,.0f} | "
-            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {ratio} | {r['rps'] / limits[r['model']]['rps']:.3f} |"
+            key + f"| {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
+            f"| {ratio} | {to_limit:.3f} |"
         )
     lines = [
         "| model | raw ONNX Runtime in-process (the limit): calls/s | p50 ms |",
@@ -411,33 +419,65 @@ def table(results: list[dict[str, Any]], limits: dict[str, dict[str, float]]) ->
 
 
 def goals(results: list[dict[str, Any]]) -> list[str]:
-    def find(
-        server: str, model: str = "digits", protocol: str = "rest-json", c: int = 16
-    ) -> dict[str, Any] | None:
-        for r in results:
-            if (r["server"], r["model"], r["protocol"], r["concurrency"]) == (
-                server,
-                model,
-                protocol,
-                c,
-            ) and "rps" in r:
-                return r
-        return None
-
-    servo, peer, mls = find("servo"), find("kserve"), find("mlserver")
+    """The issue's goals, on the digits model over REST JSON at concurrency 16."""
+    found = {
+        r["server"]: r
+        for r in results
+        if (r["model"], r["protocol"], r["concurrency"]) == ("digits", "rest-json", 16)
+        and "rps" in r
+    }
+    servo, peer, mls = found.get("servo"), found.get("kserve"), found.get("mlserver")
     out = []
+    prefix = "digits, REST JSON, c16:"
     if servo and peer:
+        ratio = servo["rps"] / peer["rps"]
+        out.append(f"{prefix} Servo/KServe req/s = {ratio:.2f}x (goal >= 5x)")
         out.append(
-            f"digits, REST JSON, c16: Servo/KServe req/s = {servo['rps'] / peer['rps']:.2f}x (goal >= 5x)"
-        )
-        out.append(
-            f"digits, REST JSON, c16: Servo p99 {servo['p99_ms']:.2f} ms vs KServe p50 {peer['p50_ms']:.2f} ms (goal: below)"
+            f"{prefix} Servo p99 {servo['p99_ms']:.2f} ms vs KServe p50 "
+            f"{peer['p50_ms']:.2f} ms (goal: below)"
         )
     if servo and mls:
-        out.append(
-            f"digits, REST JSON, c16: Servo/MLServer req/s = {servo['rps'] / mls['rps']:.2f}x (goal >= 3x)"
-        )
+        out.append(f"{prefix} Servo/MLServer req/s = {servo['rps'] / mls['rps']:.2f}x (goal >= 3x)")
     return out
+
+
+def measure(
+    servers: list[Server], models: list[Model], args: argparse.Namespace, workdir: Path
+) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    for server in servers:
+        print(f"== {server.name}", flush=True)
+        server.start(workdir, models)
+        try:
+            for model in models:
+                for protocol in args.protocols.split(","):
+                    problem = check(server, model, protocol)
+                    for c in (int(c) for c in args.concurrency.split(",")):
+                        row: dict[str, Any] = {
+                            "server": server.name,
+                            "model": model.name,
+                            "protocol": protocol,
+                            "concurrency": c,
+                        }
+                        if problem is None:
+                            cell = Cell(server, model, protocol, c)
+                            row.update(run_load(cell, args.seconds, workdir))
+                        else:
+                            row["error"] = problem
+                        results.append(row)
+                        print(json.dumps(row), flush=True)
+        finally:
+            server.stop()
+    order = {"kserve": 0, "mlserver": 1, "servo": 2}
+    results.sort(
+        key=lambda r: (
+            r["model"],
+            PROTOCOLS.index(r["protocol"]),
+            r["concurrency"],
+            order[r["server"]],
+        )
+    )
+    return results
 
 
 def main() -> None:
@@ -455,8 +495,6 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("wrk") is None or shutil.which("taskset") is None:
         sys.exit("needs wrk and taskset (Debian packages wrk and util-linux)")
-    concurrencies = [int(c) for c in args.concurrency.split(",")]
-    protocols = args.protocols.split(",")
     wanted_servers = args.servers.split(",")
     if args.no_mlserver and "mlserver" in wanted_servers:
         wanted_servers.remove("mlserver")
@@ -472,40 +510,7 @@ def main() -> None:
                 servers.append(kserve_server(models))
             elif name == "mlserver" and ensure_mlserver_venv(args.mlserver_venv):
                 servers.append(mlserver_server(models, args.mlserver_venv, workdir))
-        results: list[dict[str, Any]] = []
-        for server in servers:
-            print(f"== {server.name}", flush=True)
-            server.start(workdir, models)
-            try:
-                for model in models:
-                    for protocol in protocols:
-                        problem = check(server, model, protocol)
-                        for c in concurrencies:
-                            row: dict[str, Any] = {
-                                "server": server.name,
-                                "model": model.name,
-                                "protocol": protocol,
-                                "concurrency": c,
-                            }
-                            if problem is None:
-                                row.update(
-                                    run_load(server, model, protocol, c, args.seconds, workdir)
-                                )
-                            else:
-                                row["error"] = problem
-                            results.append(row)
-                            print(json.dumps(row), flush=True)
-            finally:
-                server.stop()
-        order = {"kserve": 0, "mlserver": 1, "servo": 2}
-        results.sort(
-            key=lambda r: (
-                r["model"],
-                PROTOCOLS.index(r["protocol"]),
-                r["concurrency"],
-                order[r["server"]],
-            )
-        )
+        results = measure(servers, models, args, workdir)
         report = table(results, limits)
         summary = goals(results)
         text = report + "\n\n" + "\n".join(f"- {line}" for line in summary) + "\n"
