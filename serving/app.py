@@ -6,18 +6,25 @@ data plane, which gRPC shares.
 
 from __future__ import annotations
 
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
 from serving import rest_codec, v1
 from serving.dataplane import DataPlane
-from serving.errors import InvalidInput
+from serving.errors import InvalidInput, ServingError
 from serving.http import AsgiApp, Request, Response, Route, error_response, json_response
 
 HEADER_LENGTH = b"inference-header-content-length"
 OCTET_STREAM = b"application/octet-stream"
+#: a sticky routing key: requests with the same key go to the same variant
+ROUTING_KEY = b"servo-routing-key"
 
 
 class Endpoints:
-    def __init__(self, dataplane: DataPlane):
+    def __init__(self, dataplane: DataPlane, registry: CollectorRegistry):
         self.dataplane = dataplane
+        self.registry = registry
 
     async def live(self, request: Request) -> Response:
         return json_response(200, {"live": self.dataplane.live()})
@@ -40,19 +47,34 @@ class Endpoints:
         return json_response(200 if ready else 503, {"name": params["model"], "ready": ready})
 
     async def infer(self, request: Request) -> Response:
-        raw_length = request.header(HEADER_LENGTH)
-        header_length: int | None = None
-        if raw_length is not None:
-            if not raw_length.isdigit():
-                raise InvalidInput(f"Inference-Header-Content-Length {raw_length!r} is not a size")
-            header_length = int(raw_length)
-        infer_request = rest_codec.parse_infer_request(request.body, header_length)
+        started = time.perf_counter()
         params = request.params
-        response = await self.dataplane.infer(params["model"], params.get("version"), infer_request)
-        body, json_length = rest_codec.encode_infer_response(response, infer_request)
+        name, version = params["model"], params.get("version")
+        try:
+            raw_length = request.header(HEADER_LENGTH)
+            header_length: int | None = None
+            if raw_length is not None:
+                if not raw_length.isdigit():
+                    raise InvalidInput(
+                        f"Inference-Header-Content-Length {raw_length!r} is not a size"
+                    )
+                header_length = int(raw_length)
+            infer_request = rest_codec.parse_infer_request(request.body, header_length)
+            key = request.header(ROUTING_KEY)
+            response = await self.dataplane.infer(
+                name, version, infer_request, key.decode("latin-1") if key else None
+            )
+            body, json_length = rest_codec.encode_infer_response(response, infer_request)
+        except ServingError as exc:
+            self.dataplane.record_failure(name, version, "rest", exc, started)
+            raise
+        self.dataplane.record_success(response, "rest", started)
         if json_length is None:
             return Response(200, body)
         return Response(200, body, OCTET_STREAM, [(HEADER_LENGTH, str(json_length).encode())])
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST.encode())
 
     # V1
 
@@ -64,10 +86,18 @@ class Endpoints:
         return json_response(200, {"name": name, "ready": self.dataplane.model_ready(name)})
 
     async def v1_predict(self, request: Request) -> Response:
+        started = time.perf_counter()
         name = request.params["model"]
-        model = self.dataplane.repository.model(name)
-        infer_request = v1.parse_predict(rest_codec.loads(request.body), model.signature)
-        response = await self.dataplane.infer(name, model.version, infer_request)
+        try:
+            # V1 rows are decoded with the champion's signature, and answered by it
+            version = self.dataplane.router.champion_version(name)
+            model = self.dataplane.repository.model(name, version)
+            infer_request = v1.parse_predict(rest_codec.loads(request.body), model.signature)
+            response = await self.dataplane.infer(name, version, infer_request)
+        except ServingError as exc:
+            self.dataplane.record_failure(name, None, "rest-v1", exc, started)
+            raise
+        self.dataplane.record_success(response, "rest-v1", started)
         return json_response(200, v1.encode_predict(response))
 
 
@@ -77,6 +107,7 @@ def route_table(endpoints: Endpoints) -> list[Route]:
     return [
         Route("POST", "/v2/models/{model}/infer", e.infer),
         Route("POST", "/v2/models/{model}/versions/{version}/infer", e.infer),
+        Route("GET", "/metrics", e.metrics),
         Route("GET", "/v2/health/live", e.live),
         Route("GET", "/v2/health/ready", e.ready),
         Route("GET", "/v2", e.server_metadata),
@@ -90,8 +121,8 @@ def route_table(endpoints: Endpoints) -> list[Route]:
     ]
 
 
-def build_app(dataplane: DataPlane, max_body_bytes: int) -> AsgiApp:
-    return AsgiApp(route_table(Endpoints(dataplane)), max_body_bytes)
+def build_app(dataplane: DataPlane, registry: CollectorRegistry, max_body_bytes: int) -> AsgiApp:
+    return AsgiApp(route_table(Endpoints(dataplane, registry)), max_body_bytes)
 
 
 __all__ = ["build_app", "error_response"]

@@ -1,4 +1,4 @@
-"""The data plane shared by REST and gRPC: look up, validate, run, answer.
+"""The data plane shared by REST and gRPC: route, validate, run, record, answer.
 
 Nothing that fails validation here reaches ONNX Runtime.
 """
@@ -8,13 +8,22 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import time
 from typing import Any
 
 import numpy as np
 
-from serving.errors import InvalidInput
+from serving.errors import InvalidInput, ModelNotReady, ServingError
+from serving.recorder import Recorder
 from serving.repository import ModelRepository, State
+from serving.router import Router, bucket
+from serving.routes import CHAMPION
+from serving.runtime import OnnxModel, Plan
+from serving.shadow import ShadowRunner
+from serving.signature import TensorSpec
 from serving.types import InferRequest, InferResponse, Tensor
+
+UNKNOWN = "_unknown"
 
 
 class RequestIds:
@@ -30,8 +39,20 @@ class RequestIds:
 
 
 class DataPlane:
-    def __init__(self, repository: ModelRepository, server_name: str, server_version: str):
+    def __init__(
+        self,
+        *,
+        repository: ModelRepository,
+        router: Router,
+        recorder: Recorder,
+        shadows: ShadowRunner,
+        server_name: str,
+        server_version: str,
+    ):
         self.repository = repository
+        self.router = router
+        self.recorder = recorder
+        self.shadows = shadows
         self.server_name = server_name
         self.server_version = server_version
         self._ids = RequestIds()
@@ -42,7 +63,7 @@ class DataPlane:
         return True
 
     def ready(self) -> bool:
-        return self.repository.all_ready()
+        return bool(self.router.state.live) and self.repository.all_ready()
 
     def server_metadata(self) -> dict[str, Any]:
         return {
@@ -51,11 +72,15 @@ class DataPlane:
             "extensions": ["binary_tensor_data"],
         }
 
+    def _resolve_version(self, name: str, version: str | None) -> str:
+        return self.router.champion_version(name) if version is None else version
+
     def model_ready(self, name: str, version: str | None = None) -> bool:
-        return self.repository.entry(name, version).state is State.READY
+        entry = self.repository.entry(name, self._resolve_version(name, version))
+        return entry.state is State.READY
 
     def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
-        model = self.repository.model(name, version)
+        model = self.repository.model(name, self._resolve_version(name, version))
         if version is None:
             versions = [
                 v
@@ -73,9 +98,62 @@ class DataPlane:
 
     # inference
 
-    async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
-        model = self.repository.model(name, version)
+    async def infer(
+        self,
+        name: str,
+        version: str | None,
+        request: InferRequest,
+        routing_key: str | None = None,
+    ) -> InferResponse:
+        if request.id is None:
+            request.id = self._ids.next()
+        route = None
+        key_bucket = 0
+        if version is None:
+            route = self.router.live(name)
+            if route is None:  # unknown (404), or its champion failed to load (503, why)
+                self.repository.model(name, self.router.champion_version(name))
+                raise ModelNotReady(f"model '{name}' has no route")
+            if route.canary is not None or route.shadows:
+                key_bucket = bucket(routing_key or request.id)
+            model, variant = route.choose(key_bucket)
+        else:
+            model = self.repository.model(name, version)
+            variant = self.router.role(name, version)
+        feeds, output_names, specs = self._check(model, request)
+        started = time.perf_counter()
+        arrays = await model.predict(feeds, output_names)
+        self.recorder.observe(
+            self.recorder.inference, (name, model.version), time.perf_counter() - started
+        )
+        outputs = {spec.name: array for spec, array in zip(specs, arrays, strict=True)}
         plan = model.plan
+        labels = outputs.get(plan.label_output) if plan.label_output else None
+        probs = outputs.get(plan.probability_output) if plan.probability_output else None
+        self.recorder.predicted(
+            (name, model.version, variant),
+            labels,
+            probs.max(axis=1) if probs is not None and probs.ndim == 2 and probs.size else None,
+        )
+        if route is not None and variant == CHAMPION:
+            for shadow, shadow_cut in route.shadows:
+                if key_bucket < shadow_cut:
+                    self.shadows.submit(name, shadow, feeds, outputs, plan.label_output)
+        return InferResponse(
+            model_name=model.name,
+            model_version=model.version,
+            id=request.id,
+            outputs=[
+                Tensor(spec.name, spec.datatype, list(array.shape), array)
+                for spec, array in zip(specs, arrays, strict=True)
+            ],
+            variant=variant,
+        )
+
+    def _check(
+        self, model: OnnxModel, request: InferRequest
+    ) -> tuple[dict[str, Any], list[str] | None, tuple[TensorSpec, ...]]:
+        plan: Plan = model.plan
         feeds: dict[str, Any] = {}
         for tensor in request.inputs:
             found = plan.inputs.get(tensor.name)
@@ -111,27 +189,34 @@ class DataPlane:
         if len(feeds) != len(plan.inputs):
             missing = [n for n in plan.inputs if n not in feeds]
             raise InvalidInput(f"model '{model.name}' needs input(s) {', '.join(missing)}")
-        specs = plan.output_specs
-        output_names: list[str] | None = None
-        if request.outputs:
-            output_names = []
-            for wanted in request.outputs:
-                if wanted.name not in plan.outputs:
-                    raise InvalidInput(
-                        f"model '{model.name}' has no output '{wanted.name}' "
-                        f"(outputs: {', '.join(plan.outputs)})"
-                    )
-                if wanted.name in output_names:
-                    raise InvalidInput(f"output '{wanted.name}' is requested more than once")
-                output_names.append(wanted.name)
-            specs = tuple(plan.outputs[n] for n in output_names)
-        arrays = await model.predict(feeds, output_names)
-        return InferResponse(
-            model_name=model.name,
-            model_version=model.version,
-            id=request.id if request.id is not None else self._ids.next(),
-            outputs=[
-                Tensor(spec.name, spec.datatype, list(array.shape), array)
-                for spec, array in zip(specs, arrays, strict=True)
-            ],
-        )
+        if not request.outputs:
+            return feeds, None, plan.output_specs
+        output_names: list[str] = []
+        for wanted in request.outputs:
+            if wanted.name not in plan.outputs:
+                raise InvalidInput(
+                    f"model '{model.name}' has no output '{wanted.name}' "
+                    f"(outputs: {', '.join(plan.outputs)})"
+                )
+            if wanted.name in output_names:
+                raise InvalidInput(f"output '{wanted.name}' is requested more than once")
+            output_names.append(wanted.name)
+        return feeds, output_names, tuple(plan.outputs[n] for n in output_names)
+
+    # request accounting (called by the protocol endpoints, which see parse errors too)
+
+    def record_success(self, response: InferResponse, protocol: str, started: float) -> None:
+        labels = (response.model_name, response.model_version, response.variant, protocol)
+        self.recorder.request(labels, "200", time.perf_counter() - started)
+
+    def record_failure(
+        self, name: str, version: str | None, protocol: str, error: ServingError, started: float
+    ) -> None:
+        known = self.repository.find(name, version) if version is not None else None
+        if version is None and name in self.router.state.champions:
+            labels = (name, "", "", protocol)
+        elif known is not None:
+            labels = (name, known.version, self.router.role(name, known.version), protocol)
+        else:  # never a label value taken from an unknown client string
+            labels = (name if name in self.router.state.champions else UNKNOWN, "", "", protocol)
+        self.recorder.request(labels, str(int(error.status)), time.perf_counter() - started)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from http import HTTPStatus
 from typing import Any
 
@@ -11,6 +12,8 @@ from serving import grpc_codec
 from serving.dataplane import DataPlane
 from serving.errors import InvalidInput, ServingError
 from serving.grpc_stubs import pb, pb_grpc
+
+ROUTING_KEY = "servo-routing-key"
 
 STATUS_CODES: dict[HTTPStatus, grpc.StatusCode] = {
     HTTPStatus.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
@@ -63,16 +66,23 @@ class InferenceServicer(_Servicer):  # type: ignore[misc]
         )
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
+        started = time.perf_counter()
+        name, version = request.model_name, request.model_version or None
         try:
-            if not request.model_name:
+            if not name:
                 raise InvalidInput("model_name is required")
             infer_request = grpc_codec.decode_request(request)
-            response = await self.dataplane.infer(
-                request.model_name, request.model_version or None, infer_request
-            )
-            return grpc_codec.encode_response(response, raw=bool(request.raw_input_contents))
+            key = None
+            for item in context.invocation_metadata() or ():
+                if item.key == ROUTING_KEY:
+                    key = item.value if isinstance(item.value, str) else None
+            response = await self.dataplane.infer(name, version, infer_request, key)
+            reply = grpc_codec.encode_response(response, raw=bool(request.raw_input_contents))
         except ServingError as exc:
+            self.dataplane.record_failure(name, version, "grpc", exc, started)
             await _abort(context, exc)
+        self.dataplane.record_success(response, "grpc", started)
+        return reply
 
 
 def build_server(dataplane: DataPlane, max_message_bytes: int) -> grpc.aio.Server:

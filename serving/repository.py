@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +31,9 @@ class Entry:
     error: str | None = None
 
 
-def _version_key(version: str) -> tuple[int, int, str]:
+def version_key(version: str) -> tuple[int, int, str]:
     """Numeric versions sort numerically and above non-numeric ones."""
-    if re.fullmatch(r"\d+", version):
-        return (1, int(version), "")
-    return (0, 0, version)
+    return (1, int(version), "") if version.isdigit() else (0, 0, version)
 
 
 class ModelRepository:
@@ -46,33 +43,32 @@ class ModelRepository:
             max_workers=executor_threads, thread_name_prefix="servo-infer"
         )
         self._models: dict[str, dict[str, Entry]] = {}
-        #: name -> the version answering requests that name none (highest ready one)
-        self._default: dict[str, str] = {}
 
-    def load_folder(self, folder: Path) -> Entry:
-        """Load one model version folder. A broken folder is recorded as FAILED with the
-        reason (keyed by its servo.json name, or by the folder's name when that is
-        unreadable); it never stops other models from serving."""
+    def load_folder(self, folder: Path, expect: tuple[str, str] | None = None) -> Entry:
+        """Load one model version folder (blocking: call it off the event loop).
+
+        A broken folder is recorded as FAILED with the reason, keyed by `expect` (the
+        route's name and version), else by its servo.json, else by the folder's name; it
+        never stops other models from serving."""
         folder = Path(folder)
+        name, version = expect if expect is not None else (folder.name, "unknown")
         try:
             card = read_card(folder)
+            if expect is not None and (card.name, card.version) != expect:
+                raise ModelLoadError(
+                    f"{folder} holds model '{card.name}' version {card.version}, "
+                    f"not '{name}' version {version}"
+                )
         except ModelLoadError as exc:
-            entry = Entry(folder.name, "unknown", folder, State.FAILED, error=str(exc))
-            self._put(entry)
-            log.error("model folder %s failed to load: %s", folder, exc)
-            return entry
+            return self._failed(Entry(name, version, folder, State.FAILED), str(exc))
         entry = Entry(card.name, card.version, folder, State.LOADING)
         self._put(entry)
         model = OnnxModel(folder, card, self.options, self.executor)
         try:
             model.load()
         except ModelLoadError as exc:
-            entry.state, entry.error = State.FAILED, str(exc)
-            self._refresh_default(entry.name)
-            log.error("model %s version %s failed to load: %s", card.name, card.version, exc)
-            return entry
+            return self._failed(entry, str(exc))
         entry.model, entry.state = model, State.READY
-        self._refresh_default(entry.name)
         log.info(
             "loaded model %s version %s (warm-up %.0f us, %s)",
             card.name,
@@ -82,42 +78,57 @@ class ModelRepository:
         )
         return entry
 
+    def _failed(self, entry: Entry, error: str) -> Entry:
+        entry.state, entry.error = State.FAILED, error
+        self._put(entry)
+        log.error("model %s version %s failed to load: %s", entry.name, entry.version, error)
+        return entry
+
     def _put(self, entry: Entry) -> None:
         self._models.setdefault(entry.name, {})[entry.version] = entry
-        self._refresh_default(entry.name)
 
-    def _refresh_default(self, name: str) -> None:
-        versions = self._models[name]
-        ready = [v for v in versions if versions[v].state is State.READY]
-        self._default[name] = max(ready or list(versions), key=_version_key)
+    async def remove(self, name: str, version: str, drain_timeout_s: float = 30.0) -> None:
+        """Forget a version (no new request finds it), wait for its in-flight work to
+        finish, then drop its session."""
+        versions = self._models.get(name, {})
+        entry = versions.pop(version, None)
+        if not versions:
+            self._models.pop(name, None)
+        if entry is None or entry.model is None:
+            return
+        if not await entry.model.drain(drain_timeout_s):
+            log.warning(
+                "%s still busy after %.0f s; unloading anyway", entry.model, drain_timeout_s
+            )
+        entry.model.unload()
+        log.info("unloaded model %s version %s", name, version)
 
     def names(self) -> list[str]:
         return sorted(self._models)
 
     def versions(self, name: str) -> list[str]:
-        return sorted(self._models.get(name, {}), key=_version_key)
+        return sorted(self._models.get(name, {}), key=version_key)
 
     def entries(self) -> list[Entry]:
         return [e for versions in self._models.values() for e in versions.values()]
+
+    def find(self, name: str, version: str) -> Entry | None:
+        return self._models.get(name, {}).get(version)
 
     def all_ready(self) -> bool:
         entries = self.entries()
         return bool(entries) and all(e.state is State.READY for e in entries)
 
-    def entry(self, name: str, version: str | None = None) -> Entry:
-        """The entry for `name` (and `version`; else the highest version); 404 if unknown."""
+    def entry(self, name: str, version: str) -> Entry:
         versions = self._models.get(name)
         if versions is None:
-            shown = name if valid_name(name) else repr(name[:64])
-            raise ModelNotFound(f"model '{shown}' not found")
-        if version is None:
-            version = self._default[name]
-        elif version not in versions:
-            shown = version if valid_version(version) else repr(version[:64])
-            raise ModelNotFound(f"model '{name}' has no version '{shown}'")
-        return versions[version]
+            raise ModelNotFound(f"model '{shown(name, valid_name)}' not found")
+        found = versions.get(version)
+        if found is None:
+            raise ModelNotFound(f"model '{name}' has no version '{shown(version, valid_version)}'")
+        return found
 
-    def model(self, name: str, version: str | None = None) -> OnnxModel:
+    def model(self, name: str, version: str) -> OnnxModel:
         """The loaded model, or ModelNotFound (404) / ModelNotReady (503)."""
         entry = self.entry(name, version)
         if entry.model is None or entry.state is not State.READY:
@@ -132,3 +143,8 @@ class ModelRepository:
             if entry.model is not None:
                 entry.model.unload()
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def shown(text: str, valid: object) -> str:
+    """A name from a request, safe to echo in an error message."""
+    return text if callable(valid) and valid(text) else repr(text[:64])

@@ -22,7 +22,7 @@ import onnx
 import onnxruntime as ort
 
 from serving import signature as signature_mod
-from serving.datatypes import BYTES, FLOAT_TYPES, NUMPY_DTYPES
+from serving.datatypes import BYTES, FLOAT_TYPES, INT_TYPES, NUMPY_DTYPES
 from serving.errors import InferenceFailed, InvalidInput, ModelLoadError
 from serving.model_folder import MODEL_FILE, ModelCard
 from serving.signature import Signature, TensorSpec
@@ -34,15 +34,31 @@ Arrays = Mapping[str, npt.NDArray[Any]]
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """What the data plane checks per request, looked up once at load."""
+    """What the data plane checks and records per request, worked out once at load."""
 
     #: input name -> (spec, only finite values allowed)
     inputs: dict[str, tuple[TensorSpec, bool]]
     outputs: dict[str, TensorSpec]
     output_specs: tuple[TensorSpec, ...]
+    #: the predicted class per row (an integer or BYTES output of rank 1), if any
+    label_output: str | None = None
+    #: class probabilities per row (a float output of rank 2), if any
+    probability_output: str | None = None
 
     @classmethod
     def of(cls, signature: Signature, allow_non_finite: list[str]) -> Plan:
+        label = next(
+            (
+                s.name
+                for s in signature.outputs
+                if len(s.shape) == 1 and (s.datatype in INT_TYPES or s.datatype == BYTES)
+            ),
+            None,
+        )
+        probabilities = next(
+            (s.name for s in signature.outputs if len(s.shape) == 2 and s.datatype in FLOAT_TYPES),
+            None,
+        )
         return cls(
             inputs={
                 s.name: (s, s.datatype in FLOAT_TYPES and s.name not in allow_non_finite)
@@ -50,6 +66,8 @@ class Plan:
             },
             outputs={s.name: s for s in signature.outputs},
             output_specs=signature.outputs,
+            label_output=label,
+            probability_output=probabilities,
         )
 
 
@@ -80,6 +98,8 @@ class OnnxModel:
         self._output_names: list[str] = []
         self._string_inputs: frozenset[str] = frozenset()
         self.warmup_us: float | None = None
+        #: requests (and shadow copies) running on this version now; unload waits for 0
+        self.inflight = 0
 
     @property
     def name(self) -> str:
@@ -178,8 +198,26 @@ class OnnxModel:
         names = self._output_names if outputs is None else outputs
         if self._inline:
             return self._run(inputs, names)
+        self.inflight += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, self._run, inputs, names)
+        finally:
+            self.inflight -= 1
+
+    def run_blocking(self, inputs: Arrays) -> dict[str, npt.NDArray[Any]]:
+        """Every output, on the calling thread (shadow copies run here, off the loop)."""
+        return dict(zip(self._output_names, self._run(inputs, self._output_names), strict=True))
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until nothing runs on this version (True), or the timeout passes."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._run, inputs, names)
+        deadline = loop.time() + timeout_s
+        while self.inflight > 0:
+            if loop.time() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
 
     def unload(self) -> None:
         self._session = None

@@ -6,17 +6,22 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import uvicorn
+from prometheus_client import CollectorRegistry
 
 from serving.app import build_app
 from serving.dataplane import DataPlane
+from serving.gateway import Gateway
 from serving.grpc_server import build_server
+from serving.recorder import Recorder
 from serving.repository import ModelRepository
+from serving.router import Router
+from serving.routes import RouteSource
 from serving.runtime import RuntimeOptions
+from serving.shadow import ShadowRunner
 
 log = logging.getLogger("servo.serving")
 
@@ -32,6 +37,9 @@ class ServingConfig:
     executor_threads: int = 4
     server_name: str = "servo"
     server_version: str = "0"
+    shadow_max_pending: int = 64
+    shadow_timeout_s: float = 5.0
+    drain_timeout_s: float = 30.0
 
 
 class _Uvicorn(uvicorn.Server):
@@ -43,17 +51,44 @@ class _Uvicorn(uvicorn.Server):
 
 
 class Server:
-    def __init__(self, config: ServingConfig, folders: Sequence[Path]):
+    def __init__(
+        self,
+        config: ServingConfig,
+        source: RouteSource,
+        registry: CollectorRegistry | None = None,
+    ):
         self.config = config
-        self.folders = list(folders)
+        self.source = source
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.recorder = Recorder(self.registry)
         self.repository = ModelRepository(config.runtime, config.executor_threads)
-        self.dataplane = DataPlane(self.repository, config.server_name, config.server_version)
+        self.router = Router()
+        self.shadows = ShadowRunner(
+            self.recorder, config.shadow_max_pending, config.shadow_timeout_s
+        )
+        self.gateway = Gateway(self.repository, self.router, config.drain_timeout_s)
+        self.dataplane = DataPlane(
+            repository=self.repository,
+            router=self.router,
+            recorder=self.recorder,
+            shadows=self.shadows,
+            server_name=config.server_name,
+            server_version=config.server_version,
+        )
         self.http_port: int | None = None
         self.grpc_port: int | None = None
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def _follow_routes(self) -> None:
+        async for table in self.source.updates():
+            try:
+                await self.gateway.apply(table)
+            except Exception:
+                log.exception("route table not applied")
+            log.info("routes applied (%d); ready: %s", self.gateway.applied, self.dataplane.ready())
 
     async def run(self) -> None:
         """Start both servers, load the models (health answers while they load), serve
@@ -63,7 +98,7 @@ class Server:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((config.host, config.http_port))
         self.http_port = sock.getsockname()[1]
-        app = build_app(self.dataplane, config.max_request_bytes)
+        app = build_app(self.dataplane, self.registry, config.max_request_bytes)
         http = _Uvicorn(
             uvicorn.Config(
                 app,
@@ -89,16 +124,15 @@ class Server:
             config.host,
             self.grpc_port,
         )
-        loop = asyncio.get_running_loop()
-        for folder in self.folders:
-            await loop.run_in_executor(None, self.repository.load_folder, folder)
-        log.info("ready: %s", self.dataplane.ready())
+        follow = asyncio.create_task(self._follow_routes())
         try:
             await self._stop.wait()
         finally:
+            follow.cancel()
             http.should_exit = True
             if grpc_server is not None:
                 await grpc_server.stop(grace=5)
             await http_task
             sock.close()
+            await self.shadows.close()
             self.repository.close()

@@ -42,6 +42,8 @@ class InferResponse:
     id: str
     outputs: list[Tensor]
     parameters: dict[str, Any] = field(default_factory=dict)
+    #: who answered: champion, canary or other (not sent on the wire)
+    variant: str = "champion"
 
 
 def as_tensor(name: str, datatype: str, array: npt.NDArray[Any]) -> Tensor:

@@ -25,12 +25,18 @@ def _configure_logging(level: str) -> None:
     )
 
 
-def _serve(settings: Settings, folders: list[Path], on_ready: object = None) -> None:
+def _serve(
+    settings: Settings, folders: list[Path], routes: Path | None = None, on_ready: object = None
+) -> None:
     import uvloop
 
+    from serving.routes import FileRouteSource, RouteSource, StaticRouteSource
     from serving.server import Server
 
-    server = Server(settings.serving_config(), folders)
+    source: RouteSource = (
+        FileRouteSource(routes, settings.routes_poll_s) if routes else StaticRouteSource(folders)
+    )
+    server = Server(settings.serving_config(), source)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -56,17 +62,34 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("folders", nargs=-1, type=click.Path(path_type=Path))
+@click.option(
+    "--routes",
+    envvar="SERVO_ROUTES",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="JSON routes file (champion, canary, shadows per model), re-read when it changes",
+)
 @click.option("--host", envvar="SERVO_HOST", default="127.0.0.1", show_default=True)
 @click.option("--http-port", envvar="SERVO_HTTP_PORT", default=8080, show_default=True)
 @click.option("--grpc-port", envvar="SERVO_GRPC_PORT", default=8081, show_default=True)
 @click.option("--log-level", envvar="SERVO_LOG_LEVEL", default="INFO", show_default=True)
-def serve(folders: list[Path], host: str, http_port: int, grpc_port: int, log_level: str) -> None:
-    """Serve model version folders (model.onnx + servo.json); several versions of one
-    model may be given. Other settings come from SERVO_* environment variables."""
+def serve(
+    *,
+    folders: list[Path],
+    routes: Path | None,
+    host: str,
+    http_port: int,
+    grpc_port: int,
+    log_level: str,
+) -> None:
+    """Serve model version folders (model.onnx + servo.json), or the models of a routes
+    file. With folders, each model's highest version is its champion and the others answer
+    requests that name their version. Other settings come from SERVO_* variables."""
+    if bool(folders) == bool(routes):
+        raise click.UsageError("give model folders or --routes FILE (one of the two)")
     settings = Settings(host=host, http_port=http_port, grpc_port=grpc_port, log_level=log_level)
     _configure_logging(settings.log_level)
-    _serve(settings, list(folders))
+    _serve(settings, list(folders), routes)
 
 
 @main.command("export-demo")
@@ -124,7 +147,7 @@ def demo(work_dir: Path, http_port: int, grpc_port: int) -> None:
         click.echo("try it (Ctrl-C stops the server):\n")
         click.echo(f"curl -s {url} -H 'Content-Type: application/json' -d '{body}'\n")
 
-    _serve(settings, [folder], on_ready)
+    _serve(settings, [folder], on_ready=on_ready)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,14 @@ class Settings(BaseSettings):
         300.0, ge=0, description="models whose warm-up call is slower run on worker threads"
     )
     executor_threads: int = Field(4, ge=1)
+    shadow_max_pending: int = Field(64, ge=1, description="more pending shadow copies are dropped")
+    shadow_timeout_s: float = Field(
+        5.0, gt=0, description="a slower shadow copy counts as an error"
+    )
+    drain_timeout_s: float = Field(
+        30.0, gt=0, description="wait for in-flight work before unloading"
+    )
+    routes_poll_s: float = Field(0.5, gt=0, description="how often a routes file is checked")
     log_level: str = "INFO"
 
     def serving_config(self) -> ServingConfig:
@@ -39,4 +47,7 @@ class Settings(BaseSettings):
             ),
             executor_threads=self.executor_threads,
             server_version=__version__,
+            shadow_max_pending=self.shadow_max_pending,
+            shadow_timeout_s=self.shadow_timeout_s,
+            drain_timeout_s=self.drain_timeout_s,
         )

@@ -1,0 +1,92 @@
+"""Applies route tables: load and warm new versions before they take traffic, swap the
+routing state in one step, then unload versions nothing routes to once they drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from serving.repository import ModelRepository, State
+from serving.router import LiveRoute, Router, RoutingState, cut
+from serving.routes import ModelRoute, RouteTable
+from serving.runtime import OnnxModel
+
+log = logging.getLogger("servo.serving")
+
+
+class Gateway:
+    def __init__(self, repository: ModelRepository, router: Router, drain_timeout_s: float = 30.0):
+        self.repository = repository
+        self.router = router
+        self.drain_timeout_s = drain_timeout_s
+        self.applied = 0
+
+    def _ready(self, name: str, version: str) -> OnnxModel | None:
+        entry = self.repository.find(name, version)
+        if entry is None or entry.state is not State.READY:
+            return None
+        return entry.model
+
+    async def _load(self, table: RouteTable) -> None:
+        loop = asyncio.get_running_loop()
+        for route in table.models.values():
+            for _, deployment in route.deployments():
+                entry = self.repository.find(route.name, deployment.version)
+                if entry is not None and entry.state is State.READY:
+                    if entry.folder.resolve() != deployment.path.resolve():
+                        log.error(
+                            "model %s version %s is loaded from %s; the route names %s "
+                            "(a version never changes its files; keeping the loaded one)",
+                            route.name, deployment.version, entry.folder, deployment.path,
+                        )  # fmt: skip
+                    continue
+                expect = (route.name, deployment.version)
+                await loop.run_in_executor(
+                    None, self.repository.load_folder, deployment.path, expect
+                )
+
+    def _live(self, route: ModelRoute) -> LiveRoute | None:
+        champion = self._ready(route.name, route.champion.version)
+        if champion is None:
+            return None
+        canary = self._ready(route.name, route.canary.version) if route.canary else None
+        shadows = []
+        for deployment in route.shadows:
+            shadow = self._ready(route.name, deployment.version)
+            if shadow is not None:
+                shadows.append((shadow, cut(deployment.percent)))
+        return LiveRoute(
+            champion=champion,
+            canary=canary,
+            canary_cut=cut(route.canary.percent) if route.canary and canary else 0,
+            shadows=tuple(shadows),
+            roles={d.version: variant for variant, d in route.deployments()},
+        )
+
+    async def apply(self, table: RouteTable) -> None:
+        table.validate()
+        await self._load(table)
+        old = self.router.state
+        live: dict[str, LiveRoute] = {}
+        champions: dict[str, str] = {}
+        keep: set[tuple[str, str]] = set()
+        for route in table.models.values():
+            champions[route.name] = route.champion.version
+            keep.update((route.name, d.version) for _, d in route.deployments())
+            new = self._live(route)
+            if new is None and route.name in old.live:
+                previous = old.live[route.name]
+                log.error(
+                    "model %s: champion version %s is not ready; version %s keeps serving",
+                    route.name, route.champion.version, previous.champion.version,
+                )  # fmt: skip
+                new = previous
+                champions[route.name] = previous.champion.version
+                keep.update((route.name, v) for v in previous.roles)
+            if new is not None:
+                live[route.name] = new
+        self.router.install(RoutingState(live=live, champions=champions))
+        self.applied += 1
+        for entry in self.repository.entries():
+            if (entry.name, entry.version) not in keep:
+                await self.repository.remove(entry.name, entry.version, self.drain_timeout_s)

@@ -1,0 +1,182 @@
+"""Metrics as named in DESIGN.md, kept in plain dicts on the event loop and exposed by one
+custom collector on the `CollectorRegistry` passed in (no global registry, no locks on
+the hot path)."""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+)  # fmt: skip
+ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+class Histogram:
+    __slots__ = ("buckets", "counts", "total")
+
+    def __init__(self, buckets: Sequence[float]):
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.total += value
+
+    def observe_many(self, values: npt.NDArray[Any]) -> None:
+        index = np.searchsorted(self.buckets, values, side="left")
+        for i, n in enumerate(np.bincount(index, minlength=len(self.counts)).tolist()):
+            self.counts[i] += n
+        self.total += float(values.sum())
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip(self.buckets, self.counts, strict=False):
+            running += count
+            out.append((repr(float(bound)), running))
+        out.append(("+Inf", running + self.counts[-1]))
+        return out
+
+
+Labels = tuple[str, ...]
+
+
+class Recorder:
+    """Counters and histograms by label tuple; `collect()` renders them for Prometheus."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.requests: dict[Labels, int] = {}  # model, version, variant, protocol, code
+        self.duration: dict[Labels, Histogram] = {}  # model, version, variant, protocol
+        self.inference: dict[Labels, Histogram] = {}  # model, version
+        self.queue: dict[Labels, Histogram] = {}  # model, version
+        self.batch_rows: dict[Labels, Histogram] = {}  # model, version
+        self.predictions: dict[Labels, int] = {}  # model, version, variant, class
+        self.confidence: dict[Labels, Histogram] = {}  # model, version, variant
+        self.shadow_agreement: dict[Labels, int] = {}  # model, version, agree
+        self.shadow_errors: dict[Labels, int] = {}  # model, version, reason
+        self.shadow_dropped: dict[Labels, int] = {}  # model
+        if registry is not None:
+            registry.register(self)
+
+    # recording (event loop only)
+
+    def request(self, labels: Labels, code: str, seconds: float) -> None:
+        key = (*labels, code)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        histogram = self.duration.get(labels)
+        if histogram is None:
+            histogram = self.duration[labels] = Histogram(LATENCY_BUCKETS)
+        histogram.observe(seconds)
+
+    def observe(self, table: dict[Labels, Histogram], labels: Labels, value: float,
+                buckets: Sequence[float] = LATENCY_BUCKETS) -> None:  # fmt: skip
+        histogram = table.get(labels)
+        if histogram is None:
+            histogram = table[labels] = Histogram(buckets)
+        histogram.observe(value)
+
+    def predicted(
+        self,
+        labels: Labels,
+        classes: npt.NDArray[Any] | None,
+        confidence: npt.NDArray[Any] | None,
+    ) -> None:
+        if classes is not None:
+            flat = classes.reshape(-1)
+            if flat.size == 1:
+                key = (*labels, _class_name(flat[0]))
+                self.predictions[key] = self.predictions.get(key, 0) + 1
+            else:
+                values, counts = np.unique(flat, return_counts=True)
+                for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+                    key = (*labels, _class_name(value))
+                    self.predictions[key] = self.predictions.get(key, 0) + count
+        if confidence is not None:
+            histogram = self.confidence.get(labels)
+            if histogram is None:
+                histogram = self.confidence[labels] = Histogram(CONFIDENCE_BUCKETS)
+            if confidence.size == 1:
+                histogram.observe(float(confidence.reshape(-1)[0]))
+            else:
+                histogram.observe_many(confidence.reshape(-1))
+
+    def count(self, table: dict[Labels, int], labels: Labels, n: int = 1) -> None:
+        table[labels] = table.get(labels, 0) + n
+
+    # exposition
+
+    def collect(self) -> Iterator[Metric]:
+        yield _counter(
+            "servo_requests", "Inference requests by outcome code.",
+            ["model", "version", "variant", "protocol", "code"], self.requests,
+        )  # fmt: skip
+        yield _histogram(
+            "servo_request_duration_seconds", "Request latency, parse to reply.",
+            ["model", "version", "variant", "protocol"], self.duration,
+        )  # fmt: skip
+        yield _histogram(
+            "servo_inference_duration_seconds", "ONNX Runtime time per call.",
+            ["model", "version"], self.inference,
+        )  # fmt: skip
+        yield _histogram(
+            "servo_queue_duration_seconds", "Time a request waited for its batch.",
+            ["model", "version"], self.queue,
+        )  # fmt: skip
+        yield _histogram(
+            "servo_batch_rows", "Rows per ONNX Runtime call.", ["model", "version"],
+            self.batch_rows,
+        )  # fmt: skip
+        yield _counter(
+            "servo_prediction", "Predicted classes.", ["model", "version", "variant", "class"],
+            self.predictions,
+        )  # fmt: skip
+        yield _histogram(
+            "servo_prediction_confidence", "Top class probability per row.",
+            ["model", "version", "variant"], self.confidence,
+        )  # fmt: skip
+        yield _counter(
+            "servo_shadow_agreement", "Shadow copies that agreed with the champion.",
+            ["model", "version", "agree"], self.shadow_agreement,
+        )  # fmt: skip
+        yield _counter(
+            "servo_shadow_errors", "Shadow copies that failed or timed out.",
+            ["model", "version", "reason"], self.shadow_errors,
+        )  # fmt: skip
+        yield _counter(
+            "servo_shadow_dropped", "Shadow copies dropped because too many were pending.",
+            ["model"], self.shadow_dropped,
+        )  # fmt: skip
+
+    def describe(self) -> list[Metric]:
+        return []
+
+
+def _class_name(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value.item() if hasattr(value, "item") else value)
+
+
+def _counter(name: str, doc: str, labels: list[str], values: dict[Labels, int]) -> Metric:
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for key, value in list(values.items()):
+        family.add_metric(list(key), value)
+    return family
+
+
+def _histogram(name: str, doc: str, labels: list[str], values: dict[Labels, Histogram]) -> Metric:
+    family = HistogramMetricFamily(name, doc, labels=labels)
+    for key, histogram in list(values.items()):
+        family.add_metric(list(key), histogram.cumulative(), histogram.total)
+    return family

@@ -1,0 +1,220 @@
+"""The route table and the `RouteSource` interface through which serving learns it.
+
+Serving never imports the registry: `servo/` backs a RouteSource with it. Two sources live
+here: `StaticRouteSource` (folders given on the command line) and `FileRouteSource` (a
+JSON file, re-read when it changes).
+
+Routes file (JSON):
+
+    {"models": [
+      {"name": "digits",
+       "champion": {"version": "1", "path": "models/digits/1"},
+       "canary":   {"version": "2", "path": "models/digits/2", "percent": 10},
+       "shadows": [{"version": "3", "path": "models/digits/3", "percent": 100}],
+       "others":  [{"version": "0", "path": "models/digits/0"}]}
+    ]}
+
+`percent` is the canary's share of traffic, or the share of requests copied to a shadow.
+`others` are loaded and answer requests that name their version, but take no traffic.
+Relative paths are relative to the routes file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from serving.errors import ModelLoadError
+from serving.model_folder import read_card, valid_name, valid_version
+
+log = logging.getLogger("servo.serving")
+
+CHAMPION, CANARY, SHADOW, OTHER = "champion", "canary", "shadow", "other"
+
+
+class RouteError(ValueError):
+    """A route table that cannot be applied; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    version: str
+    path: Path
+    #: canary: share of traffic; shadow: share of requests copied (0..100)
+    percent: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoute:
+    name: str
+    champion: Deployment
+    canary: Deployment | None = None
+    shadows: tuple[Deployment, ...] = ()
+    others: tuple[Deployment, ...] = ()
+
+    def deployments(self) -> Iterator[tuple[str, Deployment]]:
+        yield CHAMPION, self.champion
+        if self.canary is not None:
+            yield CANARY, self.canary
+        for shadow in self.shadows:
+            yield SHADOW, shadow
+        for other in self.others:
+            yield OTHER, other
+
+    def validate(self) -> None:
+        if not valid_name(self.name):
+            raise RouteError(f"invalid model name {self.name!r}")
+        seen: set[str] = set()
+        for variant, deployment in self.deployments():
+            if not valid_version(deployment.version):
+                raise RouteError(f"model '{self.name}': invalid version {deployment.version!r}")
+            if deployment.version in seen:
+                raise RouteError(
+                    f"model '{self.name}': version {deployment.version} has more than one role"
+                )
+            seen.add(deployment.version)
+            if not 0.0 <= deployment.percent <= 100.0:
+                raise RouteError(
+                    f"model '{self.name}': {variant} percent {deployment.percent} "
+                    "is not within 0..100"
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTable:
+    models: Mapping[str, ModelRoute] = field(default_factory=dict)
+
+    def validate(self) -> RouteTable:
+        for name, route in self.models.items():
+            if name != route.name:
+                raise RouteError(f"route key {name!r} names model {route.name!r}")
+            route.validate()
+        return self
+
+
+class RouteSource(Protocol):
+    def updates(self) -> AsyncIterator[RouteTable]:
+        """The current table first, then each new one as it changes."""
+        ...
+
+
+def _version_key(version: str) -> tuple[int, int, str]:
+    return (1, int(version), "") if version.isdigit() else (0, 0, version)
+
+
+def table_from_folders(folders: Sequence[Path]) -> RouteTable:
+    """Each model's highest version is its champion; its other versions answer only
+    requests that name them. A folder whose servo.json is unreadable is skipped here
+    (and reported by the loader under the folder's name)."""
+    by_model: dict[str, list[Deployment]] = {}
+    for folder in map(Path, folders):
+        try:
+            card = read_card(folder)
+            name, version = card.name, card.version
+        except ModelLoadError:
+            name, version = folder.name, "unknown"
+        deployments = by_model.setdefault(name, [])
+        if any(d.version == version for d in deployments):
+            log.error(
+                "%s: model %s version %s is given twice; ignoring this one", folder, name, version
+            )
+            continue
+        deployments.append(Deployment(version, folder))
+    models: dict[str, ModelRoute] = {}
+    for name, deployments in by_model.items():
+        deployments.sort(key=lambda d: _version_key(d.version))
+        models[name] = ModelRoute(
+            name=name, champion=deployments[-1], others=tuple(deployments[:-1])
+        )
+    return RouteTable(models)
+
+
+class StaticRouteSource:
+    def __init__(self, folders: Sequence[Path]):
+        self.folders = list(folders)
+
+    async def updates(self) -> AsyncIterator[RouteTable]:
+        yield table_from_folders(self.folders)
+
+
+def _deployment(doc: Any, base: Path, where: str) -> Deployment:
+    if not isinstance(doc, dict):
+        raise RouteError(f"{where} must be an object")
+    version, path = doc.get("version"), doc.get("path")
+    if not isinstance(version, str) or not isinstance(path, str):
+        raise RouteError(f"{where} needs string 'version' and 'path'")
+    percent = doc.get("percent", 100.0)
+    if isinstance(percent, bool) or not isinstance(percent, int | float):
+        raise RouteError(f"{where}: percent must be a number")
+    return Deployment(version, (base / path).resolve(), float(percent))
+
+
+def parse_routes(text: str, base: Path) -> RouteTable:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RouteError(f"not valid JSON ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("models"), list):
+        raise RouteError("needs a 'models' list")
+    models: dict[str, ModelRoute] = {}
+    for i, item in enumerate(doc["models"]):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise RouteError(f"models[{i}] needs a string 'name'")
+        name = item["name"]
+        if name in models:
+            raise RouteError(f"model '{name}' appears twice")
+        canary = item.get("canary")
+        route = ModelRoute(
+            name=name,
+            champion=_deployment(item.get("champion"), base, f"'{name}' champion"),
+            canary=None if canary is None else _deployment(canary, base, f"'{name}' canary"),
+            shadows=tuple(
+                _deployment(d, base, f"'{name}' shadow") for d in item.get("shadows") or []
+            ),
+            others=tuple(_deployment(d, base, f"'{name}' other") for d in item.get("others") or []),
+        )
+        models[name] = route
+    return RouteTable(models).validate()
+
+
+class FileRouteSource:
+    """A JSON routes file, polled for changes. An invalid file is logged and ignored:
+    the last good table stays in force."""
+
+    def __init__(self, path: Path, poll_s: float = 0.5):
+        self.path = Path(path)
+        self.poll_s = poll_s
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size)
+
+    def read(self) -> RouteTable:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise RouteError(f"{self.path}: cannot read ({exc.strerror})") from None
+        try:
+            return parse_routes(text, self.path.parent)
+        except RouteError as exc:
+            raise RouteError(f"{self.path}: {exc}") from None
+
+    async def updates(self) -> AsyncIterator[RouteTable]:
+        last: tuple[int, int] | None = None
+        while True:
+            stamp = self._stamp()
+            if stamp is not None and stamp != last:
+                last = stamp
+                try:
+                    yield self.read()
+                except RouteError as exc:
+                    log.error("routes not applied: %s", exc)
+            await asyncio.sleep(self.poll_s)
