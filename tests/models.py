@@ -82,3 +82,54 @@ def two_input_model() -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
+
+
+def failing_model() -> onnx.ModelProto:
+    """input [N, 64] FP32 -> fails at run time (64 values per row do not reshape to 7s)."""
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 7])
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["input", "shape"], ["label"])],
+        "failing",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("label", TensorProto.FLOAT, ["N", 7])],
+        initializer=[shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def slow_model(size: int = 1536) -> onnx.ModelProto:
+    """input [N, 64] FP32 -> probabilities [N, 10]: correct shapes, but each call tiles the
+    input to `size` rows and multiplies `size`x`size` matrices (hundreds of ms)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        helper.make_tensor("repeats", TensorProto.INT64, [2], [size, 1]),
+        numpy_helper.from_array(rng.standard_normal((64, size)).astype(np.float32), "w0"),
+        numpy_helper.from_array(rng.standard_normal((size, size)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal((size, 10)).astype(np.float32), "w2"),
+        helper.make_tensor("axes", TensorProto.INT64, [1], [0]),
+    ]
+    nodes = [
+        helper.make_node("Tile", ["input", "repeats"], ["tiled"]),
+        helper.make_node("MatMul", ["tiled", "w0"], ["h0"]),
+        helper.make_node("MatMul", ["h0", "w1"], ["h1"]),
+        helper.make_node("MatMul", ["h1", "w1"], ["h2"]),
+        helper.make_node("MatMul", ["h2", "w1"], ["h3"]),
+        helper.make_node("MatMul", ["h3", "w2"], ["h4"]),
+        helper.make_node("ReduceMean", ["h4", "axes"], ["mean"], keepdims=1),
+        helper.make_node("Softmax", ["mean"], ["probabilities"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model

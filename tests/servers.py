@@ -51,7 +51,7 @@ class RunningServer:
 
 
 def start_server(
-    folders: Sequence[Path],
+    folders: Sequence[Path | str],
     log_path: Path,
     wait_for: Sequence[str] = (),
     env: dict[str, str] | None = None,

@@ -1,0 +1,248 @@
+"""Champion/canary/shadow routing from a routes file, swapped at run time under load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from servo.demo import digits_holdout
+from tests.models import failing_model, slow_model, write_model
+from tests.servers import RunningServer, start_server
+
+
+def write_routes(path: Path, models: list[dict[str, Any]]) -> None:
+    """Atomically, as an operator's tool should."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"models": models}))
+    os.replace(tmp, path)
+
+
+def dep(
+    root: Path, version: str, percent: float | None = None, name: str = "digits"
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"version": version, "path": str(root / name / version)}
+    if percent is not None:
+        out["percent"] = percent
+    return out
+
+
+@pytest.fixture(scope="module")
+def routed_root(model_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("routed")
+    for version in ("1", "2"):
+        (root / "digits").mkdir(exist_ok=True)
+        os.symlink(model_root / "digits" / version, root / "digits" / version)
+    write_model(root / "digits" / "8", failing_model(), "digits", version="8")
+    write_model(root / "digits" / "9", slow_model(), "digits", version="9")
+    return root
+
+
+@pytest.fixture
+def routed(routed_root: Path, tmp_path: Path) -> Iterator[tuple[RunningServer, Path]]:
+    routes = tmp_path / "routes.json"
+    write_routes(routes, [{"name": "digits", "champion": dep(routed_root, "1")}])
+    server = start_server(
+        ["--routes", str(routes)],
+        tmp_path / "server.log",
+        wait_for=["digits"],
+        env={"SERVO_ROUTES_POLL_S": "0.05", "SERVO_SHADOW_TIMEOUT_S": "0.1",
+             "SERVO_SHADOW_MAX_PENDING": "4"},
+    )  # fmt: skip
+    yield server, routes
+    assert server.stop() == 0, server.log()
+
+
+BODY = orjson.dumps(
+    {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                 "data": digits_holdout()[0][0].tolist()}]}
+)  # fmt: skip
+
+
+def metric(server: RunningServer, name: str, **labels: str) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def wait_until(condition: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def versions_answering(server: RunningServer, n: int, key: str | None = None) -> Counter[str]:
+    seen: Counter[str] = Counter()
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for i in range(n):
+            headers = {"servo-routing-key": key if key is not None else f"user-{i}"}
+            reply = client.post("/v2/models/digits/infer", content=BODY, headers=headers)
+            assert reply.status_code == 200, reply.text
+            seen[reply.json()["model_version"]] += 1
+    return seen
+
+
+def test_canary_share_is_deterministic_and_sticky(
+    routed: tuple[RunningServer, Path], routed_root: Path
+) -> None:
+    server, routes = routed
+    write_routes(routes, [{"name": "digits", "champion": dep(routed_root, "1"),
+                           "canary": dep(routed_root, "2", percent=30)}])  # fmt: skip
+    wait_until(lambda: versions_answering(server, 40)["2"] > 0)
+    seen = versions_answering(server, 1000)
+    assert 250 <= seen["2"] <= 350, seen  # 30% of 1000 keys, give or take hash noise
+    for key in ("alice", "bob", "carol"):
+        assert len(versions_answering(server, 20, key=key)) == 1  # sticky per key
+    assert metric(server, "servo_requests_total", version="2", variant="canary") >= seen["2"]
+    # the same 1000 keys split the same way again
+    assert versions_answering(server, 1000) == seen
+
+
+def test_shadow_copies_are_compared_and_never_answer(
+    routed: tuple[RunningServer, Path], routed_root: Path
+) -> None:
+    server, routes = routed
+    write_routes(routes, [{"name": "digits", "champion": dep(routed_root, "1"),
+                           "shadows": [dep(routed_root, "2")]}])  # fmt: skip
+    wait_until(
+        lambda: httpx.get(f"{server.url}/v2/models/digits/versions/2/ready").status_code == 200
+    )
+    assert versions_answering(server, 200) == Counter({"1": 200})
+    wait_until(lambda: metric(server, "servo_shadow_agreement_total", version="2") == 200)
+    agreed = metric(server, "servo_shadow_agreement_total", version="2", agree="true")
+    assert agreed >= 190  # two digits models trained with different seeds mostly agree
+
+
+def test_failing_and_slow_shadows_never_hurt_the_client(
+    routed: tuple[RunningServer, Path], routed_root: Path
+) -> None:
+    server, routes = routed
+    write_routes(routes, [{"name": "digits", "champion": dep(routed_root, "1"),
+                           "shadows": [dep(routed_root, "8"), dep(routed_root, "9")]}])  # fmt: skip
+    wait_until(
+        lambda: httpx.get(f"{server.url}/v2/models/digits/versions/9/ready").status_code == 200
+    )
+    latencies = []
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for _ in range(100):
+            start = time.perf_counter()
+            reply = client.post("/v2/models/digits/infer", content=BODY)
+            latencies.append(time.perf_counter() - start)
+            assert reply.status_code == 200 and reply.json()["model_version"] == "1"
+    # the slow shadow takes ~200 ms a call; the client never waits for it
+    assert float(np.median(latencies)) < 0.05, latencies
+    wait_until(lambda: metric(server, "servo_shadow_errors_total", version="8", reason="error") > 0)
+    assert metric(server, "servo_shadow_errors_total", version="9", reason="timeout") > 0
+    assert metric(server, "servo_shadow_dropped_total") > 0  # at most 4 pending copies
+    # unload both shadows while copies are still running: nothing fails
+    write_routes(routes, [{"name": "digits", "champion": dep(routed_root, "1")}])
+    wait_until(
+        lambda: httpx.get(f"{server.url}/v2/models/digits/versions/9/ready").status_code == 404
+    )
+    assert versions_answering(server, 20) == Counter({"1": 20})
+
+
+def test_swaps_under_load_lose_no_request(
+    routed: tuple[RunningServer, Path], routed_root: Path
+) -> None:
+    server, routes = routed
+    tables = [
+        [{"name": "digits", "champion": dep(routed_root, "2")}],
+        [
+            {
+                "name": "digits",
+                "champion": dep(routed_root, "2"),
+                "canary": dep(routed_root, "1", 50),
+            }
+        ],
+        [{"name": "digits", "champion": dep(routed_root, "1"), "shadows": [dep(routed_root, "2")]}],
+        [{"name": "digits", "champion": dep(routed_root, "1")}],
+        [{"name": "digits", "champion": dep(routed_root, "2")}],
+        [{"name": "digits", "champion": dep(routed_root, "1")}],
+    ]
+
+    async def load() -> tuple[Counter[int], Counter[str], list[str]]:
+        codes: Counter[int] = Counter()
+        versions: Counter[str] = Counter()
+        failures: list[str] = []
+        stop = asyncio.Event()
+        limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+        async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as client:
+
+            async def worker(i: int) -> None:
+                n = 0
+                while not stop.is_set():
+                    n += 1
+                    try:
+                        reply = await client.post(
+                            "/v2/models/digits/infer", content=BODY,
+                            headers={"servo-routing-key": f"{i}-{n}"},
+                        )  # fmt: skip
+                    except httpx.HTTPError as exc:
+                        failures.append(repr(exc))
+                        continue
+                    codes[reply.status_code] += 1
+                    if reply.status_code == 200:
+                        versions[reply.json()["model_version"]] += 1
+                    else:
+                        failures.append(reply.text)
+
+            workers = [asyncio.create_task(worker(i)) for i in range(32)]
+            for table in tables:
+                await asyncio.sleep(0.7)
+                await asyncio.to_thread(write_routes, routes, table)
+            await asyncio.sleep(0.7)
+            stop.set()
+            await asyncio.gather(*workers)
+        return codes, versions, failures
+
+    codes, versions, failures = asyncio.run(load())
+    assert failures == [] and set(codes) == {200}, (codes, failures[:5])
+    assert sum(codes.values()) > 500
+    assert versions["1"] > 0 and versions["2"] > 0
+    # the last table is in force, and version 2 was unloaded after draining
+    assert versions_answering(server, 10) == Counter({"1": 10})
+    assert httpx.get(f"{server.url}/v2/models/digits/versions/2/ready").status_code == 404
+    assert "unloaded model digits version 2" in server.log()
+
+
+def test_metric_names_and_bounded_labels(routed: tuple[RunningServer, Path]) -> None:
+    server, _ = routed
+    versions_answering(server, 5)
+    for name in ("no-such-model", "another-one"):
+        assert httpx.post(f"{server.url}/v2/models/{name}/infer", content=BODY).status_code == 404
+    assert httpx.post(f"{server.url}/v2/models/digits/infer", content=b"{").status_code == 400
+    text = httpx.get(f"{server.url}/metrics").text
+    names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    for expected in (
+        "servo_requests_total",
+        "servo_request_duration_seconds_bucket",
+        "servo_inference_duration_seconds_count",
+        "servo_prediction_total",
+        "servo_prediction_confidence_bucket",
+    ):
+        assert expected in names
+    assert metric(server, "servo_requests_total", model="_unknown", code="404") == 2
+    assert metric(server, "servo_requests_total", model="digits", code="400") == 1
+    assert 'model="no-such-model"' not in text
+    assert (
+        metric(server, "servo_prediction_total", model="digits", version="1", **{"class": "2"}) >= 5
+    )
