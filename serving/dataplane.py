@@ -121,11 +121,7 @@ class DataPlane:
             model = self.repository.model(name, version)
             variant = self.router.role(name, version)
         feeds, output_names, specs = self._check(model, request)
-        started = time.perf_counter()
         arrays = await model.predict(feeds, output_names)
-        self.recorder.observe(
-            self.recorder.inference, (name, model.version), time.perf_counter() - started
-        )
         outputs = {spec.name: array for spec, array in zip(specs, arrays, strict=True)}
         plan = model.plan
         labels = outputs.get(plan.label_output) if plan.label_output else None

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from serving.batcher import BatchingConfig
+from serving.recorder import ModelMetrics, Recorder
 from serving.repository import ModelRepository, State
 from serving.router import LiveRoute, Router, RoutingState, cut
 from serving.routes import ModelRoute, RouteTable
@@ -15,11 +17,30 @@ log = logging.getLogger("servo.serving")
 
 
 class Gateway:
-    def __init__(self, repository: ModelRepository, router: Router, drain_timeout_s: float = 30.0):
+    def __init__(
+        self,
+        repository: ModelRepository,
+        router: Router,
+        recorder: Recorder,
+        batching: BatchingConfig | None = None,
+        drain_timeout_s: float = 30.0,
+    ):
         self.repository = repository
         self.router = router
+        self.recorder = recorder
+        self.batching = batching or BatchingConfig()
         self.drain_timeout_s = drain_timeout_s
         self.applied = 0
+
+    def _configure(self, route: ModelRoute) -> None:
+        """Metrics and batching for every ready version of the route."""
+        for _, deployment in route.deployments():
+            model = self._ready(route.name, deployment.version)
+            if model is None:
+                continue
+            if model.observer is None:
+                model.observer = ModelMetrics(self.recorder, route.name, deployment.version)
+            model.configure_batching(route.batching or self.batching)
 
     def _ready(self, name: str, version: str) -> OnnxModel | None:
         entry = self.repository.find(name, version)
@@ -73,6 +94,7 @@ class Gateway:
         for route in table.models.values():
             champions[route.name] = route.champion.version
             keep.update((route.name, d.version) for _, d in route.deployments())
+            self._configure(route)
             new = self._live(route)
             if new is None and route.name in old.live:
                 previous = old.live[route.name]

@@ -52,6 +52,25 @@ class Histogram:
 Labels = tuple[str, ...]
 
 
+class ModelMetrics:
+    """One model version's inference, queue and batch-size histograms, looked up once."""
+
+    __slots__ = ("inference", "queue", "rows")
+
+    def __init__(self, recorder: Recorder, model: str, version: str):
+        labels = (model, version)
+        self.inference = recorder.histogram(recorder.inference, labels, LATENCY_BUCKETS)
+        self.queue = recorder.histogram(recorder.queue, labels, LATENCY_BUCKETS)
+        self.rows = recorder.histogram(recorder.batch_rows, labels, ROWS_BUCKETS)
+
+    def call(self, rows: int, seconds: float) -> None:
+        self.inference.observe(seconds)
+        self.rows.observe(rows)
+
+    def queued(self, seconds: float) -> None:
+        self.queue.observe(seconds)
+
+
 class Recorder:
     """Counters and histograms by label tuple; `collect()` renders them for Prometheus."""
 
@@ -79,12 +98,13 @@ class Recorder:
             histogram = self.duration[labels] = Histogram(LATENCY_BUCKETS)
         histogram.observe(seconds)
 
-    def observe(self, table: dict[Labels, Histogram], labels: Labels, value: float,
-                buckets: Sequence[float] = LATENCY_BUCKETS) -> None:  # fmt: skip
+    def histogram(
+        self, table: dict[Labels, Histogram], labels: Labels, buckets: Sequence[float]
+    ) -> Histogram:
         histogram = table.get(labels)
         if histogram is None:
             histogram = table[labels] = Histogram(buckets)
-        histogram.observe(value)
+        return histogram
 
     def predicted(
         self,

@@ -11,11 +11,14 @@ Routes file (JSON):
        "champion": {"version": "1", "path": "models/digits/1"},
        "canary":   {"version": "2", "path": "models/digits/2", "percent": 10},
        "shadows": [{"version": "3", "path": "models/digits/3", "percent": 100}],
-       "others":  [{"version": "0", "path": "models/digits/0"}]}
+       "others":  [{"version": "0", "path": "models/digits/0"}],
+       "batching": {"enabled": true, "max_rows": 32, "max_delay_us": 500}}
     ]}
 
 `percent` is the canary's share of traffic, or the share of requests copied to a shadow.
 `others` are loaded and answer requests that name their version, but take no traffic.
+`batching` (optional) overrides the server's batching defaults for this model's versions;
+`"batching": false` turns it off.
 Relative paths are relative to the routes file.
 """
 
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from serving.batcher import BatchingConfig
 from serving.errors import ModelLoadError
 from serving.model_folder import read_card, valid_name, valid_version
 
@@ -56,6 +60,8 @@ class ModelRoute:
     canary: Deployment | None = None
     shadows: tuple[Deployment, ...] = ()
     others: tuple[Deployment, ...] = ()
+    #: None: the server's default batching
+    batching: BatchingConfig | None = None
 
     def deployments(self) -> Iterator[tuple[str, Deployment]]:
         yield CHAMPION, self.champion
@@ -152,6 +158,25 @@ def _deployment(doc: Any, base: Path, where: str) -> Deployment:
     if isinstance(percent, bool) or not isinstance(percent, int | float):
         raise RouteError(f"{where}: percent must be a number")
     return Deployment(version, (base / path).resolve(), float(percent))
+
+
+def _batching(doc: Any, where: str) -> BatchingConfig | None:
+    if doc is None:
+        return None
+    if isinstance(doc, bool):
+        return BatchingConfig(enabled=doc)
+    if not isinstance(doc, dict) or set(doc) - {"enabled", "max_rows", "max_delay_us"}:
+        raise RouteError(f"{where}: batching takes enabled, max_rows and max_delay_us")
+    enabled, rows, delay = (
+        doc.get("enabled", True),
+        doc.get("max_rows", 32),
+        doc.get("max_delay_us", 500),
+    )
+    if not isinstance(enabled, bool) or type(rows) is not int or rows < 1:
+        raise RouteError(f"{where}: batching enabled must be true/false and max_rows >= 1")
+    if isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0:
+        raise RouteError(f"{where}: batching max_delay_us must be a number >= 0")
+    return BatchingConfig(enabled=enabled, max_rows=rows, max_delay_us=float(delay))
 
 
 def parse_routes(text: str, base: Path) -> RouteTable:

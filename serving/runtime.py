@@ -22,12 +22,20 @@ import onnx
 import onnxruntime as ort
 
 from serving import signature as signature_mod
+from serving.batcher import Batcher, BatchingConfig, CallObserver
 from serving.datatypes import BYTES, FLOAT_TYPES, INT_TYPES, NUMPY_DTYPES
 from serving.errors import InferenceFailed, InvalidInput, ModelLoadError
 from serving.model_folder import MODEL_FILE, ModelCard
 from serving.signature import Signature, TensorSpec
 
 log = logging.getLogger("servo.serving")
+
+
+def _rows(inputs: Mapping[str, npt.NDArray[Any]]) -> int:
+    for array in inputs.values():
+        return int(array.shape[0]) if array.ndim else 1
+    return 0
+
 
 Arrays = Mapping[str, npt.NDArray[Any]]
 
@@ -100,6 +108,8 @@ class OnnxModel:
         self.warmup_us: float | None = None
         #: requests (and shadow copies) running on this version now; unload waits for 0
         self.inflight = 0
+        self.batcher: Batcher | None = None
+        self.observer: CallObserver | None = None
 
     @property
     def name(self) -> str:
@@ -192,16 +202,51 @@ class OnnxModel:
                 ) from None
         return out
 
+    @property
+    def batchable(self) -> bool:
+        """Every input and output has a variable first (batch) dimension."""
+        specs = (*self.signature.inputs, *self.signature.outputs)
+        return all(spec.shape and spec.shape[0] == -1 for spec in specs)
+
+    def configure_batching(self, config: BatchingConfig) -> bool:
+        """Turn batching on or off (automatic: on for models that run off the event loop);
+        returns whether it is on. Requests already queued finish on the old batcher."""
+        enabled = (not self._inline) if config.enabled is None else config.enabled
+        enabled = enabled and self.batchable
+        if self.batcher is not None and enabled and self.batcher.config == config:
+            return True
+        if self.batcher is not None:
+            self.batcher.close()
+        self.batcher = (
+            Batcher(self._run, self._executor, config, self.observer) if enabled else None
+        )
+        return enabled
+
     async def predict(
         self, inputs: Arrays, outputs: Sequence[str] | None = None
     ) -> list[npt.NDArray[Any]]:
         names = self._output_names if outputs is None else outputs
+        if self.batcher is not None:
+            self.inflight += 1
+            try:
+                return await self.batcher.submit(inputs, names)
+            finally:
+                self.inflight -= 1
+        observer = self.observer
         if self._inline:
-            return self._run(inputs, names)
+            started = time.perf_counter()
+            result = self._run(inputs, names)
+            if observer is not None:
+                observer.call(_rows(inputs), time.perf_counter() - started)
+            return result
         self.inflight += 1
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self._run, inputs, names)
+            started = time.perf_counter()
+            result = await loop.run_in_executor(self._executor, self._run, inputs, names)
+            if observer is not None:
+                observer.call(_rows(inputs), time.perf_counter() - started)
+            return result
         finally:
             self.inflight -= 1
 
@@ -220,6 +265,9 @@ class OnnxModel:
         return True
 
     def unload(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+            self.batcher = None
         self._session = None
 
     def __repr__(self) -> str:

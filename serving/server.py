@@ -13,6 +13,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 
 from serving.app import build_app
+from serving.batcher import BatchingConfig
 from serving.dataplane import DataPlane
 from serving.gateway import Gateway
 from serving.grpc_server import build_server
@@ -40,6 +41,7 @@ class ServingConfig:
     shadow_max_pending: int = 64
     shadow_timeout_s: float = 5.0
     drain_timeout_s: float = 30.0
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
 
 
 class _Uvicorn(uvicorn.Server):
@@ -66,7 +68,9 @@ class Server:
         self.shadows = ShadowRunner(
             self.recorder, config.shadow_max_pending, config.shadow_timeout_s
         )
-        self.gateway = Gateway(self.repository, self.router, config.drain_timeout_s)
+        self.gateway = Gateway(
+            self.repository, self.router, self.recorder, config.batching, config.drain_timeout_s
+        )
         self.dataplane = DataPlane(
             repository=self.repository,
             router=self.router,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from serving.batcher import BatchingConfig
 from serving.runtime import RuntimeOptions
 from serving.server import ServingConfig
 from servo import __version__
@@ -32,6 +35,11 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         30.0, gt=0, description="wait for in-flight work before unloading"
     )
+    batching: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: batch the models that run off the event loop"
+    )
+    batch_max_rows: int = Field(32, ge=1, description="rows merged into one ONNX Runtime call")
+    batch_max_delay_us: float = Field(500.0, ge=0, description="longest wait for more rows")
     routes_poll_s: float = Field(0.5, gt=0, description="how often a routes file is checked")
     log_level: str = "INFO"
 
@@ -50,4 +58,9 @@ class Settings(BaseSettings):
             shadow_max_pending=self.shadow_max_pending,
             shadow_timeout_s=self.shadow_timeout_s,
             drain_timeout_s=self.drain_timeout_s,
+            batching=BatchingConfig(
+                enabled={"auto": None, "on": True, "off": False}[self.batching],
+                max_rows=self.batch_max_rows,
+                max_delay_us=self.batch_max_delay_us,
+            ),
         )

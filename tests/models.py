@@ -133,3 +133,22 @@ def slow_model(size: int = 1536) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 8
     return model
+
+
+def gather_model() -> onnx.ModelProto:
+    """idx [N, 1] INT64 -> rows [N, 1, 3] FP32 of a fixed 10x3 table; an index outside
+    0..9 fails at run time, for that request only."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    table = np.arange(30, dtype=np.float32).reshape(10, 3)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "idx"], ["rows"], axis=0)],
+        "gather",
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, ["N", 1])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["N", 1, 3])],
+        initializer=[numpy_helper.from_array(table, "table")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
