@@ -122,6 +122,8 @@ class DataPlane:
             variant = self.router.role(name, version)
         feeds, output_names, specs = self._check(model, request)
         arrays = await model.predict(feeds, output_names)
+        if model.feature_sink is not None and model.profile is not None:
+            model.feature_sink.add(feeds[model.profile.input])
         outputs = {spec.name: array for spec, array in zip(specs, arrays, strict=True)}
         plan = model.plan
         labels = outputs.get(plan.label_output) if plan.label_output else None

@@ -40,6 +40,10 @@ class Gateway:
                 continue
             if model.observer is None:
                 model.observer = ModelMetrics(self.recorder, route.name, deployment.version)
+            if model.profile is not None and model.feature_sink is None:
+                model.feature_sink = self.recorder.features(
+                    route.name, deployment.version, model.profile
+                )
             model.configure_batching(route.batching or self.batching)
 
     def _ready(self, name: str, version: str) -> OnnxModel | None:

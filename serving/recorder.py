@@ -13,6 +13,8 @@ import numpy.typing as npt
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
+from monitors.profile import BIN_LABELS, N_BINS, ReferenceProfile
+
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0, 10.0,
@@ -52,6 +54,33 @@ class Histogram:
 Labels = tuple[str, ...]
 
 
+class FeatureBins:
+    """Live counts of one version's input rows in its reference profile's bins. Rows are
+    buffered and binned in bulk (one vectorised pass per `flush_rows` rows, and before
+    every scrape), never one Python call per feature per request."""
+
+    def __init__(self, profile: ReferenceProfile, flush_rows: int = 256):
+        self.profile = profile
+        self.flush_rows = flush_rows
+        self.counts = np.zeros((len(profile.features), N_BINS), dtype=np.int64)
+        self._pending: list[npt.NDArray[Any]] = []
+        self._pending_rows = 0
+
+    def add(self, rows: npt.NDArray[Any]) -> None:
+        self._pending.append(rows)
+        self._pending_rows += rows.shape[0] if rows.ndim else 1
+        if self._pending_rows >= self.flush_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        width = len(self.profile.features)
+        batch = np.concatenate([p.reshape(-1, width) for p in self._pending])
+        self._pending, self._pending_rows = [], 0
+        self.counts += self.profile.bin_counts(batch)
+
+
 class ModelMetrics:
     """One model version's inference, queue and batch-size histograms, looked up once."""
 
@@ -85,6 +114,7 @@ class Recorder:
         self.shadow_agreement: dict[Labels, int] = {}  # model, version, agree
         self.shadow_errors: dict[Labels, int] = {}  # model, version, reason
         self.shadow_dropped: dict[Labels, int] = {}  # model
+        self.feature_bins: dict[Labels, FeatureBins] = {}  # model, version
         if registry is not None:
             registry.register(self)
 
@@ -173,13 +203,33 @@ class Recorder:
             "servo_shadow_errors", "Shadow copies that failed or timed out.",
             ["model", "version", "reason"], self.shadow_errors,
         )  # fmt: skip
+        yield self._feature_family()
         yield _counter(
             "servo_shadow_dropped", "Shadow copies dropped because too many were pending.",
             ["model"], self.shadow_dropped,
         )  # fmt: skip
 
+    def features(self, model: str, version: str, profile: ReferenceProfile) -> FeatureBins:
+        bins = self.feature_bins.get((model, version))
+        if bins is None or bins.profile is not profile:
+            bins = self.feature_bins[(model, version)] = FeatureBins(profile)
+        return bins
+
     def describe(self) -> list[Metric]:
         return []
+
+    def _feature_family(self) -> Metric:
+        family = CounterMetricFamily(
+            "servo_feature_bin",
+            "Input rows per feature and reference-profile bin (under, 0..9, over).",
+            labels=["model", "version", "feature", "bin"],
+        )
+        for (model, version), bins in list(self.feature_bins.items()):
+            bins.flush()
+            for feature, row in zip(bins.profile.features, bins.counts.tolist(), strict=True):
+                for label, value in zip(BIN_LABELS, row, strict=True):
+                    family.add_metric([model, version, feature, label], value)
+        return family
 
 
 def _class_name(value: Any) -> str:

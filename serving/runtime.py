@@ -14,13 +14,14 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 import onnx
 import onnxruntime as ort
 
+from monitors.profile import ProfileError, ReferenceProfile
 from serving import signature as signature_mod
 from serving.batcher import Batcher, BatchingConfig, CallObserver
 from serving.datatypes import BYTES, FLOAT_TYPES, INT_TYPES, NUMPY_DTYPES
@@ -29,6 +30,10 @@ from serving.model_folder import MODEL_FILE, ModelCard
 from serving.signature import Signature, TensorSpec
 
 log = logging.getLogger("servo.serving")
+
+
+class FeatureSink(Protocol):
+    def add(self, rows: npt.NDArray[Any]) -> None: ...
 
 
 def _rows(inputs: Mapping[str, npt.NDArray[Any]]) -> int:
@@ -110,6 +115,10 @@ class OnnxModel:
         self.inflight = 0
         self.batcher: Batcher | None = None
         self.observer: CallObserver | None = None
+        #: the reference profile from servo.json, checked against the signature at load
+        self.profile: ReferenceProfile | None = None
+        #: where live rows of the profile's input are counted (set by the gateway)
+        self.feature_sink: FeatureSink | None = None
 
     @property
     def name(self) -> str:
@@ -138,6 +147,7 @@ class OnnxModel:
             )
         self.signature = graph_signature
         self.plan = Plan.of(graph_signature, self.card.allow_non_finite)
+        self.profile = self._read_profile()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.options.intra_op_threads
         opts.inter_op_num_threads = self.options.inter_op_threads
@@ -153,6 +163,28 @@ class OnnxModel:
             spec.name for spec in self.signature.inputs if spec.datatype == BYTES
         )
         self._warm_up()
+
+    def _read_profile(self) -> ReferenceProfile | None:
+        doc = self.card.reference_profile
+        if doc is None:
+            return None
+        where = f"{self.folder / 'servo.json'}"
+        try:
+            profile = ReferenceProfile.from_json(doc)
+        except ProfileError as exc:
+            raise ModelLoadError(f"{where}: {exc}") from None
+        spec = self.signature.input(profile.input)
+        if spec is None or spec.datatype == BYTES or len(spec.shape) != 2:
+            raise ModelLoadError(
+                f"{where}: reference profile input '{profile.input}' is not a numeric "
+                "[N, F] input of the model"
+            )
+        if spec.shape[1] not in (-1, len(profile.features)):
+            raise ModelLoadError(
+                f"{where}: reference profile has {len(profile.features)} features, input "
+                f"'{profile.input}' has {spec.shape[1]}"
+            )
+        return profile
 
     def _warm_up(self) -> None:
         feeds: dict[str, npt.NDArray[Any]] = {}

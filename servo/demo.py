@@ -20,6 +20,7 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from monitors.profile import fit as fit_profile
 from serving import signature
 from serving.model_folder import MODEL_FILE, ModelCard, write_card
 
@@ -86,6 +87,9 @@ def export_digits(
     ):
         raise RuntimeError("ONNX export disagrees with scikit-learn; refusing to write it")
     accuracy = float((labels == y_test).mean())
+    profile = fit_profile(
+        x_train, "input", labels=y_train, probabilities=clf.predict_proba(x_train)
+    )
     return _write(
         folder,
         model,
@@ -95,6 +99,7 @@ def export_digits(
             "framework": "sklearn",
             "class_labels": [str(c) for c in clf.classes_],
             "metrics": {"accuracy": accuracy, "holdout_rows": float(len(y_test))},
+            "reference_profile": profile.to_json(),
         },
     )
 

@@ -29,7 +29,12 @@ def test_export_demo_writes_a_checked_model_folder(tmp_path: Path) -> None:
     assert [o["name"] for o in doc["outputs"]] == ["label", "probabilities"]
     assert doc["class_labels"] == [str(i) for i in range(10)]
     assert doc["metrics"]["accuracy"] > 0.9
-    assert doc["reference_profile"] is None and doc["created_at"]
+    assert doc["created_at"]
+    profile = doc["reference_profile"]
+    assert profile["input"] == "input" and len(profile["features"]) == 64
+    assert all(sum(row) == profile["n"] for row in profile["reference_counts"])
+    assert abs(sum(profile["class_prior"].values()) - 1.0) < 1e-9
+    assert sum(profile["confidence_counts"]) == profile["n"]
     x_test, y_test = digits_holdout()
     session = ort.InferenceSession(str(folder / "model.onnx"))
     labels, _ = session.run(None, {"input": x_test})
@@ -76,6 +81,18 @@ def test_bad_cards_fail_with_a_reason(tmp_path: Path, mutate: object, message: s
     state, error = load(folder)
     assert state is State.FAILED
     assert message in error
+
+
+def test_a_profile_that_does_not_fit_the_model_fails_the_load(tmp_path: Path) -> None:
+    from monitors.profile import fit
+
+    folder = write_model(tmp_path / "m" / "1", identity_model("FP32"), "m")
+    doc = json.loads((folder / "servo.json").read_text())
+    doc["reference_profile"] = fit(np.ones((5, 4)), "x").to_json()  # x has 3 columns
+    (folder / "servo.json").write_text(json.dumps(doc))
+    state, error = load(folder)
+    assert state is State.FAILED
+    assert "reference profile has 4 features, input 'x' has 3" in error
 
 
 def test_unreadable_card_is_keyed_by_folder(tmp_path: Path) -> None:
