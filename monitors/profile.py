@@ -46,8 +46,9 @@ class ReferenceProfile:
     def bin_index(self, rows: npt.NDArray[Any]) -> npt.NDArray[np.intp]:
         """(n, F) values -> (n, F) bin numbers in 0..11, vectorised over rows and features."""
         x = np.asarray(rows, dtype=np.float64).reshape(-1, len(self.features))
-        inner = self.edges[:, 1:-1]  # (F, 9)
-        index: npt.NDArray[np.intp] = (x[:, :, None] >= inner[None, :, :]).sum(axis=2) + 1
+        index = np.ones(x.shape, dtype=np.intp)
+        for k in range(1, QUANTILE_BINS):  # one vectorised comparison per inner decile edge
+            index += x >= self.edges[:, k]
         index[x < self.edges[:, 0]] = 0
         index[x > self.edges[:, -1]] = N_BINS - 1
         index[np.isnan(x)] = 0

@@ -48,6 +48,7 @@ class DataPlane:
         shadows: ShadowRunner,
         server_name: str,
         server_version: str,
+        recording: bool = True,
     ):
         self.repository = repository
         self.router = router
@@ -55,6 +56,8 @@ class DataPlane:
         self.shadows = shadows
         self.server_name = server_name
         self.server_version = server_version
+        #: metrics on (the default); off only to measure what they cost
+        self.recording = recording
         self._ids = RequestIds()
 
     # health and metadata
@@ -124,19 +127,19 @@ class DataPlane:
         arrays = await model.predict(feeds, output_names)
         if model.feature_sink is not None and model.profile is not None:
             model.feature_sink.add(feeds[model.profile.input])
-        outputs = {spec.name: array for spec, array in zip(specs, arrays, strict=True)}
-        plan = model.plan
-        labels = outputs.get(plan.label_output) if plan.label_output else None
-        probs = outputs.get(plan.probability_output) if plan.probability_output else None
-        self.recorder.predicted(
-            (name, model.version, variant),
-            labels,
-            probs.max(axis=1) if probs is not None and probs.ndim == 2 and probs.size else None,
+        label_at, probs_at = (
+            model.label_positions if output_names is None else model.plan.positions(output_names)
         )
-        if route is not None and variant == CHAMPION:
+        if self.recording and (label_at >= 0 or probs_at >= 0):
+            self.recorder.predictions_for((name, model.version, variant)).add(
+                arrays[label_at] if label_at >= 0 else None,
+                arrays[probs_at] if probs_at >= 0 else None,
+            )
+        if route is not None and variant == CHAMPION and route.shadows:
+            outputs = {spec.name: array for spec, array in zip(specs, arrays, strict=True)}
             for shadow, shadow_cut in route.shadows:
                 if key_bucket < shadow_cut:
-                    self.shadows.submit(name, shadow, feeds, outputs, plan.label_output)
+                    self.shadows.submit(name, shadow, feeds, outputs, model.plan.label_output)
         return InferResponse(
             model_name=model.name,
             model_version=model.version,
@@ -204,12 +207,16 @@ class DataPlane:
     # request accounting (called by the protocol endpoints, which see parse errors too)
 
     def record_success(self, response: InferResponse, protocol: str, started: float) -> None:
+        if not self.recording:
+            return
         labels = (response.model_name, response.model_version, response.variant, protocol)
         self.recorder.request(labels, "200", time.perf_counter() - started)
 
     def record_failure(
         self, name: str, version: str | None, protocol: str, error: ServingError, started: float
     ) -> None:
+        if not self.recording:
+            return
         known = self.repository.find(name, version) if version is not None else None
         if version is None and name in self.router.state.champions:
             labels = (name, "", "", protocol)

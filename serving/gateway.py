@@ -19,17 +19,20 @@ log = logging.getLogger("servo.serving")
 class Gateway:
     def __init__(
         self,
+        *,
         repository: ModelRepository,
         router: Router,
         recorder: Recorder,
         batching: BatchingConfig | None = None,
         drain_timeout_s: float = 30.0,
+        recording: bool = True,
     ):
         self.repository = repository
         self.router = router
         self.recorder = recorder
         self.batching = batching or BatchingConfig()
         self.drain_timeout_s = drain_timeout_s
+        self.recording = recording
         self.applied = 0
 
     def _configure(self, route: ModelRoute) -> None:
@@ -38,9 +41,9 @@ class Gateway:
             model = self._ready(route.name, deployment.version)
             if model is None:
                 continue
-            if model.observer is None:
+            if self.recording and model.observer is None:
                 model.observer = ModelMetrics(self.recorder, route.name, deployment.version)
-            if model.profile is not None and model.feature_sink is None:
+            if self.recording and model.profile is not None and model.feature_sink is None:
                 model.feature_sink = self.recorder.features(
                     route.name, deployment.version, model.profile
                 )

@@ -59,7 +59,7 @@ class FeatureBins:
     buffered and binned in bulk (one vectorised pass per `flush_rows` rows, and before
     every scrape), never one Python call per feature per request."""
 
-    def __init__(self, profile: ReferenceProfile, flush_rows: int = 256):
+    def __init__(self, profile: ReferenceProfile, flush_rows: int = 2048):
         self.profile = profile
         self.flush_rows = flush_rows
         self.counts = np.zeros((len(profile.features), N_BINS), dtype=np.int64)
@@ -93,11 +93,56 @@ class ModelMetrics:
         self.rows = recorder.histogram(recorder.batch_rows, labels, ROWS_BUCKETS)
 
     def call(self, rows: int, seconds: float) -> None:
-        self.inference.observe(seconds)
-        self.rows.observe(rows)
+        # Histogram.observe inlined twice: this runs once per ONNX Runtime call
+        inference, batch = self.inference, self.rows
+        inference.counts[bisect.bisect_left(inference.buckets, seconds)] += 1
+        inference.total += seconds
+        batch.counts[0 if rows <= 1 else bisect.bisect_left(batch.buckets, rows)] += 1
+        batch.total += rows
 
     def queued(self, seconds: float) -> None:
         self.queue.observe(seconds)
+
+
+class Predictions:
+    """Predicted classes and top-class confidence of one (model, version, variant), buffered
+    and counted in bulk (every `flush_rows` rows and before every scrape)."""
+
+    def __init__(self, recorder: Recorder, labels: Labels, flush_rows: int = 2048):
+        self.recorder = recorder
+        self.labels = labels
+        self.flush_rows = flush_rows
+        self._classes: list[npt.NDArray[Any]] = []
+        self._probabilities: list[npt.NDArray[Any]] = []
+        self._rows = 0
+
+    def add(self, classes: npt.NDArray[Any] | None, probabilities: npt.NDArray[Any] | None) -> None:
+        if classes is not None:
+            self._classes.append(classes)
+            self._rows += classes.shape[0] if classes.ndim else 1
+        if probabilities is not None and probabilities.ndim == 2:
+            self._probabilities.append(probabilities)
+            self._rows += probabilities.shape[0]
+        if self._rows >= self.flush_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        classes, probabilities = self._classes, self._probabilities
+        self._classes, self._probabilities, self._rows = [], [], 0
+        if classes:
+            flat = np.concatenate([c.reshape(-1) for c in classes])
+            values, counts = np.unique(flat, return_counts=True)
+            table = self.recorder.predictions
+            for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+                key = (*self.labels, _class_name(value))
+                table[key] = table.get(key, 0) + count
+        if probabilities:
+            top = np.concatenate(probabilities).max(axis=1)
+            if top.size:
+                histogram = self.recorder.histogram(
+                    self.recorder.confidence, self.labels, CONFIDENCE_BUCKETS
+                )
+                histogram.observe_many(top)
 
 
 class Recorder:
@@ -115,18 +160,20 @@ class Recorder:
         self.shadow_errors: dict[Labels, int] = {}  # model, version, reason
         self.shadow_dropped: dict[Labels, int] = {}  # model
         self.feature_bins: dict[Labels, FeatureBins] = {}  # model, version
+        self.prediction_sinks: dict[Labels, Predictions] = {}  # model, version, variant
         if registry is not None:
             registry.register(self)
 
     # recording (event loop only)
 
     def request(self, labels: Labels, code: str, seconds: float) -> None:
-        key = (*labels, code)
-        self.requests[key] = self.requests.get(key, 0) + 1
         histogram = self.duration.get(labels)
         if histogram is None:
             histogram = self.duration[labels] = Histogram(LATENCY_BUCKETS)
-        histogram.observe(seconds)
+        histogram.counts[bisect.bisect_left(histogram.buckets, seconds)] += 1
+        histogram.total += seconds
+        key = (*labels, code)
+        self.requests[key] = self.requests.get(key, 0) + 1
 
     def histogram(
         self, table: dict[Labels, Histogram], labels: Labels, buckets: Sequence[float]
@@ -136,30 +183,11 @@ class Recorder:
             histogram = table[labels] = Histogram(buckets)
         return histogram
 
-    def predicted(
-        self,
-        labels: Labels,
-        classes: npt.NDArray[Any] | None,
-        confidence: npt.NDArray[Any] | None,
-    ) -> None:
-        if classes is not None:
-            flat = classes.reshape(-1)
-            if flat.size == 1:
-                key = (*labels, _class_name(flat[0]))
-                self.predictions[key] = self.predictions.get(key, 0) + 1
-            else:
-                values, counts = np.unique(flat, return_counts=True)
-                for value, count in zip(values.tolist(), counts.tolist(), strict=True):
-                    key = (*labels, _class_name(value))
-                    self.predictions[key] = self.predictions.get(key, 0) + count
-        if confidence is not None:
-            histogram = self.confidence.get(labels)
-            if histogram is None:
-                histogram = self.confidence[labels] = Histogram(CONFIDENCE_BUCKETS)
-            if confidence.size == 1:
-                histogram.observe(float(confidence.reshape(-1)[0]))
-            else:
-                histogram.observe_many(confidence.reshape(-1))
+    def predictions_for(self, labels: Labels) -> Predictions:
+        sink = self.prediction_sinks.get(labels)
+        if sink is None:
+            sink = self.prediction_sinks[labels] = Predictions(self, labels)
+        return sink
 
     def count(self, table: dict[Labels, int], labels: Labels, n: int = 1) -> None:
         table[labels] = table.get(labels, 0) + n
@@ -167,6 +195,8 @@ class Recorder:
     # exposition
 
     def collect(self) -> Iterator[Metric]:
+        for sink in list(self.prediction_sinks.values()):
+            sink.flush()
         yield _counter(
             "servo_requests", "Inference requests by outcome code.",
             ["model", "version", "variant", "protocol", "code"], self.requests,

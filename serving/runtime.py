@@ -37,9 +37,8 @@ class FeatureSink(Protocol):
 
 
 def _rows(inputs: Mapping[str, npt.NDArray[Any]]) -> int:
-    for array in inputs.values():
-        return int(array.shape[0]) if array.ndim else 1
-    return 0
+    shape = next(iter(inputs.values())).shape
+    return shape[0] if shape else 1
 
 
 Arrays = Mapping[str, npt.NDArray[Any]]
@@ -57,6 +56,14 @@ class Plan:
     label_output: str | None = None
     #: class probabilities per row (a float output of rank 2), if any
     probability_output: str | None = None
+
+    def positions(self, names: list[str] | None) -> tuple[int, int]:
+        """Where the label and probability outputs are among `names` (all outputs when
+        None); -1 where absent."""
+        order = [s.name for s in self.output_specs] if names is None else names
+        label = order.index(self.label_output) if self.label_output in order else -1
+        probs = order.index(self.probability_output) if self.probability_output in order else -1
+        return label, probs
 
     @classmethod
     def of(cls, signature: Signature, allow_non_finite: list[str]) -> Plan:
@@ -106,6 +113,7 @@ class OnnxModel:
         self.card = card
         self.signature: Signature = self.card.signature
         self.plan = Plan.of(self.signature, card.allow_non_finite)
+        self.label_positions = self.plan.positions(None)
         self._session: ort.InferenceSession | None = None
         self._inline = False
         self._output_names: list[str] = []
@@ -147,6 +155,7 @@ class OnnxModel:
             )
         self.signature = graph_signature
         self.plan = Plan.of(graph_signature, self.card.allow_non_finite)
+        self.label_positions = self.plan.positions(None)
         self.profile = self._read_profile()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.options.intra_op_threads
@@ -266,10 +275,11 @@ class OnnxModel:
                 self.inflight -= 1
         observer = self.observer
         if self._inline:
+            if observer is None:
+                return self._run(inputs, names)
             started = time.perf_counter()
             result = self._run(inputs, names)
-            if observer is not None:
-                observer.call(_rows(inputs), time.perf_counter() - started)
+            observer.call(_rows(inputs), time.perf_counter() - started)
             return result
         self.inflight += 1
         try:

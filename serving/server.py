@@ -42,6 +42,8 @@ class ServingConfig:
     shadow_timeout_s: float = 5.0
     drain_timeout_s: float = 30.0
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    #: metrics on; off only to measure their cost (benchmarks)
+    recording: bool = True
 
 
 class _Uvicorn(uvicorn.Server):
@@ -69,7 +71,12 @@ class Server:
             self.recorder, config.shadow_max_pending, config.shadow_timeout_s
         )
         self.gateway = Gateway(
-            self.repository, self.router, self.recorder, config.batching, config.drain_timeout_s
+            repository=self.repository,
+            router=self.router,
+            recorder=self.recorder,
+            batching=config.batching,
+            drain_timeout_s=config.drain_timeout_s,
+            recording=config.recording,
         )
         self.dataplane = DataPlane(
             repository=self.repository,
@@ -78,6 +85,7 @@ class Server:
             shadows=self.shadows,
             server_name=config.server_name,
             server_version=config.server_version,
+            recording=config.recording,
         )
         self.http_port: int | None = None
         self.grpc_port: int | None = None

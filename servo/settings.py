@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     )
     batch_max_rows: int = Field(32, ge=1, description="rows merged into one ONNX Runtime call")
     batch_max_delay_us: float = Field(500.0, ge=0, description="longest wait for more rows")
+    metrics: bool = Field(True, description="record metrics (off only to measure their cost)")
     routes_poll_s: float = Field(0.5, gt=0, description="how often a routes file is checked")
     log_level: str = "INFO"
 
@@ -58,6 +59,7 @@ class Settings(BaseSettings):
             shadow_max_pending=self.shadow_max_pending,
             shadow_timeout_s=self.shadow_timeout_s,
             drain_timeout_s=self.drain_timeout_s,
+            recording=self.metrics,
             batching=BatchingConfig(
                 enabled={"auto": None, "on": True, "off": False}[self.batching],
                 max_rows=self.batch_max_rows,
