@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from serving import rest_codec, v1
 from serving.dataplane import DataPlane
 from serving.errors import InvalidInput, ServingError
+from serving.feedback import parse_feedback
 from serving.http import AsgiApp, Request, Response, Route, error_response, json_response
 
 HEADER_LENGTH = b"inference-header-content-length"
@@ -73,6 +74,10 @@ class Endpoints:
             return Response(200, body)
         return Response(200, body, OCTET_STREAM, [(HEADER_LENGTH, str(json_length).encode())])
 
+    async def feedback(self, request: Request) -> Response:
+        labels = parse_feedback(rest_codec.loads(request.body))
+        return json_response(200, await self.dataplane.feedback(request.params["model"], labels))
+
     async def metrics(self, request: Request) -> Response:
         return Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST.encode())
 
@@ -107,6 +112,7 @@ def route_table(endpoints: Endpoints) -> list[Route]:
     return [
         Route("POST", "/v2/models/{model}/infer", e.infer),
         Route("POST", "/v2/models/{model}/versions/{version}/infer", e.infer),
+        Route("POST", "/v2/models/{model}/feedback", e.feedback),
         Route("GET", "/metrics", e.metrics),
         Route("GET", "/v2/health/live", e.live),
         Route("GET", "/v2/health/ready", e.ready),

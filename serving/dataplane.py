@@ -5,21 +5,29 @@ Nothing that fails validation here reaches ONNX Runtime.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import os
+import random
 import time
 from typing import Any
 
 import numpy as np
+import orjson
 
-from serving.errors import InvalidInput, ModelNotReady, ServingError
+from monitors.payload_log import FEEDBACK, PREDICTIONS
+from serving import feedback as feedback_mod
+from serving.errors import InvalidInput, ModelNotFound, ModelNotReady, ServingError
+from serving.feedback import FeedbackIndex, Label
+from serving.model_folder import valid_name
+from serving.payload_log import PayloadLog
 from serving.recorder import Recorder
-from serving.repository import ModelRepository, State
+from serving.repository import ModelRepository, State, shown
 from serving.router import Router, bucket
 from serving.routes import CHAMPION
 from serving.runtime import OnnxModel, Plan
-from serving.shadow import ShadowRunner
+from serving.shadow import ShadowCopy, ShadowRunner
 from serving.signature import TensorSpec
 from serving.types import InferRequest, InferResponse, Tensor
 
@@ -49,6 +57,8 @@ class DataPlane:
         server_name: str,
         server_version: str,
         recording: bool = True,
+        payload_log: PayloadLog | None = None,
+        feedback_index_size: int = 100_000,
     ):
         self.repository = repository
         self.router = router
@@ -58,6 +68,8 @@ class DataPlane:
         self.server_version = server_version
         #: metrics on (the default); off only to measure what they cost
         self.recording = recording
+        self.payload_log = payload_log
+        self.feedback_index = FeedbackIndex(feedback_index_size)
         self._ids = RequestIds()
 
     # health and metadata
@@ -135,11 +147,34 @@ class DataPlane:
                 arrays[label_at] if label_at >= 0 else None,
                 arrays[probs_at] if probs_at >= 0 else None,
             )
+        self.feedback_index.remember(
+            request.id, name, model.version, arrays[label_at] if label_at >= 0 else None
+        )
+        log = self.payload_log
+        if log is not None and (log.config.sample >= 1.0 or random.random() < log.config.sample):
+            log.submit(
+                PREDICTIONS,
+                {
+                    "id": request.id,
+                    "time": feedback_mod.now(),
+                    "model": name,
+                    "version": model.version,
+                    "variant": variant,
+                    "inputs": [(t.name, t.datatype, t.data) for t in request.inputs],
+                    "outputs": [
+                        (s.name, s.datatype, a) for s, a in zip(specs, arrays, strict=True)
+                    ],
+                },
+            )
         if route is not None and variant == CHAMPION and route.shadows:
             outputs = {spec.name: array for spec, array in zip(specs, arrays, strict=True)}
             for shadow, shadow_cut in route.shadows:
                 if key_bucket < shadow_cut:
-                    self.shadows.submit(name, shadow, feeds, outputs, model.plan.label_output)
+                    self.shadows.submit(
+                        ShadowCopy(
+                            name, shadow, feeds, outputs, model.plan.label_output, request.id
+                        )
+                    )
         return InferResponse(
             model_name=model.name,
             model_version=model.version,
@@ -203,6 +238,102 @@ class DataPlane:
                 raise InvalidInput(f"output '{wanted.name}' is requested more than once")
             output_names.append(wanted.name)
         return feeds, output_names, tuple(plan.outputs[n] for n in output_names)
+
+    # feedback
+
+    async def feedback(self, name: str, labels: list[Label]) -> dict[str, Any]:
+        if name not in self.router.state.champions and name not in self.repository.names():
+            raise ModelNotFound(f"model '{shown(name, valid_name)}' not found")
+        index = self.feedback_index
+        result = {"accepted": 0, "correct": 0, "incorrect": 0, "unmatched": 0, "duplicates": 0}
+        unknown: list[Label] = []
+        for label in labels:
+            if index.labelled(label.id):
+                result["duplicates"] += 1
+                continue
+            remembered = index.get(label.id)
+            if remembered is None or remembered.model != name:
+                unknown.append(label)
+            else:
+                self._score(name, label, remembered, result)
+        if unknown and self.payload_log is not None:
+            loop = asyncio.get_running_loop()
+            outputs = {
+                e.version: e.model.plan.label_output
+                for e in self.repository.entries()
+                if e.name == name and e.model is not None
+            }
+            found = await loop.run_in_executor(
+                None,
+                feedback_mod.lookup_logged,
+                self.payload_log.config.root,
+                name,
+                [label.id for label in unknown],
+                outputs,
+            )
+        else:
+            found = {}
+        for label in unknown:
+            remembered = found.get(label.id)
+            if remembered is not None:
+                self._score(name, label, remembered, result)
+                continue
+            result["unmatched"] += 1
+            result["accepted"] += 1
+            self.recorder.count(self.recorder.feedback_unmatched, (name,))
+            self._store(label, name, None, "unmatched")
+            index.mark(label.id)
+        result["stored"] = self.payload_log is not None
+        return result
+
+    def _score(self, name: str, label: Label, remembered: Any, result: dict[str, Any]) -> None:
+        predicted = remembered.labels
+        if predicted is None:
+            outcome = "unscored"  # the model has no class output to compare with
+        else:
+            truth = label.values
+            if len(truth) == 1 and predicted.size > 1:
+                raise InvalidInput(
+                    f"id '{label.id}': the prediction has {predicted.size} rows; "
+                    "send one label per row"
+                )
+            if len(truth) != predicted.size:
+                raise InvalidInput(
+                    f"id '{label.id}': {len(truth)} labels for a prediction of "
+                    f"{predicted.size} rows"
+                )
+            hits = sum(
+                feedback_mod.label_text(p) == t
+                for p, t in zip(predicted.reshape(-1).tolist(), truth, strict=True)
+            )
+            misses = len(truth) - hits
+            labels = (name, remembered.version)
+            if hits:
+                self.recorder.count(self.recorder.feedback, (*labels, "correct"), hits)
+            if misses:
+                self.recorder.count(self.recorder.feedback, (*labels, "incorrect"), misses)
+            result["correct"] += hits
+            result["incorrect"] += misses
+            outcome = "correct" if misses == 0 else "incorrect"
+        result["accepted"] += 1
+        self._store(label, name, remembered.version, outcome)
+        self.feedback_index.mark(label.id)
+
+    def _store(self, label: Label, name: str, version: str | None, outcome: str) -> None:
+        if self.payload_log is None:
+            return
+        text = label.values[0] if len(label.values) == 1 else orjson.dumps(label.values).decode()
+        self.payload_log.submit(
+            FEEDBACK,
+            {
+                "id": label.id,
+                "time": feedback_mod.now(),
+                "model": name,
+                "version": version,
+                "label": text,
+                "outcome": outcome,
+            },
+        )
 
     # request accounting (called by the protocol endpoints, which see parse errors too)
 

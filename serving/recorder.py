@@ -161,6 +161,9 @@ class Recorder:
         self.shadow_dropped: dict[Labels, int] = {}  # model
         self.feature_bins: dict[Labels, FeatureBins] = {}  # model, version
         self.prediction_sinks: dict[Labels, Predictions] = {}  # model, version, variant
+        self.feedback: dict[Labels, int] = {}  # model, version, outcome
+        self.feedback_unmatched: dict[Labels, int] = {}  # model
+        self.payload_log: Any = None  # a PayloadLog, read at scrape time
         if registry is not None:
             registry.register(self)
 
@@ -234,6 +237,28 @@ class Recorder:
             ["model", "version", "reason"], self.shadow_errors,
         )  # fmt: skip
         yield self._feature_family()
+        yield _counter(
+            "servo_feedback", "Labelled rows by outcome, for the version that answered.",
+            ["model", "version", "outcome"], self.feedback,
+        )  # fmt: skip
+        yield _counter(
+            "servo_feedback_unmatched", "Labels whose prediction id was not found (stored).",
+            ["model"], self.feedback_unmatched,
+        )  # fmt: skip
+        log = self.payload_log
+        dropped = CounterMetricFamily(
+            "servo_payload_log_dropped", "Payload log records dropped.", labels=["reason"]
+        )
+        written = CounterMetricFamily("servo_payload_log_records", "Payload log records written.")
+        errors = CounterMetricFamily("servo_payload_log_write_errors", "Failed file writes.")
+        if log is not None:
+            dropped.add_metric(["queue_full"], log.dropped_full)
+            dropped.add_metric(["write_error"], log.dropped_error)
+            written.add_metric([], log.written)
+            errors.add_metric([], log.write_errors)
+        yield dropped
+        yield written
+        yield errors
         yield _counter(
             "servo_shadow_dropped", "Shadow copies dropped because too many were pending.",
             ["model"], self.shadow_dropped,

@@ -17,6 +17,7 @@ from serving.batcher import BatchingConfig
 from serving.dataplane import DataPlane
 from serving.gateway import Gateway
 from serving.grpc_server import build_server
+from serving.payload_log import PayloadLog, PayloadLogConfig
 from serving.recorder import Recorder
 from serving.repository import ModelRepository
 from serving.router import Router
@@ -44,6 +45,9 @@ class ServingConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     #: metrics on; off only to measure their cost (benchmarks)
     recording: bool = True
+    #: None: no payload log (feedback is still counted, but not stored)
+    payload_log: PayloadLogConfig | None = None
+    feedback_index_size: int = 100_000
 
 
 class _Uvicorn(uvicorn.Server):
@@ -65,11 +69,14 @@ class Server:
         self.source = source
         self.registry = registry if registry is not None else CollectorRegistry()
         self.recorder = Recorder(self.registry)
+        self.payload_log = PayloadLog(config.payload_log) if config.payload_log else None
+        self.recorder.payload_log = self.payload_log
         self.repository = ModelRepository(config.runtime, config.executor_threads)
         self.router = Router()
         self.shadows = ShadowRunner(
             self.recorder, config.shadow_max_pending, config.shadow_timeout_s
         )
+        self.shadows.payload_log = self.payload_log
         self.gateway = Gateway(
             repository=self.repository,
             router=self.router,
@@ -86,6 +93,8 @@ class Server:
             server_name=config.server_name,
             server_version=config.server_version,
             recording=config.recording,
+            payload_log=self.payload_log,
+            feedback_index_size=config.feedback_index_size,
         )
         self.http_port: int | None = None
         self.grpc_port: int | None = None
@@ -147,4 +156,6 @@ class Server:
             await http_task
             sock.close()
             await self.shadows.close()
+            if self.payload_log is not None:
+                await asyncio.get_running_loop().run_in_executor(None, self.payload_log.close)
             self.repository.close()

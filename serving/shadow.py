@@ -8,13 +8,17 @@ counted), each with a timeout; errors and timeouts are counted, not raised.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from monitors.payload_log import PREDICTIONS
+from serving.payload_log import PayloadLog
 from serving.recorder import Recorder
 from serving.runtime import OnnxModel
 
@@ -41,6 +45,16 @@ def agree(champion: Arrays, shadow: Arrays, label_output: str | None) -> bool:
     return bool(common)
 
 
+@dataclass(frozen=True, slots=True)
+class ShadowCopy:
+    model_name: str
+    shadow: OnnxModel
+    feeds: Arrays
+    champion: Arrays
+    label_output: str | None
+    request_id: str
+
+
 class ShadowRunner:
     def __init__(self, recorder: Recorder, max_pending: int = 64, timeout_s: float = 5.0,
                  threads: int = 2):  # fmt: skip
@@ -50,9 +64,11 @@ class ShadowRunner:
         self.pending = 0
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="servo-shadow")
         self._tasks: set[asyncio.Task[None]] = set()
+        #: where shadow answers are logged as evidence (variant "shadow"), if anywhere
+        self.payload_log: PayloadLog | None = None
 
-    def submit(self, model_name: str, shadow: OnnxModel, feeds: Arrays, champion: Arrays,
-               label_output: str | None) -> None:  # fmt: skip
+    def submit(self, copy: ShadowCopy) -> None:
+        model_name, shadow, feeds = copy.model_name, copy.shadow, copy.feeds
         if self.pending >= self.max_pending:
             self.recorder.count(self.recorder.shadow_dropped, (model_name,))
             return
@@ -65,7 +81,7 @@ class ShadowRunner:
             loop.call_soon_threadsafe(self._release, shadow)
 
         future.add_done_callback(release)
-        task = loop.create_task(self._compare(model_name, shadow, future, champion, label_output))
+        task = loop.create_task(self._compare(copy, future))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -73,8 +89,8 @@ class ShadowRunner:
         self.pending -= 1
         shadow.inflight -= 1
 
-    async def _compare(self, model_name: str, shadow: OnnxModel, future: Any, champion: Arrays,
-                       label_output: str | None) -> None:  # fmt: skip
+    async def _compare(self, copy: ShadowCopy, future: Any) -> None:
+        model_name, shadow = copy.model_name, copy.shadow
         labels = (model_name, shadow.version)
         try:
             outputs = await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
@@ -85,8 +101,22 @@ class ShadowRunner:
             log.debug("shadow %s failed: %s", shadow, exc)
             self.recorder.count(self.recorder.shadow_errors, (*labels, "error"))
             return
-        same = agree(champion, outputs, label_output)
+        same = agree(copy.champion, outputs, copy.label_output)
         self.recorder.count(self.recorder.shadow_agreement, (*labels, "true" if same else "false"))
+        if self.payload_log is not None:
+            specs = shadow.plan
+            self.payload_log.submit(
+                PREDICTIONS,
+                {
+                    "id": copy.request_id,
+                    "time": dt.datetime.now(dt.UTC),
+                    "model": model_name,
+                    "version": shadow.version,
+                    "variant": "shadow",
+                    "inputs": [(n, specs.inputs[n][0].datatype, a) for n, a in copy.feeds.items()],
+                    "outputs": [(n, specs.outputs[n].datatype, a) for n, a in outputs.items()],
+                },
+            )
 
     async def close(self) -> None:
         for task in list(self._tasks):

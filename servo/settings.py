@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.batcher import BatchingConfig
+from serving.payload_log import PayloadLogConfig
 from serving.runtime import RuntimeOptions
 from serving.server import ServingConfig
 from servo import __version__
@@ -40,6 +42,13 @@ class Settings(BaseSettings):
     )
     batch_max_rows: int = Field(32, ge=1, description="rows merged into one ONNX Runtime call")
     batch_max_delay_us: float = Field(500.0, ge=0, description="longest wait for more rows")
+    payload_log_dir: Path | None = Field(
+        None, description="folder of the payload and feedback logs (Parquet); unset: off"
+    )
+    payload_log_sample: float = Field(1.0, ge=0, le=1, description="share of requests logged")
+    payload_log_capacity: int = Field(10_000, ge=1, description="queued records before drops")
+    payload_log_flush_s: float = Field(2.0, gt=0, description="longest time between writes")
+    feedback_index_size: int = Field(100_000, ge=1, description="recent predictions by id")
     metrics: bool = Field(True, description="record metrics (off only to measure their cost)")
     routes_poll_s: float = Field(0.5, gt=0, description="how often a routes file is checked")
     log_level: str = "INFO"
@@ -60,6 +69,17 @@ class Settings(BaseSettings):
             shadow_timeout_s=self.shadow_timeout_s,
             drain_timeout_s=self.drain_timeout_s,
             recording=self.metrics,
+            payload_log=(
+                PayloadLogConfig(
+                    root=self.payload_log_dir,
+                    sample=self.payload_log_sample,
+                    capacity=self.payload_log_capacity,
+                    flush_s=self.payload_log_flush_s,
+                )
+                if self.payload_log_dir is not None
+                else None
+            ),
+            feedback_index_size=self.feedback_index_size,
             batching=BatchingConfig(
                 enabled={"auto": None, "on": True, "off": False}[self.batching],
                 max_rows=self.batch_max_rows,

@@ -1,0 +1,152 @@
+"""The payload log writer: a bounded, non-blocking queue drained by one thread into
+Parquet files (format: `monitors.payload_log`).
+
+`submit()` never blocks a request: when the queue is full the record is dropped and
+counted. The writer flushes every `flush_s` seconds, when `batch_rows` records are
+waiting, and on close. A write that fails (disk full, folder unwritable) keeps its records
+in memory and retries at the next flush; only when that backlog exceeds the queue's
+capacity are the oldest records dropped, and counted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from monitors.payload_log import PREDICTIONS, SCHEMAS, as_records, partition_dir
+
+log = logging.getLogger("servo.serving")
+
+
+@dataclass(frozen=True, slots=True)
+class PayloadLogConfig:
+    root: Path
+    #: share of predictions logged (feedback is always logged)
+    sample: float = 1.0
+    capacity: int = 10_000
+    flush_s: float = 2.0
+    batch_rows: int = 1_000
+
+
+class PayloadLog:
+    def __init__(self, config: PayloadLogConfig):
+        self.config = config
+        self._queue: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue(config.capacity)
+        self._backlog: list[tuple[str, dict[str, Any]]] = []
+        self._sequence = itertools.count()
+        self._stop = threading.Event()
+        self._flush_now = threading.Event()
+        self.dropped_full = 0  # written by the event loop only
+        self.dropped_error = 0  # written by the writer thread only
+        self.written = 0
+        self.write_errors = 0
+        self.last_error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="servo-payload-log", daemon=True)
+        self._thread.start()
+
+    def submit(self, table: str, record: dict[str, Any]) -> bool:
+        try:
+            self._queue.put_nowait((table, record))
+        except queue.Full:
+            self.dropped_full += 1
+            return False
+        return True
+
+    def flush(self, timeout_s: float = 10.0) -> None:
+        """Ask the writer to write what is queued now, and wait until the queue is empty."""
+        self._flush_now.set()
+        deadline = time.monotonic() + timeout_s
+        while (self._queue.qsize() or self._flush_now.is_set()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self._flush_now.set()
+        self._thread.join(timeout_s)
+
+    # writer thread
+
+    def _run(self) -> None:
+        while True:
+            stopping = self._stop.is_set()
+            records = self._backlog + self._drain()
+            self._backlog = []
+            self._write(records)
+            if self._queue.empty():
+                self._flush_now.clear()
+                if stopping:
+                    self.dropped_error += len(self._backlog)  # the disk never came back
+                    self._backlog = []
+                    return
+
+    def _drain(self) -> list[tuple[str, dict[str, Any]]]:
+        """Queued records, until `batch_rows`, `flush_s`, or at once on flush/close."""
+        deadline = time.monotonic() + self.config.flush_s
+        out: list[tuple[str, dict[str, Any]]] = []
+        while len(out) < self.config.batch_rows:
+            if self._flush_now.is_set() or self._stop.is_set():
+                try:
+                    out.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                out.append(self._queue.get(timeout=min(remaining, 0.05)))
+            except queue.Empty:
+                continue
+        return out
+
+    def _write(self, records: list[tuple[str, dict[str, Any]]]) -> None:
+        if not records:
+            return
+        groups: dict[tuple[str, str, str | None, dt.date], list[dict[str, Any]]] = defaultdict(list)
+        for table, record in records:
+            if table == PREDICTIONS and record["inputs"] and isinstance(record["inputs"][0], tuple):
+                # arrays travel by reference; they become bytes here, off the event loop
+                record["inputs"] = as_records(record["inputs"])
+                record["outputs"] = as_records(record["outputs"])
+            day = record["time"].date()
+            groups[(table, record["model"], record["version"], day)].append(record)
+        failed: list[tuple[str, dict[str, Any]]] = []
+        for (table, model, version, day), rows in groups.items():
+            folder = partition_dir(self.config.root, table, model, version, day)
+            try:
+                self._write_file(folder, table, rows)
+                self.written += len(rows)
+            except (OSError, pa.ArrowException) as exc:
+                self.write_errors += 1
+                self.last_error = f"{folder}: {exc}"
+                log.error("payload log write failed (will retry): %s", self.last_error)
+                failed.extend((table, row) for row in rows)
+        overflow = len(failed) - self.config.capacity
+        if overflow > 0:
+            self.dropped_error += overflow
+            failed = failed[overflow:]
+        self._backlog = failed
+        if failed:
+            time.sleep(min(self.config.flush_s, 1.0))  # do not spin on a broken disk
+
+    def _write_file(self, folder: Path, table: str, rows: list[dict[str, Any]]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"part-{time.time_ns()}-{os.getpid()}-{next(self._sequence)}.parquet"
+        tmp = folder / f".{name}.tmp"
+        try:
+            pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMAS[table]), tmp)
+            os.replace(tmp, folder / name)
+        finally:
+            tmp.unlink(missing_ok=True)
