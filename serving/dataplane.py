@@ -246,38 +246,38 @@ class DataPlane:
             raise ModelNotFound(f"model '{shown(name, valid_name)}' not found")
         index = self.feedback_index
         result = {"accepted": 0, "correct": 0, "incorrect": 0, "unmatched": 0, "duplicates": 0}
-        unknown: list[Label] = []
+        fresh: list[Label] = []
         for label in labels:
-            if index.labelled(label.id):
+            if index.labelled(label.id) or any(label.id == f.id for f in fresh):
                 result["duplicates"] += 1
-                continue
-            remembered = index.get(label.id)
-            if remembered is None or remembered.model != name:
-                unknown.append(label)
             else:
-                self._score(name, label, remembered, result)
-        if unknown and self.payload_log is not None:
+                fresh.append(label)
+        found: dict[str, Any] = {}
+        if fresh and self.payload_log is not None:
+            # labels older than the memory (or from before a restart) live in the log
             loop = asyncio.get_running_loop()
+            root = self.payload_log.config.root
+            ids = [label.id for label in fresh]
+            seen = await loop.run_in_executor(None, feedback_mod.labelled_in_log, root, name, ids)
+            result["duplicates"] += sum(label.id in seen for label in fresh)
+            fresh = [label for label in fresh if label.id not in seen]
+            missing = [label.id for label in fresh if self._remembered(name, label.id) is None]
             outputs = {
                 e.version: e.model.plan.label_output
                 for e in self.repository.entries()
                 if e.name == name and e.model is not None
             }
             found = await loop.run_in_executor(
-                None,
-                feedback_mod.lookup_logged,
-                self.payload_log.config.root,
-                name,
-                [label.id for label in unknown],
-                outputs,
+                None, feedback_mod.lookup_logged, root, name, missing, outputs
             )
-        else:
-            found = {}
-        for label in unknown:
-            remembered = found.get(label.id)
-            if remembered is not None:
+        unknown: list[Label] = []
+        for label in fresh:
+            remembered = self._remembered(name, label.id) or found.get(label.id)
+            if remembered is None:
+                unknown.append(label)
+            else:
                 self._score(name, label, remembered, result)
-                continue
+        for label in unknown:
             result["unmatched"] += 1
             result["accepted"] += 1
             self.recorder.count(self.recorder.feedback_unmatched, (name,))
@@ -285,6 +285,10 @@ class DataPlane:
             index.mark(label.id)
         result["stored"] = self.payload_log is not None
         return result
+
+    def _remembered(self, name: str, ident: str) -> Any:
+        remembered = self.feedback_index.get(ident)
+        return remembered if remembered is not None and remembered.model == name else None
 
     def _score(self, name: str, label: Label, remembered: Any, result: dict[str, Any]) -> None:
         predicted = remembered.labels

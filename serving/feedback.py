@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pyarrow as pa
 import pyarrow.compute as pc
 
-from monitors.payload_log import PREDICTIONS, read_window, tensor_array
+from monitors.payload_log import FEEDBACK, PREDICTIONS, read_window, tensor_array
 from serving.errors import InvalidInput
 
 MAX_ITEMS = 10_000
@@ -115,19 +116,35 @@ class FeedbackIndex:
             self._labelled.popitem(last=False)
 
 
+def _with_ids(table: pa.Table, ids: list[str]) -> pa.Table:
+    return table.filter(pc.is_in(table["id"], value_set=pa.array(ids, pa.string())))
+
+
+def labelled_in_log(root: Path, model: str, ids: list[str]) -> set[str]:
+    """Which of these ids already have a label in the feedback log (blocking)."""
+    table = read_window(root, table=FEEDBACK, model=model)
+    if table.num_rows == 0 or not ids:
+        return set()
+    return set(_with_ids(table, ids)["id"].to_pylist())
+
+
 def lookup_logged(
     root: Path, model: str, ids: list[str], label_outputs: dict[str, str | None]
 ) -> dict[str, Remembered]:
     """Predictions of `model` with these ids from the payload log (blocking: run it off
     the event loop). `label_outputs` maps version -> its label output's name."""
+    if not ids:
+        return {}
     table = read_window(root, table=PREDICTIONS, model=model)
     if table.num_rows == 0:
         return {}
-    table = table.filter(
-        pc.is_in(table["id"], value_set=pc.cast(ids, table.schema.field("id").type))
-    )
+    table = _with_ids(table, ids)
     found: dict[str, Remembered] = {}
-    for row in table.select(["id", "version", "outputs"]).to_pylist():
+    for row in (
+        table.filter(pc.field("variant") != "shadow")
+        .select(["id", "version", "outputs"])
+        .to_pylist()
+    ):
         version = row["version"]
         wanted = label_outputs.get(version)
         labels = None
