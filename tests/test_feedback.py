@@ -129,3 +129,25 @@ def test_feedback_for_an_unknown_model(logged: tuple[RunningServer, Path]) -> No
     server, _ = logged
     reply = httpx.post(f"{server.url}/v2/models/nope/feedback", content=b'{"id": "a", "label": 1}')
     assert (reply.status_code, reply.json()) == (404, {"error": "model 'nope' not found"})
+
+
+def test_an_unwritable_payload_log_never_stops_serving(model_root: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the payload log folder should be")
+    server = start_server(
+        [model_root / "digits" / "1"],
+        tmp_path / "server.log",
+        wait_for=["digits"],
+        env={"SERVO_PAYLOAD_LOG_DIR": str(blocker / "log"), "SERVO_PAYLOAD_LOG_FLUSH_S": "0.05",
+             "SERVO_PAYLOAD_LOG_CAPACITY": "20"},
+    )  # fmt: skip
+    try:
+        x_test, _ = digits_holdout()
+        for i in range(100):
+            assert predict(server, x_test[:1], f"u-{i}") == predict(server, x_test[:1], f"v-{i}")
+        wait_until(lambda: metric(server, "servo_payload_log_write_errors_total") > 0)
+        dropped = metric(server, "servo_payload_log_dropped_total")
+        assert dropped > 0  # bounded: what cannot be kept is counted, never blocking
+        assert "payload log write failed" in server.log()
+    finally:
+        assert server.stop() == 0
