@@ -202,11 +202,99 @@ class Server:
                 self.process.wait()
 
 
-def servo_server(models: list[Model]) -> Server:
+def servo_server(
+    models: list[Model], env: dict[str, str] | None = None, routes: Path | None = None
+) -> Server:
     http, grpc = free_port(), free_port()
-    command = [sys.executable, "-m", "servo.cli", "serve", *(str(m.folder) for m in models)]
+    command = [sys.executable, "-m", "servo.cli", "serve"]
+    command += ["--routes", str(routes)] if routes else [str(m.folder) for m in models]
     command += ["--http-port", str(http), "--grpc-port", str(grpc), "--log-level", "WARNING"]
-    return Server("servo", command, http, grpc, {"PYTHONPATH": str(ROOT)})
+    return Server("servo", command, http, grpc, {"PYTHONPATH": str(ROOT), **(env or {})})
+
+
+# --- the gateway's own costs (Servo only) ---------------------------------------------------
+
+
+@dataclass
+class Setup:
+    label: str
+    model: Model
+    protocols: tuple[str, ...]
+    concurrency: int
+    env: dict[str, str]
+    routes: Path | None = None
+
+
+def gateway_setups(models: dict[str, Model], workdir: Path) -> list[Setup]:
+    digits = models["digits"]
+    shadow = export_digits(workdir / "models" / "digits" / "2", version="2", seed=1)
+    routes = workdir / "routes.json"
+    routes.write_text(
+        json.dumps(
+            {
+                "models": [
+                    {
+                        "name": "digits",
+                        "champion": {"version": "1", "path": str(digits.folder)},
+                        "shadows": [
+                            {"version": shadow.version, "path": str(workdir / "models/digits/2")}
+                        ],
+                    }
+                ]
+            }
+        )
+    )
+    off = {"SERVO_METRICS": "false", "SERVO_BATCHING": "off"}
+    on = {"SERVO_METRICS": "true", "SERVO_BATCHING": "off"}
+    logged = {**on, "SERVO_PAYLOAD_LOG_DIR": str(workdir / "payload-log")}
+    mlp = models["mlp"]
+    protocols = ("rest-json", "rest-binary", "grpc")
+    batch_on = {**on, "SERVO_BATCHING": "on", "SERVO_BATCH_MAX_ROWS": "64"}
+    return [
+        Setup("digits: recorder + routing off", digits, ("rest-json",), 16, off),
+        Setup("digits: recorder on, champion only", digits, ("rest-json",), 16, on),
+        Setup("digits: recorder on, champion + 1 shadow", digits, ("rest-json",), 16, on, routes),
+        Setup("digits: recorder on + payload log", digits, ("rest-json",), 16, logged),
+        Setup("mlp: batching off", mlp, protocols, 64, on),
+        Setup("mlp: batching on (max 64 rows)", mlp, protocols, 64, batch_on),
+    ]
+
+
+def gateway(
+    models: dict[str, Model], args: argparse.Namespace, workdir: Path
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for setup in gateway_setups(models, workdir):
+        server = servo_server([setup.model], setup.env, setup.routes)
+        print(f"== servo, {setup.label}", flush=True)
+        server.start(workdir, [setup.model])
+        try:
+            for protocol in setup.protocols:
+                cell = Cell(server, setup.model, protocol, setup.concurrency)
+                row = {"setup": setup.label, "protocol": protocol, "concurrency": setup.concurrency}
+                row.update(run_load(cell, args.seconds, workdir))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        finally:
+            server.stop()
+    return rows
+
+
+def gateway_table(rows: list[dict[str, Any]]) -> str:
+    out = [
+        "| setup | protocol | conc. | req/s | p50 ms | p99 ms | x baseline |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    base = {}
+    for row in rows:
+        key = (row["setup"].split(":")[0], row["protocol"])
+        base.setdefault(key, row["rps"])
+        ratio = row["rps"] / base[key]
+        out.append(
+            f"| {row['setup']} | {row['protocol']} | {row['concurrency']} | {row['rps']:,.0f} "
+            f"| {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {ratio:.2f} |"
+        )
+    return "\n".join(out)
 
 
 def kserve_server(models: list[Model]) -> Server:
@@ -492,6 +580,10 @@ def main() -> None:
     parser.add_argument("--no-mlserver", action="store_true")
     parser.add_argument("--mlserver-venv", type=Path, default=HERE / ".venv-mlserver")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument(
+        "--section", choices=["all", "peers", "gateway"], default="all",
+        help="peers: Servo vs KServe/MLServer/ORT; gateway: routing, recorder, batching costs",
+    )  # fmt: skip
     args = parser.parse_args()
     if shutil.which("wrk") is None or shutil.which("taskset") is None:
         sys.exit("needs wrk and taskset (Debian packages wrk and util-linux)")
@@ -500,26 +592,34 @@ def main() -> None:
         wanted_servers.remove("mlserver")
     workdir = Path(tempfile.mkdtemp(prefix="servo-bench-"))
     try:
-        models = [m for m in build_models(workdir / "models") if m.name in args.models.split(",")]
-        limits = {m.name: limit(m, min(args.seconds, 3.0)) for m in models}
-        servers: list[Server] = []
-        for name in wanted_servers:
-            if name == "servo":
-                servers.append(servo_server(models))
-            elif name == "kserve":
-                servers.append(kserve_server(models))
-            elif name == "mlserver" and ensure_mlserver_venv(args.mlserver_venv):
-                servers.append(mlserver_server(models, args.mlserver_venv, workdir))
-        results = measure(servers, models, args, workdir)
-        report = table(results, limits)
-        summary = goals(results)
-        text = report + "\n\n" + "\n".join(f"- {line}" for line in summary) + "\n"
-        print("\n" + text)
+        all_models = build_models(workdir / "models")
+        models = [m for m in all_models if m.name in args.models.split(",")]
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "serving.md").write_text(text)
-        (args.out / "serving.json").write_text(
-            json.dumps({"limits": limits, "results": results}, indent=1)
-        )
+        if args.section in ("all", "peers"):
+            limits = {m.name: limit(m, min(args.seconds, 3.0)) for m in models}
+            servers: list[Server] = []
+            for name in wanted_servers:
+                if name == "servo":
+                    servers.append(servo_server(models))
+                elif name == "kserve":
+                    servers.append(kserve_server(models))
+                elif name == "mlserver" and ensure_mlserver_venv(args.mlserver_venv):
+                    servers.append(mlserver_server(models, args.mlserver_venv, workdir))
+            results = measure(servers, models, args, workdir)
+            report = table(results, limits)
+            summary = goals(results)
+            text = report + "\n\n" + "\n".join(f"- {line}" for line in summary) + "\n"
+            print("\n" + text)
+            (args.out / "serving.md").write_text(text)
+            (args.out / "serving.json").write_text(
+                json.dumps({"limits": limits, "results": results}, indent=1)
+            )
+        if args.section in ("all", "gateway"):
+            rows = gateway({m.name: m for m in all_models}, args, workdir)
+            text = gateway_table(rows) + "\n"
+            print("\n" + text)
+            (args.out / "gateway.md").write_text(text)
+            (args.out / "gateway.json").write_text(json.dumps(rows, indent=1))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
