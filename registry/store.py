@@ -1,0 +1,393 @@
+"""The registry's only door to its tables: model versions, aliases with history,
+deployments, pipeline runs and lineage, and an append-only audit log.
+
+SQLite (WAL) by default, PostgreSQL by URL. Writers never corrupt or lose each other's
+writes: version numbers are handed out under a lock on the model's row (SQLite: every
+write transaction is `BEGIN IMMEDIATE`; PostgreSQL: `SELECT ... FOR UPDATE`), and a
+transaction that loses a race is retried.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from registry.models import (
+    VERSION_STATUSES,
+    Alias,
+    AliasHistory,
+    Artifact,
+    AuditEntry,
+    Model,
+    ModelVersion,
+    PipelineRun,
+    StepRun,
+    utcnow,
+)
+
+T = TypeVar("T")
+
+
+class RegistryError(Exception):
+    pass
+
+
+class NotFound(RegistryError):
+    pass
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    model: str
+    version: int
+    status: str
+    artifact_uri: str
+    metrics: dict[str, Any]
+    run_id: int | None
+    created_at: dt.datetime
+
+
+def _info(row: ModelVersion) -> VersionInfo:
+    return VersionInfo(
+        row.model,
+        row.version,
+        row.status,
+        row.artifact_uri,
+        dict(row.metrics),
+        row.run_id,
+        row.created_at,
+    )
+
+
+def _sqlite_engine(url: str) -> Engine:
+    engine = create_engine(url, connect_args={"timeout": 30, "isolation_level": None})
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(connection: Any, _: Any) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        # take the write lock up front: two writers queue instead of deadlocking
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+class RegistryStore:
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = (
+            _sqlite_engine(url)
+            if url.startswith("sqlite")
+            else create_engine(url, pool_pre_ping=True)
+        )
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def create_schema(self) -> None:
+        """Bring the database to the latest schema with the Alembic migrations."""
+        upgrade(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    def _retry(self, work: Callable[[Session], T], attempts: int = 20) -> T:
+        for attempt in range(attempts):
+            try:
+                with self._session() as session:
+                    return work(session)
+            except (IntegrityError, OperationalError, DBAPIError) as exc:
+                if attempt == attempts - 1 or not _retryable(exc):
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _locked_model(self, session: Session, name: str) -> Model:
+        row = session.execute(
+            select(Model).where(Model.name == name).with_for_update()
+        ).scalar_one_or_none()
+        if row is None:
+            row = Model(name=name, last_version=0, created_at=utcnow())
+            session.add(row)
+            session.flush()  # a concurrent insert of the same name fails here -> retry
+        return row
+
+    def _audit(
+        self,
+        session: Session,
+        *,
+        actor: str,
+        action: str,
+        subject: str,
+        detail: dict[str, Any],
+        rollback: dict[str, Any] | None = None,
+    ) -> None:
+        session.add(
+            AuditEntry(
+                actor=actor,
+                action=action,
+                subject=subject,
+                detail=detail,
+                rollback=rollback,
+                at=utcnow(),
+            )
+        )
+
+    # model versions
+
+    def register_version(
+        self,
+        model: str,
+        artifact_uri: str,
+        metrics: dict[str, Any] | None = None,
+        run_id: int | None = None,
+        actor: str = "pipeline",
+    ) -> int:
+        """A new version of `model` (created on first use); returns its number."""
+
+        def work(session: Session) -> int:
+            row = self._locked_model(session, model)
+            row.last_version += 1
+            version = row.last_version
+            session.add(
+                ModelVersion(
+                    model=model,
+                    version=version,
+                    artifact_uri=artifact_uri,
+                    metrics=dict(metrics or {}),
+                    run_id=run_id,
+                    status="registered",
+                    created_at=utcnow(),
+                )
+            )
+            self._audit(
+                session,
+                actor=actor,
+                action="register",
+                subject=f"{model}/{version}",
+                detail={"artifact_uri": artifact_uri, "run_id": run_id},
+            )
+            return version
+
+        return self._retry(work)
+
+    def version(self, model: str, version: int) -> VersionInfo:
+        with self._session() as session:
+            row = session.execute(
+                select(ModelVersion).where(
+                    ModelVersion.model == model, ModelVersion.version == version
+                )
+            ).scalar_one_or_none()
+            if row is None:
+                raise NotFound(f"model '{model}' has no version {version}")
+            return _info(row)
+
+    def versions(self, model: str) -> list[VersionInfo]:
+        with self._session() as session:
+            rows = session.execute(
+                select(ModelVersion)
+                .where(ModelVersion.model == model)
+                .order_by(ModelVersion.version)
+            ).scalars()
+            return [_info(r) for r in rows]
+
+    def models(self) -> list[str]:
+        with self._session() as session:
+            return list(session.execute(select(Model.name).order_by(Model.name)).scalars())
+
+    def set_status(self, model: str, version: int, status: str, actor: str) -> None:
+        if status not in VERSION_STATUSES:
+            raise RegistryError(f"unknown status {status!r} (known: {', '.join(VERSION_STATUSES)})")
+
+        def work(session: Session) -> None:
+            row = session.execute(
+                select(ModelVersion)
+                .where(ModelVersion.model == model, ModelVersion.version == version)
+                .with_for_update()
+            ).scalar_one_or_none()
+            if row is None:
+                raise NotFound(f"model '{model}' has no version {version}")
+            old, row.status = row.status, status
+            self._audit(
+                session,
+                actor=actor,
+                action="status",
+                subject=f"{model}/{version}",
+                detail={"from": old, "to": status},
+                rollback={"status": old},
+            )
+
+        self._retry(work)
+
+    # aliases
+
+    def set_alias(
+        self, model: str, alias: str, version: int, actor: str, reason: str = ""
+    ) -> int | None:
+        """Point `alias` at `version`; returns the version it pointed at before."""
+
+        def work(session: Session) -> int | None:
+            self._locked_model(session, model)
+            exists = session.execute(
+                select(func.count())
+                .select_from(ModelVersion)
+                .where(ModelVersion.model == model, ModelVersion.version == version)
+            ).scalar_one()
+            if not exists:
+                raise NotFound(f"model '{model}' has no version {version}")
+            row = session.get(Alias, (model, alias))
+            old = row.version if row is not None else None
+            if row is None:
+                session.add(
+                    Alias(
+                        model=model,
+                        alias=alias,
+                        version=version,
+                        updated_by=actor,
+                        updated_at=utcnow(),
+                    )
+                )
+            else:
+                row.version, row.updated_by, row.updated_at = version, actor, utcnow()
+            session.add(
+                AliasHistory(
+                    model=model,
+                    alias=alias,
+                    old_version=old,
+                    new_version=version,
+                    actor=actor,
+                    reason=reason,
+                    at=utcnow(),
+                )
+            )
+            self._audit(
+                session,
+                actor=actor,
+                action="alias",
+                subject=f"{model}@{alias}",
+                detail={"from": old, "to": version, "reason": reason},
+                rollback={"alias": alias, "version": old},
+            )
+            return old
+
+        return self._retry(work)
+
+    def alias(self, model: str, alias: str) -> int | None:
+        with self._session() as session:
+            row = session.get(Alias, (model, alias))
+            return row.version if row is not None else None
+
+    def alias_history(self, model: str) -> list[dict[str, Any]]:
+        with self._session() as session:
+            rows = session.execute(
+                select(AliasHistory).where(AliasHistory.model == model).order_by(AliasHistory.id)
+            ).scalars()
+            return [
+                {
+                    "alias": r.alias,
+                    "from": r.old_version,
+                    "to": r.new_version,
+                    "actor": r.actor,
+                    "reason": r.reason,
+                    "at": r.at,
+                }
+                for r in rows
+            ]
+
+    # pipeline runs and lineage
+
+    def start_run(self, pipeline: str, trigger: str, parameters: dict[str, Any]) -> int:
+        def work(session: Session) -> int:
+            run = PipelineRun(
+                pipeline=pipeline,
+                trigger=trigger,
+                parameters=parameters,
+                status="running",
+                started_at=utcnow(),
+            )
+            session.add(run)
+            session.flush()
+            return run.id
+
+        return self._retry(work)
+
+    def finish_run(self, run_id: int, status: str, error: str | None = None) -> None:
+        def work(session: Session) -> None:
+            run = session.get(PipelineRun, run_id)
+            if run is None:
+                raise NotFound(f"no pipeline run {run_id}")
+            run.status, run.error, run.finished_at = status, error, utcnow()
+
+        self._retry(work)
+
+    def record_step(self, run_id: int, step: str, **fields: Any) -> None:
+        self._retry(lambda session: session.add(StepRun(run_id=run_id, step=step, **fields)))
+
+    def record_artifact(self, run_id: int, step: str, **fields: Any) -> None:
+        self._retry(lambda session: session.add(Artifact(run_id=run_id, step=step, **fields)))
+
+    def audit(self) -> list[dict[str, Any]]:
+        with self._session() as session:
+            rows = session.execute(select(AuditEntry).order_by(AuditEntry.id)).scalars()
+            return [
+                {
+                    "id": r.id,
+                    "at": r.at,
+                    "actor": r.actor,
+                    "action": r.action,
+                    "subject": r.subject,
+                    "detail": r.detail,
+                    "rollback": r.rollback,
+                }
+                for r in rows
+            ]
+
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def alembic_config(engine: Engine) -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    return config
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    from alembic import command
+
+    config = alembic_config(engine)
+    with engine.connect() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+        if connection.in_transaction():
+            connection.commit()
+
+
+def _retryable(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, IntegrityError) or any(
+        marker in text
+        for marker in ("database is locked", "could not serialize", "deadlock", "busy")
+    )
