@@ -345,6 +345,59 @@ class RegistryStore:
     def record_artifact(self, run_id: int, step: str, **fields: Any) -> None:
         self._retry(lambda session: session.add(Artifact(run_id=run_id, step=step, **fields)))
 
+    def runs(self, limit: int = 50) -> list[dict[str, Any]]:
+        with self._session() as session:
+            rows = session.execute(
+                select(PipelineRun).order_by(PipelineRun.id.desc()).limit(limit)
+            ).scalars()
+            return [_run_doc(r) for r in rows]
+
+    def run(self, run_id: int) -> dict[str, Any]:
+        """One run with its steps and artifacts (its lineage)."""
+        with self._session() as session:
+            run = session.get(PipelineRun, run_id)
+            if run is None:
+                raise NotFound(f"no pipeline run {run_id}")
+            steps = session.execute(
+                select(StepRun).where(StepRun.run_id == run_id).order_by(StepRun.id)
+            ).scalars()
+            artifacts = session.execute(
+                select(Artifact).where(Artifact.run_id == run_id).order_by(Artifact.id)
+            ).scalars()
+            return {
+                **_run_doc(run),
+                "steps": [
+                    {
+                        "step": s.step,
+                        "status": s.status,
+                        "cache_key": s.cache_key,
+                        "attempts": s.attempts,
+                        "duration_s": s.duration_s,
+                        "parameters": s.parameters,
+                        "metrics": s.metrics,
+                        "log_uri": s.log_uri,
+                        "error": s.error,
+                    }
+                    for s in steps
+                ],
+                "artifacts": [
+                    {
+                        "step": a.step,
+                        "name": a.name,
+                        "direction": a.direction,
+                        "uri": a.uri,
+                        "content_hash": a.content_hash,
+                        "size": a.size,
+                    }
+                    for a in artifacts
+                ],
+            }
+
+    def aliases(self, model: str) -> dict[str, int]:
+        with self._session() as session:
+            rows = session.execute(select(Alias).where(Alias.model == model)).scalars()
+            return {r.alias: r.version for r in rows}
+
     def audit(self) -> list[dict[str, Any]]:
         with self._session() as session:
             rows = session.execute(select(AuditEntry).order_by(AuditEntry.id)).scalars()
@@ -360,6 +413,19 @@ class RegistryStore:
                 }
                 for r in rows
             ]
+
+
+def _run_doc(run: PipelineRun) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "pipeline": run.pipeline,
+        "trigger": run.trigger,
+        "status": run.status,
+        "parameters": run.parameters,
+        "error": run.error,
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
+    }
 
 
 MIGRATIONS = Path(__file__).parent / "migrations"

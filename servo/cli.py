@@ -11,6 +11,7 @@ import sys
 import threading
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -96,6 +97,121 @@ def serve(
     settings = Settings(host=host, http_port=http_port, grpc_port=grpc_port, log_level=log_level)
     _configure_logging(settings.log_level)
     _serve(settings, list(folders), routes)
+
+
+def _store(url: str) -> Any:
+    from registry.store import RegistryStore
+
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    store = RegistryStore(url)
+    store.create_schema()
+    return store
+
+
+registry_option = click.option(
+    "--registry",
+    "registry_url",
+    envvar="SERVO_REGISTRY_URL",
+    default="sqlite:///.servo/registry.db",
+    show_default=True,
+    help="SQLAlchemy URL of the registry (SQLite file or PostgreSQL)",
+)
+
+
+def _echo_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, default=str))
+
+
+@main.group()
+def models() -> None:
+    """Registered models and their versions."""
+
+
+@models.command("list")
+@registry_option
+def models_list(registry_url: str) -> None:
+    """Each model with its latest version and aliases."""
+    store = _store(registry_url)
+    try:
+        for name in store.models():
+            versions = store.versions(name)
+            aliases = ", ".join(f"{a}={v}" for a, v in sorted(store.aliases(name).items()))
+            latest = versions[-1].version if versions else "-"
+            click.echo(f"{name}\tversions={len(versions)}\tlatest={latest}\t{aliases}")
+    finally:
+        store.close()
+
+
+@models.command("show")
+@click.argument("name")
+@click.argument("version", required=False, type=int)
+@registry_option
+def models_show(name: str, version: int | None, registry_url: str) -> None:
+    """A model's versions (metrics, status, lineage run) and aliases, or one version."""
+    from registry.store import NotFound
+
+    store = _store(registry_url)
+    try:
+        if version is None:
+            versions = store.versions(name)
+            if not versions:
+                raise click.ClickException(f"model '{name}' is not registered")
+            _echo_json(
+                {
+                    "name": name,
+                    "aliases": store.aliases(name),
+                    "alias_history": store.alias_history(name),
+                    "versions": [v.__dict__ for v in versions],
+                }
+            )
+        else:
+            try:
+                info = store.version(name, version)
+            except NotFound as exc:
+                raise click.ClickException(str(exc)) from None
+            doc: dict[str, Any] = dict(info.__dict__)
+            if info.run_id is not None:
+                doc["lineage"] = store.run(info.run_id)
+            _echo_json(doc)
+    finally:
+        store.close()
+
+
+@main.group()
+def runs() -> None:
+    """Pipeline runs and their lineage."""
+
+
+@runs.command("list")
+@click.option("--limit", default=20, show_default=True)
+@registry_option
+def runs_list(limit: int, registry_url: str) -> None:
+    store = _store(registry_url)
+    try:
+        for run in store.runs(limit):
+            click.echo(
+                f"{run['id']}\t{run['pipeline']}\t{run['status']}\t{run['trigger']}"
+                f"\t{run['started_at']}"
+            )
+    finally:
+        store.close()
+
+
+@runs.command("show")
+@click.argument("run_id", type=int)
+@registry_option
+def runs_show(run_id: int, registry_url: str) -> None:
+    from registry.store import NotFound
+
+    store = _store(registry_url)
+    try:
+        try:
+            _echo_json(store.run(run_id))
+        except NotFound as exc:
+            raise click.ClickException(str(exc)) from None
+    finally:
+        store.close()
 
 
 @main.command("export-demo")

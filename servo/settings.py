@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     metrics: bool = Field(True, description="record metrics (off only to measure their cost)")
     routes_poll_s: float = Field(0.5, gt=0, description="how often a routes file is checked")
     log_level: str = "INFO"
+    registry_url: str = Field(
+        "sqlite:///.servo/registry.db", description="SQLAlchemy URL of the model registry"
+    )
 
     def serving_config(self) -> ServingConfig:
         return ServingConfig(
