@@ -1,0 +1,133 @@
+"""The pipeline engine: content-addressed caching, exact invalidation, lineage, failures."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from registry.store import RegistryStore
+from retrain.pipeline import Pipeline, PipelineError, Runner, Step, StepContext, StepFailed
+
+
+def copy_upper(ctx: StepContext) -> None:
+    ctx.output("out").write_text(ctx.inputs["src"].read_text().upper())
+
+
+def join(ctx: StepContext) -> None:
+    text = ctx.inputs["left"].read_text() + "|" + ctx.inputs["right"].read_text()
+    ctx.output("joined").write_text(text * int(ctx.params["times"]))
+    ctx.metrics["length"] = float(len(text))
+
+
+def explode(ctx: StepContext) -> None:
+    raise ValueError("bad data in row 3")
+
+
+def diamond(tmp: Path, times: int = 1) -> Pipeline:
+    return (
+        Pipeline("diamond")
+        .add(Step("a", copy_upper, ("out",), {"src": f"file:{tmp / 'a.txt'}"}))
+        .add(Step("b", copy_upper, ("out",), {"src": "a.out"}))
+        .add(Step("c", copy_upper, ("out",), {"src": f"file:{tmp / 'c.txt'}"}))
+        .add(Step("d", copy_upper, ("out",), {"src": "c.out"}))
+        .add(Step("e", join, ("joined",), {"left": "b.out", "right": "d.out"}, {"times": times}))
+    )
+
+
+@pytest.fixture
+def runner(tmp_path: Path) -> Runner:
+    store = RegistryStore(f"sqlite:///{tmp_path / 'r.db'}")
+    store.create_schema()
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "c.txt").write_text("gamma")
+    return Runner(tmp_path / "store", store)
+
+
+def statuses(runner: Runner, run_id: int) -> dict[str, str]:
+    store = runner.sink
+    assert isinstance(store, RegistryStore)
+    return {s["step"]: s["status"] for s in store.run(run_id)["steps"]}
+
+
+def test_cache_reuses_everything_and_invalidates_exactly(runner: Runner, tmp_path: Path) -> None:
+    first = runner.run(diamond(tmp_path))
+    assert first.output("e", "joined").read_text() == "ALPHA|GAMMA"
+    assert set(statuses(runner, first.run_id).values()) == {"succeeded"}
+    started = time.perf_counter()
+    second = runner.run(diamond(tmp_path))
+    assert time.perf_counter() - started < 1.0
+    assert set(statuses(runner, second.run_id).values()) == {"cached"}
+    (tmp_path / "c.txt").write_text("gammb")  # one byte of one source
+    third = runner.run(diamond(tmp_path))
+    assert statuses(runner, third.run_id) == {
+        "a": "cached", "b": "cached", "c": "succeeded", "d": "succeeded", "e": "succeeded",
+    }  # fmt: skip
+    assert third.output("e", "joined").read_text() == "ALPHA|GAMMB"
+    fourth = runner.run(diamond(tmp_path, times=2))  # a parameter: only that step
+    assert statuses(runner, fourth.run_id)["e"] == "succeeded"
+    assert statuses(runner, fourth.run_id)["d"] == "cached"
+    off = runner.run(diamond(tmp_path), cache=False)
+    assert set(statuses(runner, off.run_id).values()) == {"succeeded"}
+
+
+def test_same_content_under_another_name_is_a_cache_hit(runner: Runner, tmp_path: Path) -> None:
+    runner.run(diamond(tmp_path))
+    (tmp_path / "renamed").mkdir()
+    (tmp_path / "renamed" / "a.txt").write_text("alpha")
+    (tmp_path / "renamed" / "c.txt").write_text("gamma")
+    again = runner.run(diamond(tmp_path / "renamed"))
+    assert set(statuses(runner, again.run_id).values()) == {"cached"}
+
+
+def test_lineage_is_recorded(runner: Runner, tmp_path: Path) -> None:
+    result = runner.run(diamond(tmp_path))
+    store = runner.sink
+    assert isinstance(store, RegistryStore)
+    run = store.run(result.run_id)
+    assert run["status"] == "succeeded" and run["pipeline"] == "diamond"
+    e_step = next(s for s in run["steps"] if s["step"] == "e")
+    assert e_step["metrics"] == {"length": 11.0} and e_step["parameters"] == {"times": 1}
+    e_artifacts = {(a["direction"], a["name"]): a for a in run["artifacts"] if a["step"] == "e"}
+    assert set(e_artifacts) == {("input", "left"), ("input", "right"), ("output", "joined")}
+    assert e_artifacts[("output", "joined")]["size"] == 11
+    assert e_artifacts[("output", "joined")]["content_hash"].startswith("sha256:")
+
+
+def test_a_failing_step_fails_the_run_and_stops_downstream(runner: Runner, tmp_path: Path) -> None:
+    pipeline = diamond(tmp_path).add(Step("boom", explode, ("x",), {"src": "e.joined"}))
+    pipeline.add(Step("register", copy_upper, ("y",), {"src": "boom.x"}))
+    with pytest.raises(StepFailed, match="step 'boom' failed: ValueError: bad data in row 3"):
+        runner.run(pipeline)
+    store = runner.sink
+    assert isinstance(store, RegistryStore)
+    run = store.runs(1)[0]
+    assert run["status"] == "failed" and "bad data" in run["error"]
+    steps = statuses(runner, run["id"])
+    assert steps["boom"] == "failed" and "register" not in steps
+    failed = next(s for s in store.run(run["id"])["steps"] if s["step"] == "boom")
+    assert "Traceback" in Path(failed["log_uri"]).read_text()
+
+
+def test_retries(runner: Runner, tmp_path: Path) -> None:
+    calls = tmp_path / "calls"
+
+    def flaky(ctx: StepContext) -> None:
+        count = int(calls.read_text()) if calls.exists() else 0
+        calls.write_text(str(count + 1))
+        if count == 0:
+            raise OSError("transient")
+        ctx.output("ok").write_text("fine")
+
+    result = runner.run(Pipeline("p").add(Step("flaky", flaky, ("ok",), retries=1)))
+    assert result.steps["flaky"].attempts == 2
+
+
+def test_bad_wiring_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="names no output"):
+        Pipeline("p").add(Step("x", copy_upper, ("out",), {"src": "nope.out"})).order()
+    cycle = Pipeline("p").add(Step("x", copy_upper, ("out",), {"src": "y.out"}))
+    cycle.add(Step("y", copy_upper, ("out",), {"src": "x.out"}))
+    with pytest.raises(PipelineError, match="cycle"):
+        cycle.order()
