@@ -214,6 +214,19 @@ class RegistryStore:
         with self._session() as session:
             return list(session.execute(select(Model.name).order_by(Model.name)).scalars())
 
+    def set_artifact_uri(self, model: str, version: int, uri: str) -> None:
+        def work(session: Session) -> None:
+            row = session.execute(
+                select(ModelVersion).where(
+                    ModelVersion.model == model, ModelVersion.version == version
+                )
+            ).scalar_one_or_none()
+            if row is None:
+                raise NotFound(f"model '{model}' has no version {version}")
+            row.artifact_uri = uri
+
+        self._retry(work)
+
     def set_status(self, model: str, version: int, status: str, actor: str) -> None:
         if status not in VERSION_STATUSES:
             raise RegistryError(f"unknown status {status!r} (known: {', '.join(VERSION_STATUSES)})")

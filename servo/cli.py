@@ -214,6 +214,40 @@ def runs_show(run_id: int, registry_url: str) -> None:
         store.close()
 
 
+@main.command("train")
+@click.option("--dataset", default="digits", show_default=True, type=click.Choice(["digits"]))
+@click.option("--name", default="digits", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--work-dir",
+    envvar="SERVO_WORK_DIR",
+    default=".servo",
+    show_default=True,
+    type=click.Path(path_type=Path),
+)
+@click.option("--no-cache", is_flag=True, help="run every step even if its outputs are cached")
+@registry_option
+def train_command(
+    *, dataset: str, name: str, seed: int, work_dir: Path, no_cache: bool, registry_url: str
+) -> None:
+    """Run the pipeline (ingest, split, train, evaluate) and register the new version."""
+    from retrain.pipeline import StepFailed
+    from servo.train import train
+
+    store = _store(registry_url)
+    try:
+        trained = train(store, work=work_dir, name=name, params={"seed": seed}, cache=not no_cache)
+    except StepFailed as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        store.close()
+    statuses = ", ".join(f"{k}={v.status}" for k, v in trained.run.steps.items())
+    click.echo(
+        f"registered {name} version {trained.version} (run {trained.run.run_id}: {statuses}); "
+        f"holdout accuracy {trained.metrics['accuracy']:.3f} -> {trained.folder}"
+    )
+
+
 @main.command("export-demo")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--name", default="digits", show_default=True)

@@ -1,0 +1,71 @@
+"""`servo train`: the built-in pipeline plus the register step, which writes the model
+version folder (model.onnx + servo.json) and registers it with its lineage."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from registry.store import RegistryStore
+from retrain.digits import digits_pipeline
+from retrain.pipeline import Runner, RunResult
+from serving import signature
+from serving.model_folder import MODEL_FILE, ModelCard, valid_name, write_card
+
+
+@dataclass(frozen=True)
+class Trained:
+    version: int
+    folder: Path
+    run: RunResult
+    metrics: dict[str, Any]
+
+
+def register(result: RunResult, store: RegistryStore, model_root: Path, name: str) -> Trained:
+    if not valid_name(name):
+        raise ValueError(f"invalid model name {name!r}")
+    evaluation = json.loads(result.output("evaluate", "evaluation.json").read_text())
+    extra = json.loads(result.output("train", "profile.json").read_text())
+    model_path = result.output("train", "model.onnx")
+    version = store.register_version(
+        name, artifact_uri="", metrics=evaluation, run_id=result.run_id
+    )
+    folder = model_root / name / str(version)
+    tmp = folder.with_name(f".{version}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copyfile(model_path, tmp / MODEL_FILE)
+    proto = onnx.load(str(tmp / MODEL_FILE))
+    write_card(
+        tmp,
+        ModelCard(
+            name=name,
+            version=str(version),
+            framework="sklearn",
+            created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            signature=signature.from_onnx(proto),
+            class_labels=extra["classes"],
+            metrics={k: v for k, v in evaluation.items() if isinstance(v, float)},
+            reference_profile=extra["profile"],
+        ),
+    )
+    tmp.rename(folder)
+    store.set_artifact_uri(name, version, folder.resolve().as_uri())
+    return Trained(version, folder, result, evaluation)
+
+
+def train(
+    store: RegistryStore,
+    *, work: Path, name: str = "digits", params: dict[str, Any] | None = None,
+    cache: bool = True, trigger: str = "manual",
+) -> Trained:  # fmt: skip
+    runner = Runner(work / "pipeline", store)
+    result = runner.run(digits_pipeline(params), trigger=trigger, cache=cache,
+                        parameters=dict(params or {}))  # fmt: skip
+    return register(result, store, work / "models", name)
