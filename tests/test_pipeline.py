@@ -131,3 +131,22 @@ def test_bad_wiring_is_refused(tmp_path: Path) -> None:
     cycle.add(Step("y", copy_upper, ("out",), {"src": "x.out"}))
     with pytest.raises(PipelineError, match="cycle"):
         cycle.order()
+
+
+def test_ingest_reads_a_csv_table(runner: Runner, tmp_path: Path) -> None:
+    import numpy as np
+
+    from retrain.steps import ingest
+
+    csv = tmp_path / "table.csv"
+    csv.write_text("a,b,y\n1.5,2,0\n3,4.25,1\n")
+    step = Step("ingest", ingest, ("data.npz",), {"table": f"file:{csv}"},
+                {"dataset": "csv", "label_column": "y"})  # fmt: skip
+    result = runner.run(Pipeline("csv").add(step))
+    with np.load(result.output("ingest", "data.npz"), allow_pickle=False) as data:
+        np.testing.assert_array_equal(data["x"], [[1.5, 2.0], [3.0, 4.25]])
+        np.testing.assert_array_equal(data["y"], [0, 1])
+    bad = Step("ingest", ingest, ("data.npz",), {"table": f"file:{csv}"},
+               {"dataset": "csv", "label_column": "label"})  # fmt: skip
+    with pytest.raises(StepFailed, match="no label column 'label'"):
+        runner.run(Pipeline("csv").add(bad))
