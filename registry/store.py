@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -192,14 +192,7 @@ class RegistryStore:
 
     def version(self, model: str, version: int) -> VersionInfo:
         with self._session() as session:
-            row = session.execute(
-                select(ModelVersion).where(
-                    ModelVersion.model == model, ModelVersion.version == version
-                )
-            ).scalar_one_or_none()
-            if row is None:
-                raise NotFound(f"model '{model}' has no version {version}")
-            return _info(row)
+            return _info(_version_row(session, model, version))
 
     def versions(self, model: str) -> list[VersionInfo]:
         with self._session() as session:
@@ -216,14 +209,7 @@ class RegistryStore:
 
     def set_artifact_uri(self, model: str, version: int, uri: str) -> None:
         def work(session: Session) -> None:
-            row = session.execute(
-                select(ModelVersion).where(
-                    ModelVersion.model == model, ModelVersion.version == version
-                )
-            ).scalar_one_or_none()
-            if row is None:
-                raise NotFound(f"model '{model}' has no version {version}")
-            row.artifact_uri = uri
+            _version_row(session, model, version, lock=True).artifact_uri = uri
 
         self._retry(work)
 
@@ -232,13 +218,7 @@ class RegistryStore:
             raise RegistryError(f"unknown status {status!r} (known: {', '.join(VERSION_STATUSES)})")
 
         def work(session: Session) -> None:
-            row = session.execute(
-                select(ModelVersion)
-                .where(ModelVersion.model == model, ModelVersion.version == version)
-                .with_for_update()
-            ).scalar_one_or_none()
-            if row is None:
-                raise NotFound(f"model '{model}' has no version {version}")
+            row = _version_row(session, model, version, lock=True)
             old, row.status = row.status, status
             self._audit(
                 session,
@@ -260,13 +240,7 @@ class RegistryStore:
 
         def work(session: Session) -> int | None:
             self._locked_model(session, model)
-            exists = session.execute(
-                select(func.count())
-                .select_from(ModelVersion)
-                .where(ModelVersion.model == model, ModelVersion.version == version)
-            ).scalar_one()
-            if not exists:
-                raise NotFound(f"model '{model}' has no version {version}")
+            _version_row(session, model, version)  # NotFound if there is none
             row = session.get(Alias, (model, alias))
             old = row.version if row is not None else None
             if row is None:
@@ -426,6 +400,14 @@ class RegistryStore:
                 }
                 for r in rows
             ]
+
+
+def _version_row(session: Session, model: str, version: int, lock: bool = False) -> ModelVersion:
+    query = select(ModelVersion).where(ModelVersion.model == model, ModelVersion.version == version)
+    row = session.execute(query.with_for_update() if lock else query).scalar_one_or_none()
+    if row is None:
+        raise NotFound(f"model '{model}' has no version {version}")
+    return row
 
 
 def _run_doc(run: PipelineRun) -> dict[str, Any]:
