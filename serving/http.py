@@ -128,26 +128,35 @@ class AsgiApp:
                 return pattern.methods, params
         raise RouteNotFound(f"no route for {path}")
 
+    async def dispatch(self, request: Request) -> Response:
+        """Route one request (its body already read) to its handler; errors become OIP
+        `{"error": ...}` responses. Shared by the native server and the ASGI entry."""
+        try:
+            methods, request.params = self._match(request.path)
+            handler = methods.get(request.method)
+            if handler is None:
+                allowed = ", ".join(sorted(methods))
+                raise MethodNotAllowed(f"{request.method} not allowed here (allowed: {allowed})")
+            return await handler(request)
+        except ServingError as exc:
+            return error_response(exc.status, exc.message)
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return error_response(500, "internal server error")
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """The ASGI entry (for uvicorn or any ASGI server)."""
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
                 await _lifespan(receive, send)
             return
+        request = Request(scope["method"], scope["path"], {}, scope["headers"])
         try:
-            methods, params = self._match(scope["path"])
-            handler = methods.get(scope["method"])
-            if handler is None:
-                allowed = ", ".join(sorted(methods))
-                raise MethodNotAllowed(f"{scope['method']} not allowed here (allowed: {allowed})")
-            request = Request(scope["method"], scope["path"], params, scope["headers"])
             if scope["method"] == "POST":
                 request.body = await self._read_body(request, receive)
-            response = await handler(request)
+            response = await self.dispatch(request)
         except ServingError as exc:
             response = error_response(exc.status, exc.message)
-        except Exception:
-            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
-            response = error_response(500, "internal server error")
         headers = [
             (b"content-type", response.content_type),
             (b"content-length", str(len(response.body)).encode()),

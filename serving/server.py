@@ -17,6 +17,7 @@ from serving.batcher import BatchingConfig
 from serving.dataplane import DataPlane
 from serving.gateway import Gateway
 from serving.grpc_server import build_server
+from serving.httpserver import NativeHttpServer
 from serving.payload_log import PayloadLog, PayloadLogConfig
 from serving.recorder import Recorder
 from serving.repository import ModelRepository
@@ -48,6 +49,8 @@ class ServingConfig:
     #: None: no payload log (feedback is still counted, but not stored)
     payload_log: PayloadLogConfig | None = None
     feedback_index_size: int = 100_000
+    #: "native" (serving.httpserver, the default) or "uvicorn" (the same app over ASGI)
+    http_server: str = "native"
 
 
 class _Uvicorn(uvicorn.Server):
@@ -120,19 +123,26 @@ class Server:
         sock.bind((config.host, config.http_port))
         self.http_port = sock.getsockname()[1]
         app = build_app(self.dataplane, self.registry, config.max_request_bytes)
-        http = _Uvicorn(
-            uvicorn.Config(
-                app,
-                loop="none",
-                http="httptools",
-                lifespan="off",
-                access_log=False,
-                log_config=None,
-                timeout_keep_alive=65,
-                proxy_headers=False,
+        native: NativeHttpServer | None = None
+        http: _Uvicorn | None = None
+        http_task: asyncio.Task[None] | None = None
+        if config.http_server == "native":
+            native = NativeHttpServer(app, config.max_request_bytes)
+            await native.start(sock)
+        else:
+            http = _Uvicorn(
+                uvicorn.Config(
+                    app,
+                    loop="none",
+                    http="httptools",
+                    lifespan="off",
+                    access_log=False,
+                    log_config=None,
+                    timeout_keep_alive=65,
+                    proxy_headers=False,
+                )
             )
-        )
-        http_task = asyncio.create_task(http.serve(sockets=[sock]))
+            http_task = asyncio.create_task(http.serve(sockets=[sock]))
         grpc_server = None
         if config.grpc_enabled:
             grpc_server = build_server(self.dataplane, config.max_request_bytes)
@@ -150,10 +160,13 @@ class Server:
             await self._stop.wait()
         finally:
             follow.cancel()
-            http.should_exit = True
+            if native is not None:
+                await native.stop()
+            if http is not None and http_task is not None:
+                http.should_exit = True
+                await http_task
             if grpc_server is not None:
                 await grpc_server.stop(grace=5)
-            await http_task
             sock.close()
             await self.shadows.close()
             if self.payload_log is not None:

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     payload_log_capacity: int = Field(10_000, ge=1, description="queued records before drops")
     payload_log_flush_s: float = Field(2.0, gt=0, description="longest time between writes")
     feedback_index_size: int = Field(100_000, ge=1, description="recent predictions by id")
+    http_server: Literal["native", "uvicorn"] = Field(
+        "native", description="the REST server: Servo's own HTTP/1.1 server, or uvicorn"
+    )
     metrics: bool = Field(True, description="record metrics (off only to measure their cost)")
     routes_poll_s: float = Field(0.5, gt=0, description="how often a routes file is checked")
     log_level: str = "INFO"
@@ -72,6 +75,7 @@ class Settings(BaseSettings):
             shadow_timeout_s=self.shadow_timeout_s,
             drain_timeout_s=self.drain_timeout_s,
             recording=self.metrics,
+            http_server=self.http_server,
             payload_log=(
                 PayloadLogConfig(
                     root=self.payload_log_dir,

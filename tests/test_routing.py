@@ -126,9 +126,18 @@ def test_shadow_copies_are_compared_and_never_answer(
         lambda: httpx.get(f"{server.url}/v2/models/digits/versions/2/ready").status_code == 200
     )
     assert versions_answering(server, 200) == Counter({"1": 200})
-    wait_until(lambda: metric(server, "servo_shadow_agreement_total", version="2") == 200)
+    # every copy is either compared or (past SERVO_SHADOW_MAX_PENDING=4) dropped and counted
+    wait_until(
+        lambda: (
+            metric(server, "servo_shadow_agreement_total", version="2")
+            + metric(server, "servo_shadow_dropped_total", model="digits")
+            == 200
+        )
+    )
+    compared = metric(server, "servo_shadow_agreement_total", version="2")
     agreed = metric(server, "servo_shadow_agreement_total", version="2", agree="true")
-    assert agreed >= 190  # two digits models trained with different seeds mostly agree
+    assert compared >= 100
+    assert agreed >= 0.95 * compared  # two digits models trained with different seeds mostly agree
 
 
 def test_failing_and_slow_shadows_never_hurt_the_client(
