@@ -258,7 +258,13 @@ class DataPlane:
             loop = asyncio.get_running_loop()
             root = self.payload_log.config.root
             ids = [label.id for label in fresh]
-            seen = await loop.run_in_executor(None, feedback_mod.labelled_in_log, root, name, ids)
+            payload_log = self.payload_log
+
+            def labelled() -> set[str]:
+                payload_log.flush()  # labels still queued must be on disk before we look
+                return feedback_mod.labelled_in_log(root, name, ids)
+
+            seen = await loop.run_in_executor(None, labelled)
             result["duplicates"] += sum(label.id in seen for label in fresh)
             fresh = [label for label in fresh if label.id not in seen]
             missing = [label.id for label in fresh if self._remembered(name, label.id) is None]

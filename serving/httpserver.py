@@ -54,6 +54,7 @@ class HttpProtocol(asyncio.Protocol):
         self.paused = False
         self.last_active = self.loop.time()
         self.in_message = False
+        self.discarding = False
         self._reset()
 
     def _reset(self) -> None:
@@ -75,8 +76,12 @@ class HttpProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_active = self.loop.time()
+        if self.discarding:
+            return
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError:
+            return  # a callback answered already (413) and the connection is closing
         except httptools.HttpParserUpgrade:
             self._fail(400, "protocol upgrades are not supported")
         except httptools.HttpParserError as exc:
@@ -98,10 +103,16 @@ class HttpProtocol(asyncio.Protocol):
         expect_continue = False
         for name, value in self.headers:
             if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                self.too_large = f"request body of {int(value)} bytes exceeds {self.limit} bytes"
-            elif name == b"expect" and value.lower() == b"100-continue":
+                # answer now, without reading the body, and close the connection
+                message = f"request body of {int(value)} bytes exceeds {self.limit} bytes"
+                self.discarding = True
+                self.pending.append((error_response(413, message), False))
+                if not self.busy:
+                    self._next()
+                raise httptools.HttpParserCallbackError("body too large")
+            if name == b"expect" and value.lower() == b"100-continue":
                 expect_continue = True
-        if expect_continue and self.too_large is None:
+        if expect_continue:
             self.transport.write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:
