@@ -18,15 +18,70 @@ def _load(path: Any) -> dict[str, npt.NDArray[Any]]:
         return {k: data[k] for k in data.files}
 
 
+def labelled_rows(
+    root: Any, model: str, input_name: str, start: Any = None, end: Any = None
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+    """The gateway's labelled production rows: predictions (champion and canary answers,
+    not shadow copies) joined with their feedback by id, in [start, end)."""
+    from monitors.payload_log import FEEDBACK, PREDICTIONS, read_window, tensor_array
+
+    predictions = read_window(root, table=PREDICTIONS, model=model, start=start, end=end)
+    feedback = read_window(root, table=FEEDBACK, model=model)
+    labels: dict[str, list[str]] = {}
+    for row in feedback.select(["id", "label", "outcome"]).to_pylist():
+        if row["outcome"] == "unmatched" or row["id"] in labels:
+            continue
+        text = row["label"]
+        labels[row["id"]] = json.loads(text) if text.startswith("[") else [text]
+    xs: list[npt.NDArray[Any]] = []
+    ys: list[str] = []
+    for row in predictions.select(["id", "variant", "inputs"]).to_pylist():
+        if row["variant"] == "shadow" or row["id"] not in labels:
+            continue
+        tensor = next((t for t in row["inputs"] if t["name"] == input_name), None)
+        if tensor is None:
+            continue
+        rows = tensor_array(tensor).reshape(len(labels[row["id"]]), -1)
+        xs.append(rows)
+        ys.extend(labels[row["id"]])
+    if not xs:
+        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    y = np.asarray(ys)
+    if all(v.lstrip("-").isdigit() for v in ys):
+        y = y.astype(np.int64)
+    return np.concatenate(xs).astype(np.float32), y
+
+
 def ingest(ctx: StepContext) -> None:
-    """`dataset`: "digits" (scikit-learn's), or a CSV file given as input `table` with a
-    `label_column`."""
+    """`dataset`: "digits" (scikit-learn's), "csv" (input `table` with a `label_column`),
+    "payload_log" (the gateway's labelled rows for `model` under `root`, in the optional
+    ISO `start`/`end` window), or "digits+payload_log" (both, for retraining)."""
     dataset = ctx.params.get("dataset", "digits")
-    if dataset == "digits":
+    x = np.zeros((0, 0), dtype=np.float32)
+    y: npt.NDArray[Any] = np.zeros(0, dtype=np.int64)
+    if dataset in ("digits", "digits+payload_log"):
         from sklearn.datasets import load_digits
 
         digits = load_digits()
         x, y = digits.data.astype(np.float32), digits.target.astype(np.int64)
+    if dataset in ("payload_log", "digits+payload_log"):
+        import datetime as dt
+
+        window = {
+            k: dt.datetime.fromisoformat(ctx.params[k])
+            for k in ("start", "end")
+            if ctx.params.get(k)
+        }
+        px, py = labelled_rows(ctx.params["root"], ctx.params["model"],
+                               ctx.params.get("input", "input"), **window)  # fmt: skip
+        ctx.metrics["production_rows"] = float(len(py))
+        if len(py):
+            x = px if x.size == 0 else np.concatenate([x, px])
+            y = py if y.size == 0 else np.concatenate([y, py.astype(y.dtype)])
+        elif dataset == "payload_log":
+            raise ValueError("the payload log holds no labelled rows in that window")
+    elif dataset == "digits":
+        pass
     elif dataset == "csv":
         import pyarrow.csv as pacsv
 
@@ -38,7 +93,9 @@ def ingest(ctx: StepContext) -> None:
         features = [c for c in table.column_names if c != label]
         x = np.column_stack([table[c].to_numpy() for c in features]).astype(np.float32)
     else:
-        raise ValueError(f"unknown dataset {dataset!r} (digits, csv)")
+        raise ValueError(
+            f"unknown dataset {dataset!r} (digits, csv, payload_log, digits+payload_log)"
+        )
     if not np.isfinite(x).all():
         raise ValueError("the data holds NaN or Inf")
     np.savez(ctx.output("data.npz"), x=x, y=y)
@@ -125,5 +182,40 @@ def evaluate(ctx: StepContext) -> None:
         "holdout_rows": len(y),
         "export_max_probability_gap": gap,
     }
+    if "champion" in ctx.inputs:
+        champion = ort.InferenceSession(
+            str(ctx.inputs["champion"]), providers=["CPUExecutionProvider"]
+        )
+        champion_labels = champion.run(None, {"input": holdout["x"]})[0]
+        doc["comparison"] = compare(
+            labels == y, champion_labels == y, int(ctx.params.get("seed", 0))
+        )
     ctx.output("evaluation.json").write_text(json.dumps(doc, indent=2))
     ctx.metrics.update({k: v for k, v in doc.items() if isinstance(v, float)})
+
+
+def compare(candidate: npt.NDArray[Any], champion: npt.NDArray[Any], seed: int = 0,
+            resamples: int = 2000) -> dict[str, Any]:  # fmt: skip
+    """Paired comparison on the same rows (True = correct): McNemar's exact test and a
+    bootstrap 95% interval of the accuracy difference (candidate - champion)."""
+    from scipy.stats import binomtest
+
+    candidate, champion = np.asarray(candidate, bool), np.asarray(champion, bool)
+    only_candidate = int((candidate & ~champion).sum())
+    only_champion = int((~candidate & champion).sum())
+    discordant = only_candidate + only_champion
+    p_value = 1.0 if discordant == 0 else float(binomtest(only_candidate, discordant, 0.5).pvalue)
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, len(candidate), size=(resamples, len(candidate)))
+    differences = candidate[index].mean(axis=1) - champion[index].mean(axis=1)
+    low, high = np.quantile(differences, [0.025, 0.975])
+    return {
+        "candidate_accuracy": float(candidate.mean()),
+        "champion_accuracy": float(champion.mean()),
+        "difference": float(candidate.mean() - champion.mean()),
+        "difference_ci95": [float(low), float(high)],
+        "mcnemar_p_value": p_value,
+        "only_candidate_correct": only_candidate,
+        "only_champion_correct": only_champion,
+        "rows": len(candidate),
+    }

@@ -1,0 +1,122 @@
+"""Built-in steps: production rows from the payload log, and the champion comparison."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from monitors.payload_log import FEEDBACK, PREDICTIONS
+from registry.store import RegistryStore
+from retrain.pipeline import Pipeline, Runner, Step, StepFailed
+from retrain.steps import compare, evaluate, ingest, labelled_rows, split, train
+from serving.payload_log import PayloadLog, PayloadLogConfig
+from servo.demo import digits_holdout
+
+T0 = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)
+
+
+def fill_log(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    x, y = digits_holdout()
+    log = PayloadLog(PayloadLogConfig(root, flush_s=0.05))
+
+    def prediction(
+        ident: str, rows: np.ndarray, variant: str = "champion", minute: int = 0
+    ) -> None:
+        log.submit(PREDICTIONS, {
+            "id": ident, "time": T0 + dt.timedelta(minutes=minute), "model": "digits",
+            "version": "1", "variant": variant, "inputs": [("input", "FP32", rows)],
+            "outputs": [("label", "INT64", np.zeros(len(rows), dtype=np.int64))],
+        })  # fmt: skip
+
+    def label(ident: str, text: str, outcome: str = "correct") -> None:
+        log.submit(FEEDBACK, {"id": ident, "time": T0, "model": "digits", "version": "1",
+                              "label": text, "outcome": outcome})  # fmt: skip
+
+    for i in range(10):
+        prediction(f"p{i}", x[i : i + 1], minute=i)
+        if i % 2 == 0:
+            label(f"p{i}", str(int(y[i])))  # only the even ones get a label
+    prediction("shadow-copy", x[20:21], variant="shadow")
+    label("shadow-copy", "1")
+    prediction("rows", x[30:33])
+    label("rows", json.dumps([str(int(v)) for v in y[30:33]]))
+    label("ghost", "4", outcome="unmatched")
+    log.close()
+    return x, y
+
+
+def test_labelled_production_rows(tmp_path: Path) -> None:
+    x, y = fill_log(tmp_path / "log")
+    rows, labels = labelled_rows(tmp_path / "log", "digits", "input")
+    expected = [0, 2, 4, 6, 8, 30, 31, 32]
+    assert rows.shape == (8, 64) and labels.dtype == np.int64
+    order = np.argsort([np.where((x == r).all(axis=1))[0][0] for r in rows])
+    np.testing.assert_array_equal(labels[order], y[expected])
+    start, end = T0 + dt.timedelta(minutes=3), T0 + dt.timedelta(minutes=7)
+    window, _ = labelled_rows(tmp_path / "log", "digits", "input", start=start, end=end)
+    assert len(window) == 2  # p4 and p6
+
+
+def test_retraining_data_includes_production_rows(tmp_path: Path) -> None:
+    fill_log(tmp_path / "log")
+    store = RegistryStore(f"sqlite:///{tmp_path / 'r.db'}")
+    store.create_schema()
+    runner = Runner(tmp_path / "store", store)
+    params = {"dataset": "digits+payload_log", "root": str(tmp_path / "log"), "model": "digits"}
+    step = Step("ingest", ingest, ("data.npz",), params=params)
+    result = runner.run(Pipeline("p").add(step))
+    with np.load(result.output("ingest", "data.npz"), allow_pickle=False) as data:
+        assert data["x"].shape == (1797 + 8, 64)
+    nothing = {"dataset": "payload_log", "root": str(tmp_path / "nothing"), "model": "digits"}
+    empty = Step("ingest", ingest, ("data.npz",), params=nothing)
+    with pytest.raises(StepFailed, match="no labelled rows"):
+        runner.run(Pipeline("p").add(empty))
+    store.close()
+
+
+def test_comparison_statistics() -> None:
+    rng = np.random.default_rng(1)
+    champion = rng.random(1000) < 0.80
+    better = champion | (rng.random(1000) < 0.5)  # fixes about half of its mistakes
+    result = compare(better, champion)
+    assert result["difference"] > 0.05
+    assert result["difference_ci95"][0] > 0 and result["mcnemar_p_value"] < 1e-6
+    same = compare(champion, champion)
+    assert same["difference"] == 0 and same["mcnemar_p_value"] == 1.0
+    assert same["difference_ci95"] == [0.0, 0.0]
+
+
+def test_evaluate_compares_with_the_champion(tmp_path: Path) -> None:
+    store = RegistryStore(f"sqlite:///{tmp_path / 'r.db'}")
+    store.create_schema()
+    runner = Runner(tmp_path / "store", store)
+
+    def pipeline(hidden: int, iters: int, champion: Path | None) -> Pipeline:
+        inputs = {"model": "train.model.onnx", "holdout": "split.holdout.npz",
+                  "framework": "train.framework.npz"}  # fmt: skip
+        if champion is not None:
+            inputs["champion"] = f"file:{champion}"
+        return (
+            Pipeline("p")
+            .add(Step("ingest", ingest, ("data.npz",), params={"dataset": "digits"}))
+            .add(Step("split", split, ("train.npz", "holdout.npz"), {"data": "ingest.data.npz"}))
+            .add(Step("train", train, ("model.onnx", "framework.npz", "profile.json"),
+                      {"train": "split.train.npz", "holdout": "split.holdout.npz"},
+                      {"hidden": [hidden], "max_iter": iters}))
+            .add(Step("evaluate", evaluate, ("evaluation.json",), inputs))
+        )  # fmt: skip
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the weak model does not converge, on purpose
+        weak = runner.run(pipeline(2, 5, None)).output("train", "model.onnx")
+    strong = runner.run(pipeline(64, 300, weak))
+    comparison = json.loads(strong.output("evaluate", "evaluation.json").read_text())["comparison"]
+    assert comparison["candidate_accuracy"] > comparison["champion_accuracy"]
+    assert comparison["difference_ci95"][0] > 0 and comparison["mcnemar_p_value"] < 0.01
+    store.close()
