@@ -3,25 +3,36 @@ whoever runs it: `servo train`)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from retrain import steps
 from retrain.pipeline import Pipeline, Step
 
 
-def digits_pipeline(params: dict[str, Any] | None = None) -> Pipeline:
+def digits_pipeline(params: dict[str, Any] | None = None, champion: Path | None = None) -> Pipeline:
+    """`params`: seed, holdout, hidden, max_iter, and optionally payload_log_root (retrain on
+    digits plus the gateway's labelled rows). `champion`: the current champion's ONNX file,
+    compared with the candidate on the same holdout rows."""
     p = dict(params or {})
     seed = int(p.get("seed", 0))
+    ingest_params: dict[str, Any] = {"dataset": "digits"}
+    if p.get("payload_log_root"):
+        ingest_params = {"dataset": "digits+payload_log", "root": str(p["payload_log_root"]),
+                         "model": str(p.get("model", "digits"))}  # fmt: skip
+    evaluate_inputs = {"model": "train.model.onnx", "holdout": "split.holdout.npz",
+                       "framework": "train.framework.npz"}  # fmt: skip
+    if champion is not None:
+        evaluate_inputs["champion"] = f"file:{champion}"
     return (
         Pipeline("digits")
-        .add(Step("ingest", steps.ingest, ("data.npz",), params={"dataset": "digits"}))
+        .add(Step("ingest", steps.ingest, ("data.npz",), params=ingest_params))
         .add(Step("split", steps.split, ("train.npz", "holdout.npz"), {"data": "ingest.data.npz"},
                   {"seed": seed, "holdout": float(p.get("holdout", 0.25))}))
         .add(Step("train", steps.train, ("model.onnx", "framework.npz", "profile.json"),
                   {"train": "split.train.npz", "holdout": "split.holdout.npz"},
                   {"seed": seed, "hidden": list(p.get("hidden", [64])),
                    "max_iter": int(p.get("max_iter", 300))}))
-        .add(Step("evaluate", steps.evaluate, ("evaluation.json",),
-                  {"model": "train.model.onnx", "holdout": "split.holdout.npz",
-                   "framework": "train.framework.npz"}))
+        .add(Step("evaluate", steps.evaluate, ("evaluation.json",), evaluate_inputs,
+                  {"seed": seed}))
     )  # fmt: skip

@@ -66,6 +66,12 @@ def train(
     cache: bool = True, trigger: str = "manual",
 ) -> Trained:  # fmt: skip
     runner = Runner(work / "pipeline", store)
-    result = runner.run(digits_pipeline(params), trigger=trigger, cache=cache,
-                        parameters=dict(params or {}))  # fmt: skip
+    champion = None
+    champion_version = store.alias(name, "champion")
+    if champion_version is not None:
+        uri = store.version(name, champion_version).artifact_uri
+        if uri.startswith("file://"):
+            champion = Path(uri.removeprefix("file://")) / MODEL_FILE
+    pipeline = digits_pipeline(params, champion if champion and champion.exists() else None)
+    result = runner.run(pipeline, trigger=trigger, cache=cache, parameters=dict(params or {}))
     return register(result, store, work / "models", name)

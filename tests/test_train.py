@@ -54,3 +54,22 @@ def test_cli_train(tmp_path: Path) -> None:
     assert result.output.startswith("registered digits version 1 (run 1: ingest=succeeded")
     shown = CliRunner().invoke(main, ["models", "show", "digits", "1", "--registry", url])
     assert json.loads(shown.output)["lineage"]["status"] == "succeeded"
+
+
+def test_a_new_candidate_is_compared_with_the_champion(tmp_path: Path) -> None:
+    store = RegistryStore(f"sqlite:///{tmp_path / 'r.db'}")
+    store.create_schema()
+    try:
+        first = train(store, work=tmp_path / "w")
+        assert "comparison" not in first.metrics  # no champion yet
+        store.set_alias("digits", "champion", first.version, actor="ops")
+        second = train(store, work=tmp_path / "w", params={"seed": 1})
+        comparison = second.metrics["comparison"]
+        # the same holdout rows for both (seed 1 splits differently from the first run)
+        assert comparison["candidate_accuracy"] == second.metrics["accuracy"]
+        assert comparison["champion_accuracy"] > 0.9 and comparison["rows"] == 450
+        assert 0.0 <= comparison["mcnemar_p_value"] <= 1.0
+        low, high = comparison["difference_ci95"]
+        assert low <= comparison["difference"] <= high
+    finally:
+        store.close()
