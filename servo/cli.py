@@ -248,6 +248,28 @@ def train_command(
     )
 
 
+@main.command("preprocess-images")
+@click.argument("src", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.argument("dst", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--size", default="28x28", show_default=True, help="WIDTHxHEIGHT")
+@click.option("--mode", default="RGB", show_default=True, type=click.Choice(["RGB", "L"]))
+@click.option("--workers", default=0, show_default=True, help="processes (0: one per core)")
+def preprocess_images(src: Path, dst: Path, size: str, mode: str, workers: int) -> None:
+    """Decode, convert, resize and scale a folder of images in class subfolders into
+    DST/images.npz; corrupt files are skipped and listed in DST/report.json."""
+    from retrain.images import preprocess, write
+
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(
+            f"expected WIDTHxHEIGHT, got {size!r}", param_hint="--size"
+        ) from None
+    result = preprocess(src, (width, height), mode, workers=workers or None, progress=True)
+    data, report = write(result, dst)
+    click.echo(f"{len(result.files)} images -> {data}; {len(result.skipped)} skipped ({report})")
+
+
 @main.command("export-demo")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--name", default="digits", show_default=True)
