@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Engine, create_engine, delete, event, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -27,6 +27,7 @@ from registry.models import (
     AliasHistory,
     Artifact,
     AuditEntry,
+    Deployment,
     Model,
     ModelVersion,
     PipelineRun,
@@ -384,6 +385,85 @@ class RegistryStore:
         with self._session() as session:
             rows = session.execute(select(Alias).where(Alias.model == model)).scalars()
             return {r.alias: r.version for r in rows}
+
+    # deployments (the route table the gateway reads)
+
+    def set_deployments(
+        self, model: str, rows: list[tuple[int, str, float]], actor: str, reason: str = ""
+    ) -> None:
+        """Replace `model`'s deployments with (version, role, percent) rows in one
+        transaction; the audit entry keeps the previous rows for rollback."""
+        roles = [role for _, role, _ in rows]
+        if roles.count("champion") != 1 or roles.count("canary") > 1:
+            raise RegistryError("a deployment needs exactly one champion and at most one canary")
+        if len({version for version, _, _ in rows}) != len(rows):
+            raise RegistryError("a version can have only one role")
+        for _, role, percent in rows:
+            if role not in ("champion", "canary", "shadow", "other"):
+                raise RegistryError(f"unknown role {role!r}")
+            if not 0 <= percent <= 100:
+                raise RegistryError(f"percent {percent} is not within 0..100")
+
+        def work(session: Session) -> None:
+            self._locked_model(session, model)
+            for version, _, _ in rows:
+                _version_row(session, model, version)
+            old = session.execute(select(Deployment).where(Deployment.model == model)).scalars()
+            previous = [[d.version, d.role, d.percent] for d in old]
+            session.execute(delete(Deployment).where(Deployment.model == model))
+            for version, role, percent in rows:
+                session.add(
+                    Deployment(
+                        model=model,
+                        version=version,
+                        role=role,
+                        percent=percent,
+                        updated_at=utcnow(),
+                    )
+                )
+            self._audit(
+                session,
+                actor=actor,
+                action="deploy",
+                subject=model,
+                detail={"deployments": [list(r) for r in rows], "reason": reason},
+                rollback={"deployments": previous},
+            )
+
+        self._retry(work)
+
+    def deployments(self) -> dict[str, list[dict[str, Any]]]:
+        """Every model's deployments with each version's artifact URI."""
+        with self._session() as session:
+            rows = session.execute(
+                select(Deployment, ModelVersion.artifact_uri)
+                .join(
+                    ModelVersion,
+                    (ModelVersion.model == Deployment.model)
+                    & (ModelVersion.version == Deployment.version),
+                )
+                .order_by(Deployment.model, Deployment.version)
+            ).all()
+            out: dict[str, list[dict[str, Any]]] = {}
+            for deployment, uri in rows:
+                out.setdefault(deployment.model, []).append(
+                    {
+                        "version": deployment.version,
+                        "role": deployment.role,
+                        "percent": deployment.percent,
+                        "artifact_uri": uri,
+                    }
+                )
+            return out
+
+    def deployments_revision(self) -> int:
+        """Changes whenever any deployment changes (the last deploy's audit id)."""
+        with self._session() as session:
+            last = session.execute(
+                select(AuditEntry.id).where(AuditEntry.action == "deploy")
+                .order_by(AuditEntry.id.desc()).limit(1)
+            ).scalar_one_or_none()  # fmt: skip
+            return int(last or 0)
 
     def audit(self) -> list[dict[str, Any]]:
         with self._session() as session:

@@ -28,16 +28,26 @@ def _configure_logging(level: str) -> None:
 
 
 def _serve(
-    settings: Settings, folders: list[Path], routes: Path | None = None, on_ready: object = None
+    settings: Settings,
+    folders: list[Path],
+    routes: Path | None = None,
+    on_ready: object = None,
+    from_registry: bool = False,
 ) -> None:
     import uvloop
 
     from serving.routes import FileRouteSource, RouteSource, StaticRouteSource
     from serving.server import Server
 
-    source: RouteSource = (
-        FileRouteSource(routes, settings.routes_poll_s) if routes else StaticRouteSource(folders)
-    )
+    source: RouteSource
+    if from_registry:
+        from servo.routes import RegistryRouteSource
+
+        source = RegistryRouteSource(_store(settings.registry_url), settings.routes_poll_s)
+    elif routes:
+        source = FileRouteSource(routes, settings.routes_poll_s)
+    else:
+        source = StaticRouteSource(folders)
     server = Server(settings.serving_config(), source)
 
     async def main() -> None:
@@ -76,6 +86,11 @@ def main() -> None:
     type=click.Path(path_type=Path, dir_okay=False),
     help="JSON routes file (champion, canary, shadows per model), re-read when it changes",
 )
+@click.option(
+    "--from-registry",
+    is_flag=True,
+    help="serve the registry's deployments (SERVO_REGISTRY_URL), following their changes",
+)
 @click.option("--host", envvar="SERVO_HOST", default="127.0.0.1", show_default=True)
 @click.option("--http-port", envvar="SERVO_HTTP_PORT", default=8080, show_default=True)
 @click.option("--grpc-port", envvar="SERVO_GRPC_PORT", default=8081, show_default=True)
@@ -84,6 +99,7 @@ def serve(
     *,
     folders: list[Path],
     routes: Path | None,
+    from_registry: bool,
     host: str,
     http_port: int,
     grpc_port: int,
@@ -92,11 +108,11 @@ def serve(
     """Serve model version folders (model.onnx + servo.json), or the models of a routes
     file. With folders, each model's highest version is its champion and the others answer
     requests that name their version. Other settings come from SERVO_* variables."""
-    if bool(folders) == bool(routes):
-        raise click.UsageError("give model folders or --routes FILE (one of the two)")
+    if sum((bool(folders), bool(routes), from_registry)) != 1:
+        raise click.UsageError("give model folders, --routes FILE or --from-registry (one)")
     settings = Settings(host=host, http_port=http_port, grpc_port=grpc_port, log_level=log_level)
     _configure_logging(settings.log_level)
-    _serve(settings, list(folders), routes)
+    _serve(settings, list(folders), routes, from_registry=from_registry)
 
 
 def _store(url: str) -> Any:
@@ -268,6 +284,43 @@ def preprocess_images(src: Path, dst: Path, size: str, mode: str, workers: int) 
     result = preprocess(src, (width, height), mode, workers=workers or None, progress=True)
     data, report = write(result, dst)
     click.echo(f"{len(result.files)} images -> {data}; {len(result.skipped)} skipped ({report})")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--champion", type=int, required=True, help="the version that answers")
+@click.option("--canary", type=int, help="a version taking --percent of the traffic")
+@click.option("--percent", type=float, default=10.0, show_default=True)
+@click.option("--shadow", type=int, multiple=True, help="versions getting copies")
+@click.option("--actor", envvar="USER", default="operator", show_default=True)
+@click.option("--reason", default="", help="recorded in the audit log")
+@registry_option
+def deploy(
+    *,
+    name: str,
+    champion: int,
+    canary: int | None,
+    percent: float,
+    shadow: tuple[int, ...],
+    actor: str,
+    reason: str,
+    registry_url: str,
+) -> None:
+    """Set a model's deployments (the route table `servo serve --from-registry` follows)."""
+    from registry.store import RegistryError
+
+    rows = [(champion, "champion", 100.0)]
+    if canary is not None:
+        rows.append((canary, "canary", percent))
+    rows += [(version, "shadow", 100.0) for version in shadow]
+    store = _store(registry_url)
+    try:
+        store.set_deployments(name, rows, actor=actor, reason=reason)
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        store.close()
+    click.echo(f"{name}: " + ", ".join(f"{role} {v} ({p:g}%)" for v, role, p in rows))
 
 
 @main.command("export-demo")

@@ -1,0 +1,65 @@
+"""The registry as the gateway's RouteSource: its deployments table, polled for changes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from registry.store import RegistryStore
+from serving.routes import Deployment, ModelRoute, RouteTable
+
+log = logging.getLogger("servo")
+
+
+def _path(uri: str) -> Path:
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("file", ""):
+        raise ValueError(f"artifact {uri} is not a local folder (file://)")
+    return Path(unquote(parsed.path))
+
+
+def table_from_deployments(deployments: dict[str, list[dict[str, Any]]]) -> RouteTable:
+    models: dict[str, ModelRoute] = {}
+    for name, rows in deployments.items():
+        by_role: dict[str, list[Deployment]] = {}
+        for row in rows:
+            by_role.setdefault(row["role"], []).append(
+                Deployment(str(row["version"]), _path(row["artifact_uri"]), float(row["percent"]))
+            )
+        champion = by_role.get("champion")
+        if not champion:
+            log.error("model %s has deployments but no champion; skipped", name)
+            continue
+        canary = by_role.get("canary")
+        models[name] = ModelRoute(
+            name=name,
+            champion=champion[0],
+            canary=canary[0] if canary else None,
+            shadows=tuple(by_role.get("shadow", ())),
+            others=tuple(by_role.get("other", ())),
+        )
+    return RouteTable(models).validate()
+
+
+class RegistryRouteSource:
+    def __init__(self, store: RegistryStore, poll_s: float = 1.0):
+        self.store = store
+        self.poll_s = poll_s
+
+    async def updates(self) -> AsyncIterator[RouteTable]:
+        last = -1
+        while True:
+            try:
+                revision = await asyncio.to_thread(self.store.deployments_revision)
+                if revision != last:
+                    deployments = await asyncio.to_thread(self.store.deployments)
+                    table = table_from_deployments(deployments)
+                    last = revision
+                    yield table
+            except Exception as exc:  # a registry that is down: keep the routes we have
+                log.error("registry routes not read: %s", exc)
+            await asyncio.sleep(self.poll_s)
