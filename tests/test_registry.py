@@ -122,3 +122,38 @@ def test_two_writer_processes_lose_nothing(url: str) -> None:
         assert actions.count("register") == 66 and actions.count("alias") == 25
     finally:
         store.close()
+
+
+def test_promotion_requests_need_an_approver_and_are_decided_once(url: str) -> None:
+    from registry.store import PermissionDenied
+
+    store = RegistryStore(url)
+    store.create_schema()
+    try:
+        store.register_version("digits", "file:///1", {})
+        store.register_version("digits", "file:///2", {})
+        evidence = {"trigger": {"psi": 0.31}, "comparison": {"mcnemar_p_value": 0.004}}
+        first = store.file_promotion("digits", 2, evidence, actor="scheduler")
+        second = store.file_promotion("digits", 2, {"again": True}, actor="scheduler")
+        with pytest.raises(NotFound):
+            store.file_promotion("digits", 9, {}, actor="scheduler")
+        with pytest.raises(PermissionDenied, match="needs role approver"):
+            store.decide(first, "approved", actor="intern", roles={"viewer"})
+        store.decide(first, "approved", actor="ops", roles={"approver"}, reason="better on live")
+        with pytest.raises(RegistryError, match="already approved"):
+            store.decide(first, "rejected", actor="ops", roles={"approver"})
+        store.decide(second, "rejected", actor="ops", roles={"approver"}, reason="duplicate")
+        requests = store.promotions("digits")
+        assert [(r["id"], r["status"]) for r in requests] == [
+            (first, "approved"),
+            (second, "rejected"),
+        ]
+        assert requests[0]["evidence"] == evidence
+        assert requests[0]["decision"]["actor"] == "ops"
+        assert requests[0]["decision"]["reason"] == "better on live"
+        assert store.promotions(status="pending") == []
+        actions = [a["action"] for a in store.audit()]
+        assert actions.count("promotion_filed") == 2
+        assert "promotion_approved" in actions and "promotion_rejected" in actions
+    finally:
+        store.close()
