@@ -74,13 +74,27 @@ def psi(reference: Counts, live: Counts, epsilon: float = 1e-4) -> float:
     return float(np.sum((q - p) * np.log(q / p)))
 
 
-def chi2_p_value(reference: Counts, live: Counts) -> float:
-    """Chi-square test that both samples come from one distribution (homogeneity)."""
+def chi2_p_value(reference: Counts, live: Counts, min_expected: float = 5.0) -> float:
+    """Chi-square test that both samples come from one distribution (homogeneity). Bins
+    whose expected count is under `min_expected` are pooled first (Cochran's rule), so
+    sparse tail bins cannot make the test anti-conservative."""
     from scipy.stats import chi2_contingency
 
     ref = np.asarray(reference, dtype=np.float64)
     cur = np.asarray(live, dtype=np.float64)
     _pair(ref, cur)
+    pooled_share = (ref + cur) / (ref.sum() + cur.sum())
+    expected = np.minimum(ref.sum(), cur.sum()) * pooled_share
+    sparse = expected < min_expected
+    if sparse.any():
+        ref = np.append(ref[~sparse], ref[sparse].sum())
+        cur = np.append(cur[~sparse], cur[sparse].sum())
+        tail = (ref[-1] + cur[-1]) / (ref.sum() + cur.sum()) * min(ref.sum(), cur.sum())
+        if tail < min_expected and len(ref) > 1:  # still sparse: fold into the smallest bin
+            smallest = int(np.argmin(ref[:-1] + cur[:-1]))
+            ref[smallest] += ref[-1]
+            cur[smallest] += cur[-1]
+            ref, cur = ref[:-1], cur[:-1]
     used = (ref + cur) > 0
     if used.sum() < 2:
         return 1.0  # everything in one bin on both sides: the same distribution

@@ -53,7 +53,11 @@ def test_constant_features_and_unseen_bins() -> None:
         assert not math.isnan(value)
     assert chi2_p_value(constant, [0, 0, 7, 0]) == 1.0
     unseen = [0, 0, 100, 0], [0, 5, 95, 0]  # a bin the reference never saw
-    assert psi(*unseen) > 0 and js_distance(*unseen) > 0 and chi2_p_value(*unseen) < 0.05
+    assert psi(*unseen) > 0 and js_distance(*unseen) > 0
+    # too few expected counts for a chi-square test: sparse bins are pooled, no verdict ...
+    assert chi2_p_value(*unseen) == 1.0
+    # ... while enough samples make the same shift significant
+    assert chi2_p_value([0, 0, 1000, 0], [0, 50, 950, 0]) < 1e-6
 
 
 @settings(max_examples=200, deadline=None)
