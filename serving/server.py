@@ -16,7 +16,7 @@ from serving.app import build_app
 from serving.batcher import BatchingConfig
 from serving.dataplane import DataPlane
 from serving.gateway import Gateway
-from serving.grpc_server import build_server
+from serving.grpc_server import build_server, build_threaded_server
 from serving.httpserver import NativeHttpServer
 from serving.payload_log import PayloadLog, PayloadLogConfig
 from serving.recorder import Recorder
@@ -51,6 +51,8 @@ class ServingConfig:
     feedback_index_size: int = 100_000
     #: "native" (serving.httpserver, the default) or "uvicorn" (the same app over ASGI)
     http_server: str = "native"
+    grpc_server: str = "threaded"
+    grpc_workers: int = 128
 
 
 class _Uvicorn(uvicorn.Server):
@@ -144,10 +146,20 @@ class Server:
             )
             http_task = asyncio.create_task(http.serve(sockets=[sock]))
         grpc_server = None
-        if config.grpc_enabled:
+        threaded = None
+        if config.grpc_enabled and config.grpc_server == "aio":
             grpc_server = build_server(self.dataplane, config.max_request_bytes)
             self.grpc_port = grpc_server.add_insecure_port(f"{config.host}:{config.grpc_port}")
             await grpc_server.start()
+        elif config.grpc_enabled:
+            threaded, pool = build_threaded_server(
+                self.dataplane,
+                config.max_request_bytes,
+                loop=asyncio.get_running_loop(),
+                workers=config.grpc_workers,
+            )
+            self.grpc_port = threaded.add_insecure_port(f"{config.host}:{config.grpc_port}")
+            threaded.start()
         log.info(
             "serving on http://%s:%s (REST) and %s:%s (gRPC)",
             config.host,
@@ -167,6 +179,11 @@ class Server:
                 await http_task
             if grpc_server is not None:
                 await grpc_server.stop(grace=5)
+            if threaded is not None:
+                # in-flight calls finish on this loop while a worker thread waits for them
+                stopped = threaded.stop(grace=5)
+                await asyncio.get_running_loop().run_in_executor(None, stopped.wait)
+                pool.shutdown(wait=False)
             sock.close()
             await self.shadows.close()
             if self.payload_log is not None:

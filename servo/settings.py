@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     http_server: Literal["native", "uvicorn"] = Field(
         "native", description="the REST server: Servo's own HTTP/1.1 server, or uvicorn"
     )
+    grpc_server: Literal["threaded", "aio"] = Field(
+        "threaded", description="grpcio's threaded server (faster) or its asyncio server"
+    )
+    grpc_workers: int = Field(
+        128, ge=1, description="gRPC worker threads: the most gRPC calls in flight"
+    )
     metrics: bool = Field(True, description="record metrics (off only to measure their cost)")
     routes_poll_s: float = Field(0.5, gt=0, description="how often a routes file is checked")
     log_level: str = "INFO"
@@ -76,6 +82,8 @@ class Settings(BaseSettings):
             drain_timeout_s=self.drain_timeout_s,
             recording=self.metrics,
             http_server=self.http_server,
+            grpc_server=self.grpc_server,
+            grpc_workers=self.grpc_workers,
             payload_log=(
                 PayloadLogConfig(
                     root=self.payload_log_dir,

@@ -3,17 +3,38 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 
 from serving.grpc_stubs import pb, pb_grpc
-from tests.servers import RunningServer
+from tests.conftest import good_folders
+from tests.servers import RunningServer, start_server
 
 
-@pytest.fixture
-def stub(server: RunningServer) -> Iterator[object]:
-    with grpc.insecure_channel(server.grpc_target) as channel:
+@pytest.fixture(scope="module")
+def aio_server(
+    model_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    """The same models behind grpcio's asyncio server (SERVO_GRPC_SERVER=aio)."""
+    folders = [*good_folders(model_root), model_root / "corrupt" / "1"]
+    running = start_server(
+        folders,
+        tmp_path_factory.mktemp("aio") / "server.log",
+        wait_for=["digits", "identity_int8"],
+        env={"SERVO_GRPC_SERVER": "aio"},
+    )
+    yield running
+    assert running.stop() == 0, running.log()
+
+
+@pytest.fixture(params=["threaded", "aio"])
+def stub(request: pytest.FixtureRequest, server: RunningServer) -> Iterator[object]:
+    """Every test here runs against both gRPC servers: grpcio's threaded one (the default,
+    calls handed to the event loop) and its asyncio one."""
+    target = server if request.param == "threaded" else request.getfixturevalue("aio_server")
+    with grpc.insecure_channel(target.grpc_target) as channel:
         yield pb_grpc.GRPCInferenceServiceStub(channel)
 
 
