@@ -8,10 +8,15 @@ Numeric features get 10 quantile bins between the reference minimum and maximum,
 underflow and overflow: bin 0 is below the reference minimum, bins 1..10 are the deciles,
 bin 11 is above the reference maximum. Constant features and repeated quantiles are fine
 (some bins stay empty). NaN counts as its own outcome: it goes to bin 0 (underflow).
+
+Categorical features (numeric codes in the input tensor, named at fit time) get their
+top-K reference categories (K <= 11, most frequent first) in bins 0..K-1 and `__other__`
+in bin 11, which also takes categories never seen in the reference and NaN.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +27,8 @@ FORMAT = 1
 QUANTILE_BINS = 10
 N_BINS = QUANTILE_BINS + 2
 BIN_LABELS = ("under", *(str(i) for i in range(QUANTILE_BINS)), "over")
+OTHER = "__other__"
+TOP_K = N_BINS - 1
 CONFIDENCE_EDGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
@@ -42,6 +49,31 @@ class ReferenceProfile:
     class_prior: dict[str, float] = field(default_factory=dict)
     #: counts of the top class probability in CONFIDENCE_EDGES buckets (+ one above)
     confidence_counts: tuple[int, ...] = ()
+    #: the model's predicted classes on the reference rows
+    prediction_counts: dict[str, int] = field(default_factory=dict)
+    #: categorical features: their top-K reference categories, most frequent first
+    categories: dict[str, tuple[float, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        columns = [self.features.index(name) for name in self.categories]
+        table = np.full((len(columns), TOP_K), np.nan)
+        for row, values in enumerate(self.categories.values()):
+            table[row, : len(values)] = values
+        object.__setattr__(self, "_categorical", np.asarray(columns, dtype=np.intp))
+        object.__setattr__(self, "_category_table", table)
+
+    def categorical_mask(self) -> npt.NDArray[np.bool_]:
+        mask = np.zeros(len(self.features), dtype=bool)
+        mask[self._categorical] = True  # type: ignore[attr-defined]
+        return mask
+
+    def bin_labels(self, feature: int) -> list[tuple[int, str]]:
+        """The bins of one feature as (bin number, label) pairs: for numeric features all
+        twelve (under, 0..9, over); for categorical ones the categories and __other__."""
+        values = self.categories.get(self.features[feature])
+        if values is None:
+            return list(enumerate(BIN_LABELS))
+        return [*((k, category_label(v)) for k, v in enumerate(values)), (N_BINS - 1, OTHER)]
 
     def bin_index(self, rows: npt.NDArray[Any]) -> npt.NDArray[np.intp]:
         """(n, F) values -> (n, F) bin numbers in 0..11, vectorised over rows and features."""
@@ -52,6 +84,11 @@ class ReferenceProfile:
         index[x < self.edges[:, 0]] = 0
         index[x > self.edges[:, -1]] = N_BINS - 1
         index[np.isnan(x)] = 0
+        columns = self._categorical  # type: ignore[attr-defined]
+        if len(columns):
+            # (n, C, K) equality against each feature's categories; no match -> __other__
+            equal = x[:, columns, None] == self._category_table[None, :, :]  # type: ignore[attr-defined]
+            index[:, columns] = np.where(equal.any(axis=2), equal.argmax(axis=2), N_BINS - 1)
         return index
 
     def bin_counts(self, rows: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
@@ -72,6 +109,8 @@ class ReferenceProfile:
             "class_prior": self.class_prior,
             "confidence_edges": list(CONFIDENCE_EDGES),
             "confidence_counts": list(self.confidence_counts),
+            "prediction_counts": self.prediction_counts,
+            "categories": {name: list(values) for name, values in self.categories.items()},
         }
 
     @classmethod
@@ -90,6 +129,13 @@ class ReferenceProfile:
                 n=int(doc["n"]),
                 class_prior={str(k): float(v) for k, v in (doc.get("class_prior") or {}).items()},
                 confidence_counts=tuple(int(c) for c in doc.get("confidence_counts") or ()),
+                prediction_counts={
+                    str(k): int(v) for k, v in (doc.get("prediction_counts") or {}).items()
+                },
+                categories={
+                    str(k): tuple(float(x) for x in v)
+                    for k, v in (doc.get("categories") or {}).items()
+                },
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProfileError(f"reference profile: malformed ({exc!r})") from None
@@ -104,15 +150,25 @@ class ReferenceProfile:
         return profile
 
 
+def category_label(value: float) -> str:
+    """A category code as a metric label: 3.0 -> "3", 0.5 -> "0.5"."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
 def fit(
     rows: npt.NDArray[Any],
     input_name: str,
     feature_names: list[str] | None = None,
     labels: npt.NDArray[Any] | None = None,
     probabilities: npt.NDArray[Any] | None = None,
+    *,
+    predictions: npt.NDArray[Any] | None = None,
+    categorical: Sequence[int] = (),
+    top_k: int = TOP_K,
 ) -> ReferenceProfile:
-    """Fit a profile on the training rows (n, F) (and optionally their labels and the
-    model's probabilities on them)."""
+    """Fit a profile on the training rows (n, F) (and optionally their labels, the model's
+    probabilities and predicted classes on them). Columns in `categorical` are numeric
+    category codes: they get their `top_k` (at most 11) most frequent categories."""
     x = np.asarray(rows, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ProfileError(f"fit needs (n, F) rows with n > 0, got shape {x.shape}")
@@ -122,14 +178,25 @@ def fit(
     names = feature_names or [f"{input_name}:{j}" for j in range(width)]
     if len(names) != width:
         raise ProfileError(f"{len(names)} feature names for {width} columns")
+    if not 1 <= top_k <= TOP_K:
+        raise ProfileError(f"top_k must be 1..{TOP_K}, got {top_k}")
+    if any(not 0 <= j < width for j in categorical):
+        raise ProfileError(f"categorical columns {list(categorical)} outside 0..{width - 1}")
     quantiles = np.linspace(0.0, 1.0, QUANTILE_BINS + 1)
     edges = np.quantile(x, quantiles, axis=0).T.copy()  # (F, 11)
+    categories: dict[str, tuple[float, ...]] = {}
+    for j in sorted(set(categorical)):
+        values, value_counts = np.unique(x[:, j], return_counts=True)
+        order = np.argsort(-value_counts, kind="stable")[:top_k]
+        categories[names[j]] = tuple(float(v) for v in values[order])
+        edges[j] = 0.0  # unused: categorical bins are the categories
     profile = ReferenceProfile(
         input=input_name,
         features=tuple(names),
         edges=edges,
         reference_counts=np.zeros((width, N_BINS), dtype=np.int64),
         n=int(x.shape[0]),
+        categories=categories,
     )
     counts = profile.bin_counts(x)
     prior: dict[str, float] = {}
@@ -144,6 +211,10 @@ def fit(
         top = np.asarray(probabilities, dtype=np.float64).max(axis=1)
         index = np.searchsorted(CONFIDENCE_EDGES, top, side="left")
         confidence = tuple(np.bincount(index, minlength=len(CONFIDENCE_EDGES) + 1).tolist())
+    predicted: dict[str, int] = {}
+    if predictions is not None:
+        values, value_counts = np.unique(np.asarray(predictions), return_counts=True)
+        predicted = {str(v): int(c) for v, c in zip(values.tolist(), value_counts, strict=True)}
     return ReferenceProfile(
         input=input_name,
         features=tuple(names),
@@ -152,4 +223,6 @@ def fit(
         n=int(x.shape[0]),
         class_prior=prior,
         confidence_counts=confidence,
+        prediction_counts=predicted,
+        categories=categories,
     )

@@ -138,8 +138,10 @@ def train(ctx: StepContext) -> None:
     ctx.output("model.onnx").write_bytes(model.SerializeToString())
     np.savez(ctx.output("framework.npz"), labels=clf.predict(holdout["x"]),
              probabilities=clf.predict_proba(holdout["x"]).astype(np.float32))  # fmt: skip
-    profile = fit_profile(data["x"], "input", labels=data["y"],
-                          probabilities=clf.predict_proba(data["x"]))  # fmt: skip
+    profile = fit_profile(
+        data["x"], "input", labels=data["y"], probabilities=clf.predict_proba(data["x"]),
+        predictions=clf.predict(data["x"]),
+    )  # fmt: skip
     doc = {"profile": profile.to_json(), "classes": [str(c) for c in clf.classes_]}
     ctx.output("profile.json").write_text(json.dumps(doc))
     ctx.metrics["train_accuracy"] = float(clf.score(data["x"], data["y"]))

@@ -22,7 +22,7 @@ from serving.errors import InvalidInput, ModelNotFound, ModelNotReady, ServingEr
 from serving.feedback import FeedbackIndex, Label
 from serving.model_folder import valid_name
 from serving.payload_log import PayloadLog
-from serving.recorder import Recorder
+from serving.recorder import FEEDBACK_DELAY_BUCKETS, Recorder
 from serving.repository import ModelRepository, State, shown
 from serving.router import Router, bucket
 from serving.routes import CHAMPION
@@ -318,6 +318,9 @@ class DataPlane:
             )
             misses = len(truth) - hits
             labels = (name, remembered.version)
+            self.recorder.histogram(
+                self.recorder.feedback_delay, labels, FEEDBACK_DELAY_BUCKETS
+            ).observe(max(0.0, time.time() - remembered.at))
             if hits:
                 self.recorder.count(self.recorder.feedback, (*labels, "correct"), hits)
             if misses:

@@ -8,6 +8,7 @@ dropped; a second label for the same id is ignored (idempotent).
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ class Remembered:
     version: str
     #: the predicted class per row (None: the model has no label output)
     labels: npt.NDArray[Any] | None
+    #: when the prediction was made (Unix seconds), for the label delay
+    at: float
 
 
 @dataclass(slots=True)
@@ -100,7 +103,7 @@ class FeedbackIndex:
         self, ident: str, model: str, version: str, labels: npt.NDArray[Any] | None
     ) -> None:
         predictions = self._predictions
-        predictions[ident] = Remembered(model, version, labels)
+        predictions[ident] = Remembered(model, version, labels, time.time())
         if len(predictions) > self.capacity:
             predictions.popitem(last=False)
 
@@ -142,7 +145,7 @@ def lookup_logged(
     found: dict[str, Remembered] = {}
     for row in (
         table.filter(pc.field("variant") != "shadow")
-        .select(["id", "version", "outputs"])
+        .select(["id", "version", "outputs", "time"])
         .to_pylist()
     ):
         version = row["version"]
@@ -153,7 +156,7 @@ def lookup_logged(
                                              and tensor["datatype"] != "FP32"):  # fmt: skip
                 labels = tensor_array(tensor)
                 break
-        found[row["id"]] = Remembered(model, version, labels)
+        found[row["id"]] = Remembered(model, version, labels, row["time"].timestamp())
     return found
 
 

@@ -43,6 +43,7 @@ class Gateway:
                 continue
             if self.recording and model.observer is None:
                 model.observer = ModelMetrics(self.recorder, route.name, deployment.version)
+                self.recorder.initialise(route.name, deployment.version, model.profile)
             if self.recording and model.profile is not None and model.feature_sink is None:
                 model.feature_sink = self.recorder.features(
                     route.name, deployment.version, model.profile

@@ -20,6 +20,8 @@ LATENCY_BUCKETS = (
     2.5, 5.0, 10.0,
 )  # fmt: skip
 ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+#: seconds from a prediction to its label: 1 s .. 1 week
+FEEDBACK_DELAY_BUCKETS = (1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 86400.0, 7 * 86400.0)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
@@ -163,6 +165,7 @@ class Recorder:
         self.prediction_sinks: dict[Labels, Predictions] = {}  # model, version, variant
         self.feedback: dict[Labels, int] = {}  # model, version, outcome
         self.feedback_unmatched: dict[Labels, int] = {}  # model
+        self.feedback_delay: dict[Labels, Histogram] = {}  # model, version
         self.payload_log: Any = None  # a PayloadLog, read at scrape time
         if registry is not None:
             registry.register(self)
@@ -241,6 +244,10 @@ class Recorder:
             "servo_feedback", "Labelled rows by outcome, for the version that answered.",
             ["model", "version", "outcome"], self.feedback,
         )  # fmt: skip
+        yield _histogram(
+            "servo_feedback_delay_seconds", "Time from a prediction to its label.",
+            ["model", "version"], self.feedback_delay,
+        )  # fmt: skip
         yield _counter(
             "servo_feedback_unmatched", "Labels whose prediction id was not found (stored).",
             ["model"], self.feedback_unmatched,
@@ -264,6 +271,16 @@ class Recorder:
             ["model"], self.shadow_dropped,
         )  # fmt: skip
 
+    def initialise(self, model: str, version: str, profile: ReferenceProfile | None) -> None:
+        """Series the monitors take `increase()` of start at zero when a version loads:
+        Prometheus cannot count the first value of a series it first sees mid-window."""
+        for outcome in ("correct", "incorrect"):
+            self.feedback.setdefault((model, version, outcome), 0)
+        if profile is not None:
+            for name in profile.prediction_counts or profile.class_prior:
+                for variant in ("champion", "canary", "shadow"):
+                    self.predictions.setdefault((model, version, variant, name), 0)
+
     def features(self, model: str, version: str, profile: ReferenceProfile) -> FeatureBins:
         bins = self.feature_bins.get((model, version))
         if bins is None or bins.profile is not profile:
@@ -281,9 +298,16 @@ class Recorder:
         )
         for (model, version), bins in list(self.feature_bins.items()):
             bins.flush()
-            for feature, row in zip(bins.profile.features, bins.counts.tolist(), strict=True):
-                for label, value in zip(BIN_LABELS, row, strict=True):
-                    family.add_metric([model, version, feature, label], value)
+            profile = bins.profile
+            for j, (feature, row) in enumerate(
+                zip(profile.features, bins.counts.tolist(), strict=True)
+            ):
+                if feature in profile.categories:  # the categories and __other__
+                    for index, label in profile.bin_labels(j):
+                        family.add_metric([model, version, feature, label], row[index])
+                else:
+                    for label, value in zip(BIN_LABELS, row, strict=True):
+                        family.add_metric([model, version, feature, label], value)
         return family
 
 

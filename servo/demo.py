@@ -88,7 +88,11 @@ def export_digits(
         raise RuntimeError("ONNX export disagrees with scikit-learn; refusing to write it")
     accuracy = float((labels == y_test).mean())
     profile = fit_profile(
-        x_train, "input", labels=y_train, probabilities=clf.predict_proba(x_train)
+        x_train,
+        "input",
+        labels=y_train,
+        probabilities=clf.predict_proba(x_train),
+        predictions=clf.predict(x_train),
     )
     return _write(
         folder,

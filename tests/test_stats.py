@@ -96,3 +96,18 @@ def test_calibration_shrinks_with_the_window() -> None:
     threshold = calibrated_threshold(ref, 500, seed=1)
     false_alarms = sum(js_distance(ref, w) > threshold for w in windows)
     assert false_alarms <= 0.05 * len(windows)
+
+
+def test_vectorised_chi_square_equals_scipy_on_dense_tables() -> None:
+    from scipy.stats import chi2_contingency
+
+    from monitors.stats import chi2_p_value_rows
+
+    rng = np.random.default_rng(7)
+    reference = rng.integers(50, 500, size=(40, 12))
+    live = rng.integers(20, 200, size=(40, 12))
+    expected = [
+        chi2_contingency(np.vstack([r, c]), correction=False).pvalue
+        for r, c in zip(reference, live, strict=True)
+    ]
+    assert np.allclose(chi2_p_value_rows(reference, live), expected, rtol=1e-9, atol=1e-300)
