@@ -276,10 +276,14 @@ class Recorder:
         Prometheus cannot count the first value of a series it first sees mid-window."""
         for outcome in ("correct", "incorrect"):
             self.feedback.setdefault((model, version, outcome), 0)
+        self.histogram(self.feedback_delay, (model, version), FEEDBACK_DELAY_BUCKETS)
         if profile is not None:
-            for name in profile.prediction_counts or profile.class_prior:
-                for variant in ("champion", "canary", "shadow"):
+            for variant in ("champion", "canary", "shadow"):
+                for name in profile.prediction_counts or profile.class_prior:
                     self.predictions.setdefault((model, version, variant, name), 0)
+                if profile.confidence_counts:
+                    labels = (model, version, variant)
+                    self.histogram(self.confidence, labels, CONFIDENCE_BUCKETS)
 
     def features(self, model: str, version: str, profile: ReferenceProfile) -> FeatureBins:
         bins = self.feature_bins.get((model, version))

@@ -1,0 +1,159 @@
+"""MonitorReport on seeded windows (no I/O): prediction-prior and confidence shifts,
+accuracy drops in the label stream, calm windows, JSON and the Prometheus export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from monitors.monitor import (
+    ALARM,
+    OK,
+    STALLED,
+    MonitorConfig,
+    MonitorExporter,
+    build_report,
+    error_stream,
+    window_label,
+)
+from monitors.profile import CONFIDENCE_EDGES, ReferenceProfile, fit
+from monitors.sources import WindowData
+
+CLASSES = 10
+
+
+@pytest.fixture(scope="module")
+def profile() -> ReferenceProfile:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, CLASSES, 20_000)
+    probabilities = rng.dirichlet(np.ones(CLASSES) * 0.3, 20_000)
+    return fit(
+        rng.standard_normal((20_000, 4)),
+        "input",
+        labels=labels,
+        probabilities=probabilities,
+        predictions=labels,
+    )
+
+
+def window(
+    profile: ReferenceProfile,
+    rng: np.random.Generator,
+    *,
+    n: int = 500,
+    classes: np.ndarray | None = None,
+    alpha: float = 0.3,
+    steps: list[tuple[float, float, float]] | None = None,
+) -> WindowData:
+    rows = rng.standard_normal((n, 4))
+    counts = profile.bin_counts(rows)
+    predicted = rng.integers(0, CLASSES, n) if classes is None else classes
+    top = rng.dirichlet(np.ones(CLASSES) * alpha, n).max(axis=1)
+    buckets = np.bincount(
+        np.searchsorted(CONFIDENCE_EDGES, top, side="left"), minlength=len(CONFIDENCE_EDGES) + 1
+    )
+    bounds = [repr(float(b)) for b in CONFIDENCE_EDGES] + ["+Inf"]
+    data = WindowData(model="m", version="1", window_s=900, end=1e9)
+    for j, feature in enumerate(profile.features):
+        data.features[feature] = {label: float(counts[j, k]) for k, label in profile.bin_labels(j)}
+    values, value_counts = np.unique(predicted, return_counts=True)
+    data.predictions = {str(v): float(c) for v, c in zip(values, value_counts, strict=True)}
+    data.confidence = {b: float(c) for b, c in zip(bounds, buckets, strict=True)}
+    data.feedback_steps = steps or []
+    correct = sum(c for _, c, _ in data.feedback_steps)
+    incorrect = sum(i for _, _, i in data.feedback_steps)
+    data.feedback = {"correct": correct, "incorrect": incorrect}
+    return data
+
+
+def test_calm_windows_rarely_alarm(profile: ReferenceProfile) -> None:
+    rng = np.random.default_rng(1)
+    alarms = 0
+    for _ in range(200):
+        report = build_report(window(profile, rng), profile)
+        alarms += report.verdict == ALARM
+    assert alarms / 200 <= 0.05, alarms
+
+
+def test_prior_shift_to_half_one_class_is_prediction_drift(profile: ReferenceProfile) -> None:
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        classes = np.where(rng.random(500) < 0.5, 3, rng.integers(0, CLASSES, 500))
+        report = build_report(window(profile, rng, classes=classes), profile)
+        assert report.verdict == ALARM and report.reasons == ["prediction drift"], report.reasons
+        assert report.exit_code == 1
+
+
+def test_confidence_shift_is_confidence_drift(profile: ReferenceProfile) -> None:
+    rng = np.random.default_rng(3)
+    report = build_report(window(profile, rng, alpha=3.0), profile)  # much less confident
+    assert "confidence drift" in report.reasons
+
+
+def label_steps(
+    rng: np.random.Generator, accuracy_at: list[float], per_step: int = 10
+) -> list[tuple[float, float, float]]:
+    steps = []
+    for k, accuracy in enumerate(accuracy_at):
+        correct = int((rng.random(per_step) < accuracy).sum())
+        steps.append((float(k), float(correct), float(per_step - correct)))
+    return steps
+
+
+@pytest.mark.parametrize("detector", ["ucb", "ddm", "adwin"])
+def test_accuracy_drop_is_a_stall_within_300_labels_never_before(
+    profile: ReferenceProfile, detector: str
+) -> None:
+    """0.95 for 1,000 labels, then 0.80: detected within 300 labels of the change, never
+    before it, over 10 seeded streams (10 labels per step)."""
+    delays = []
+    for seed in range(10):
+        rng = np.random.default_rng(100 + seed)
+        steps = label_steps(rng, [0.95] * 100 + [0.80] * 60)
+        config = MonitorConfig(detector=detector)
+        report = build_report(
+            window(profile, rng, steps=steps), profile, baseline=0.95, config=config
+        )
+        accuracy = report.accuracy
+        assert accuracy.verdict == STALLED and report.verdict == ALARM, (seed, accuracy)
+        assert accuracy.detected_at_label > 1000, (seed, accuracy.detected_at_label)
+        delays.append(accuracy.detected_at_label - 1000)
+    assert max(delays) <= 300, delays
+
+
+def test_steady_accuracy_is_ok(profile: ReferenceProfile) -> None:
+    rng = np.random.default_rng(5)
+    steps = label_steps(rng, [0.95] * 160)
+    report = build_report(window(profile, rng, steps=steps), profile, baseline=0.95)
+    assert report.accuracy.verdict == OK and report.verdict == OK
+    assert report.accuracy.wilson_low < 0.95 < report.accuracy.wilson_high
+
+
+def test_error_stream_spreads_errors_inside_a_step() -> None:
+    stream = [error for _, error in error_stream([(0.0, 6.0, 2.0), (1.0, 0.0, 1.0)])]
+    assert stream == [False, False, False, True, False, False, False, True, True]
+
+
+def test_json_and_prometheus_export(profile: ReferenceProfile) -> None:
+    rng = np.random.default_rng(6)
+    empty = WindowData(model="m", version="1", window_s=900, end=1e9)
+    quiet = build_report(empty, profile)
+    assert quiet.verdict == "insufficient_data" and quiet.exit_code == 2
+    report = build_report(window(profile, rng, steps=label_steps(rng, [0.9] * 10)), profile)
+    text = json.dumps(report.to_json())
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text)["accuracy"]["labelled"] == 100
+    json.dumps(quiet.to_json())
+    registry = CollectorRegistry()
+    exporter = MonitorExporter(registry)
+    exporter.update(report)
+    exposition = generate_latest(registry).decode()
+    assert 'servo_drift_score{feature="input:0",model="m",stat="js_distance",version="1"}' in (
+        exposition
+    )
+    assert 'servo_drift_score{feature="predicted_class",model="m",stat="chi2_p_value"' in exposition
+    assert 'servo_accuracy{model="m",version="1",window="15m"}' in exposition
+    assert window_label(3600) == "1h" and window_label(45) == "45s"
