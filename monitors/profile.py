@@ -166,9 +166,11 @@ def fit(
     categorical: Sequence[int] = (),
     top_k: int = TOP_K,
 ) -> ReferenceProfile:
-    """Fit a profile on the training rows (n, F) (and optionally their labels, the model's
-    probabilities and predicted classes on them). Columns in `categorical` are numeric
-    category codes: they get their `top_k` (at most 11) most frequent categories."""
+    """Fit a profile on the training rows (n, F), optionally with their labels (the class
+    prior) and the model's probabilities and predicted classes, which should be taken on
+    held-out rows (live traffic is unseen data; on its training rows a model is more
+    confident than live). Columns in `categorical` are numeric category codes: they get
+    their `top_k` (at most 11) most frequent categories."""
     x = np.asarray(rows, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ProfileError(f"fit needs (n, F) rows with n > 0, got shape {x.shape}")

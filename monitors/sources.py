@@ -24,6 +24,8 @@ PREDICTIONS = "servo_prediction_total"
 CONFIDENCE = "servo_prediction_confidence_bucket"
 FEEDBACK = "servo_feedback_total"
 DELAY = "servo_feedback_delay_seconds_bucket"
+#: points per series in one range query (Prometheus refuses more than 11,000)
+MAX_POINTS = 10_000
 
 
 class SourceUnavailable(RuntimeError):
@@ -175,6 +177,7 @@ class PrometheusSource:
     def _steps(
         self, selector: str, end: float, history_s: float, step_s: float
     ) -> list[tuple[float, float, float]]:
+        step_s = max(step_s, history_s / MAX_POINTS)  # Prometheus answers at most 11,000
         promql = f"sum by (outcome) (increase({FEEDBACK}{{{selector}}}[{_duration(step_s)}]))"
         params = {
             "query": promql,

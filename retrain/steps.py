@@ -138,9 +138,11 @@ def train(ctx: StepContext) -> None:
     ctx.output("model.onnx").write_bytes(model.SerializeToString())
     np.savez(ctx.output("framework.npz"), labels=clf.predict(holdout["x"]),
              probabilities=clf.predict_proba(holdout["x"]).astype(np.float32))  # fmt: skip
+    # outputs' references from held-out rows: live traffic is unseen data, and on its
+    # training rows a model is more confident than it will be live
     profile = fit_profile(
-        data["x"], "input", labels=data["y"], probabilities=clf.predict_proba(data["x"]),
-        predictions=clf.predict(data["x"]),
+        data["x"], "input", labels=data["y"], probabilities=clf.predict_proba(holdout["x"]),
+        predictions=clf.predict(holdout["x"]),
     )  # fmt: skip
     doc = {"profile": profile.to_json(), "classes": [str(c) for c in clf.classes_]}
     ctx.output("profile.json").write_text(json.dumps(doc))

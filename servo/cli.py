@@ -323,6 +323,80 @@ def deploy(
     click.echo(f"{name}: " + ", ".join(f"{role} {v} ({p:g}%)" for v, role, p in rows))
 
 
+@main.command("monitor")
+@click.argument("model")
+@click.option("--version", "version_", type=int, help="registry version (default: the champion)")
+@click.option(
+    "--model-dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="a model version folder instead of the registry's",
+)  # fmt: skip
+@click.option("--window", default="15m", show_default=True, help="e.g. 90s, 15m, 1h")
+@click.option(
+    "--source", envvar="SERVO_PROMETHEUS_URL", default="http://127.0.0.1:9090",
+    show_default=True, help="the Prometheus that scrapes the gateway",
+)  # fmt: skip
+@click.option("--history", default="24h", show_default=True, help="the stall detector's history")
+@click.option("--step", default="1m", show_default=True, help="the label stream's resolution")
+@click.option(
+    "--detector", default="ucb", show_default=True,
+    type=click.Choice(["ucb", "ddm", "adwin", "none"]),
+)  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@registry_option
+def monitor_command(
+    model: str,
+    version_: int | None,
+    model_dir: Path | None,
+    window: str,
+    source: str,
+    history: str,
+    step: str,
+    detector: str,
+    as_json: bool,
+    registry_url: str,
+) -> None:
+    """Drift and accuracy of one model version over a window, read from Prometheus.
+    Exit code 0: fine; 1: drift or an accuracy stall; 2: cannot tell (Prometheus
+    unavailable, or too few samples)."""
+    from monitors.monitor import MonitorConfig, monitor
+    from monitors.sources import PrometheusSource
+    from monitors.profile import ProfileError
+    from registry.store import NotFound
+    from serving.errors import ModelLoadError
+    from servo.monitoring import parse_duration, resolve, table
+
+    try:
+        config = MonitorConfig(
+            window_s=parse_duration(window),
+            history_s=parse_duration(history),
+            step_s=parse_duration(step),
+            detector=detector,
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    store = _store(registry_url) if model_dir is None else None
+    try:
+        target = resolve(model, version_, model_dir, store)
+    except (LookupError, NotFound, ModelLoadError, ProfileError) as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        if store is not None:
+            store.close()
+    report = monitor(
+        PrometheusSource(source),
+        target.model,
+        target.version,
+        target.profile,
+        baseline=target.baseline,
+        config=config,
+    )
+    if as_json:
+        _echo_json(report.to_json())
+    else:
+        click.echo(table(report))
+    sys.exit(report.exit_code)
+
+
 @main.command("export-demo")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--name", default="digits", show_default=True)

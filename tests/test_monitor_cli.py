@@ -1,0 +1,120 @@
+"""`servo monitor` end to end: a real gateway serving the digits model, a real Prometheus
+scraping its /metrics every second, requests and labels over HTTP, then the CLI's table,
+JSON and exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from servo.demo import digits_holdout
+from tests.prometheus import RunningPrometheus, start_prometheus
+from tests.servers import RunningServer, free_port, start_server
+
+
+@pytest.fixture(scope="module")
+def gateway(model_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    running = start_server(
+        [model_root / "digits" / "1"],
+        tmp_path_factory.mktemp("gateway") / "server.log",
+        wait_for=["digits"],
+    )
+    yield running
+    assert running.stop() == 0, running.log()
+
+
+@pytest.fixture(scope="module")
+def prometheus(
+    gateway: RunningServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningPrometheus]:
+    running = start_prometheus(
+        tmp_path_factory.mktemp("prometheus"), [f"127.0.0.1:{gateway.http_port}"]
+    )
+    running.wait_for('servo_feedback_total{model="digits"}', bool)  # scraped once, at zero
+    yield running
+    running.stop()
+
+
+def servo_monitor(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "servo.cli", "monitor", "digits", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def send(gateway: RunningServer, rows: np.ndarray[Any, Any], labels: np.ndarray[Any, Any]) -> int:
+    """One request per row, then its label; returns how many labels were correct."""
+    correct = 0
+    with httpx.Client(base_url=gateway.url, timeout=10) as client:
+        feedback = []
+        for i, row in enumerate(rows):
+            reply = client.post(
+                "/v2/models/digits/infer",
+                json={
+                    "id": f"row-{i}-{rows.sum():.0f}",
+                    "inputs": [
+                        {
+                            "name": "input",
+                            "shape": [1, 64],
+                            "datatype": "FP32",
+                            "data": row.tolist(),
+                        }
+                    ],
+                },
+            )
+            assert reply.status_code == 200, reply.text
+            doc = reply.json()
+            predicted = next(o for o in doc["outputs"] if o["name"] == "label")["data"][0]
+            correct += int(predicted == int(labels[i]))
+            feedback.append({"id": doc["id"], "label": int(labels[i])})
+        answer = client.post("/v2/models/digits/feedback", json=feedback)
+        assert answer.status_code == 200, answer.text
+    return correct
+
+
+@pytest.mark.slow
+def test_servo_monitor_against_a_real_gateway_and_prometheus(
+    gateway: RunningServer, prometheus: RunningPrometheus, model_root: Path
+) -> None:
+    folder = str(model_root / "digits" / "1")
+    # calm: the holdout as it is
+    rows, labels = digits_holdout(seed=0)
+    correct = send(gateway, rows[:300], labels[:300])
+    prometheus.wait_for(
+        'sum(servo_feedback_total{model="digits"})', lambda r: r and float(r[0]["value"][1]) == 300
+    )
+    calm = servo_monitor("--model-dir", folder, "--window", "5m", "--step", "5s",
+                         "--source", prometheus.url, "--json")  # fmt: skip
+    assert calm.returncode == 0, calm.stdout + calm.stderr
+    report = json.loads(calm.stdout)
+    assert report["verdict"] == "ok" and report["features"]["window_n"] == 300
+    assert report["accuracy"]["labelled"] == 300
+    assert report["accuracy"]["accuracy"] == pytest.approx(correct / 300)
+    assert report["accuracy"]["coverage"] == pytest.approx(1.0)
+    assert report["accuracy"]["delay_p50_s"] == 1.0  # labelled within a second
+    # drift: the same rows, a few pixels brightened
+    shifted = rows[:300].copy()
+    shifted[:, [10, 20, 30, 42]] = np.clip(shifted[:, [10, 20, 30, 42]] + 6, 0, 16)
+    send(gateway, shifted, labels[:300])
+    prometheus.wait_for(
+        'sum(servo_feedback_total{model="digits"})', lambda r: r and float(r[0]["value"][1]) == 600
+    )
+    drift = servo_monitor("--model-dir", folder, "--window", "5m", "--source", prometheus.url)
+    assert drift.returncode == 1, drift.stdout + drift.stderr
+    assert "ALARM (input drift" in drift.stdout and "input:20" in drift.stdout
+    # Prometheus down: cannot tell, exit 2
+    down = servo_monitor("--model-dir", folder, "--source", f"http://127.0.0.1:{free_port()}")
+    assert down.returncode == 2 and "UNAVAILABLE" in down.stdout and "unreachable" in down.stdout
+    bad = servo_monitor("--model-dir", folder, "--window", "soon")
+    assert bad.returncode == 2 and "not a duration" in bad.stderr
