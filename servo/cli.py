@@ -344,6 +344,7 @@ def deploy(
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @registry_option
 def monitor_command(
+    *,
     model: str,
     version_: int | None,
     model_dir: Path | None,
@@ -359,8 +360,8 @@ def monitor_command(
     Exit code 0: fine; 1: drift or an accuracy stall; 2: cannot tell (Prometheus
     unavailable, or too few samples)."""
     from monitors.monitor import MonitorConfig, monitor
-    from monitors.sources import PrometheusSource
     from monitors.profile import ProfileError
+    from monitors.sources import PrometheusSource
     from registry.store import NotFound
     from serving.errors import ModelLoadError
     from servo.monitoring import parse_duration, resolve, table

@@ -92,11 +92,11 @@ def _drift_lines(title: str, part: DriftReport | None, top: int) -> list[str]:
     lines.append(
         f"  {'feature':<24} {'js':>7} {'thresh':>7} {'psi':>7} {'chi2 p':>9} {'ks':>6}  drifted"
     )
-    for f in shown:
-        lines.append(
-            f"  {f.feature[:24]:<24} {f.js_distance:7.4f} {f.js_threshold:7.4f} {f.psi:7.4f} "
-            f"{f.chi2_p_value:9.2e} {f.ks_distance_bound:6.3f}  {'yes' if f.drifted else 'no'}"
-        )
+    lines.extend(
+        f"  {f.feature[:24]:<24} {f.js_distance:7.4f} {f.js_threshold:7.4f} {f.psi:7.4f} "
+        f"{f.chi2_p_value:9.2e} {f.ks_distance_bound:6.3f}  {'yes' if f.drifted else 'no'}"
+        for f in shown
+    )
     return lines
 
 
