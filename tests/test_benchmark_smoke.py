@@ -49,3 +49,20 @@ def test_benchmark_runs_side_by_side(tmp_path: Path) -> None:
         assert "error" not in row, row
         assert row["rps"] > 0 and row["errors"] == 0, row
     assert "x peer (KServe)" in (tmp_path / "serving.md").read_text()
+
+
+def test_monitor_benchmark_runs() -> None:
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "monitors.py"), "--repeat", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [
+        line
+        for line in run.stdout.splitlines()
+        if line.startswith("| 64 ") or line.startswith("| 784 ")
+    ]
+    assert len(rows) == 2, run.stdout
