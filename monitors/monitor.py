@@ -61,7 +61,9 @@ class MonitorConfig:
     min_samples: int = 100
     min_labels: int = 30
     false_alarm_rate: float = 0.05
+    #: effect-size thresholds instead of the calibrated JS one (e.g. JS 0.1 or PSI 0.2)
     fixed_js_threshold: float | None = None
+    fixed_psi_threshold: float | None = None
     #: ddm, adwin, ucb (needs the version's evaluation accuracy), none
     detector: str = "ucb"
     tolerance: float = 0.05
@@ -221,6 +223,7 @@ def build_report(
             profile,
             live_feature_counts(profile, data),
             fixed_js_threshold=config.fixed_js_threshold,
+            fixed_psi_threshold=config.fixed_psi_threshold,
             min_samples=least,
             false_alarm_rate=rate,
         )

@@ -119,11 +119,13 @@ def compare(
     min_samples: int = 100,
     false_alarm_rate: float = 0.05,
     fixed_js_threshold: float | None = None,
+    fixed_psi_threshold: float | None = None,
     calibration: str = "closed_form",
 ) -> DriftReport:
     """Drift of each row of (F, B) live counts against the reference counts over the same
     bins: significant (chi-square p-value surviving Benjamini-Hochberg across rows) and
-    large (JS distance above its threshold)."""
+    large (JS distance above its threshold: calibrated for the window's size by default,
+    or fixed, e.g. 0.1; or, with `fixed_psi_threshold`, e.g. 0.2, PSI above that)."""
     counts = np.asarray(live_counts, dtype=np.float64)
     reference = np.asarray(reference_counts, dtype=np.float64)
     if counts.shape != reference.shape or counts.ndim != 2 or len(names) != len(counts):
@@ -143,13 +145,15 @@ def compare(
     js = js_distance_rows(reference, counts)
     p_values = chi2_p_value_rows(reference, counts)
     significant = benjamini_hochberg(p_values.tolist(), false_alarm_rate / 2)
-    drifted = np.asarray(significant) & (js > thresholds)
+    psis = psi_rows(reference, counts)
+    large = js > thresholds if fixed_psi_threshold is None else psis > fixed_psi_threshold
+    drifted = np.asarray(significant) & large
     columns = zip(
         names,
         counts.sum(axis=1).astype(np.int64).tolist(),
         js.tolist(),
         thresholds.tolist(),
-        psi_rows(reference, counts).tolist(),
+        psis.tolist(),
         p_values.tolist(),
         ks_distance_bound_rows(reference, counts).tolist(),
         drifted.tolist(),
@@ -173,6 +177,7 @@ def feature_drift(
     min_samples: int = 100,
     false_alarm_rate: float = 0.05,
     fixed_js_threshold: float | None = None,
+    fixed_psi_threshold: float | None = None,
     calibration: str = "closed_form",
 ) -> DriftReport:
     """Per-feature drift of a window's bin counts (F, 12) against the version's profile."""
@@ -196,6 +201,7 @@ def feature_drift(
         min_samples=min_samples,
         false_alarm_rate=false_alarm_rate,
         fixed_js_threshold=fixed_js_threshold,
+        fixed_psi_threshold=fixed_psi_threshold,
         calibration=calibration,
     )
 

@@ -77,6 +77,10 @@ def test_fixed_threshold_and_speed(profile: object) -> None:
     report = feature_drift(profile, counts, fixed_js_threshold=0.1)
     elapsed = time.perf_counter() - started
     assert report.verdict == NO_DRIFT and {f.js_threshold for f in report.features} == {0.1}
+    shifted = rng.standard_normal((1000, FEATURES))
+    shifted[:, 7] += 1.0
+    by_psi = feature_drift(profile, profile.bin_counts(shifted), fixed_psi_threshold=0.2)  # type: ignore[attr-defined]
+    assert by_psi.drifted() == ["input:7"] and by_psi.features[7].psi > 0.2
     assert elapsed < 1.0  # the 20 ms goal is measured by a benchmark, not asserted here
 
 
