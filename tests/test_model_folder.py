@@ -34,7 +34,9 @@ def test_export_demo_writes_a_checked_model_folder(tmp_path: Path) -> None:
     assert profile["input"] == "input" and len(profile["features"]) == 64
     assert all(sum(row) == profile["n"] for row in profile["reference_counts"])
     assert abs(sum(profile["class_prior"].values()) - 1.0) < 1e-9
-    assert sum(profile["confidence_counts"]) == profile["n"]
+    # outputs' references come from the 450 held-out rows, the bins from the 1,347 training rows
+    assert sum(profile["confidence_counts"]) == sum(profile["prediction_counts"].values()) == 450
+    assert profile["n"] == 1347
     x_test, y_test = digits_holdout()
     session = ort.InferenceSession(str(folder / "model.onnx"))
     labels, _ = session.run(None, {"input": x_test})
