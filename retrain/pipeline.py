@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from retrain.artifacts import ArtifactStore
+
 log = logging.getLogger("servo.retrain")
 
 
@@ -151,11 +153,14 @@ class RunResult:
 
 
 class Runner:
-    """Runs pipelines against a local artifact folder, recording lineage in `sink`."""
+    """Runs pipelines against a local artifact folder, recording lineage in `sink`; with a
+    `store` (retrain.artifacts: any fsspec URL) outputs are also pushed there, cache hits
+    are looked up there too, and lineage names the store's URIs."""
 
-    def __init__(self, root: Path, sink: LineageSink):
+    def __init__(self, root: Path, sink: LineageSink, store: ArtifactStore | None = None):
         self.root = Path(root)
         self.sink = sink
+        self.store = store
 
     def run(
         self,
@@ -202,6 +207,9 @@ class Runner:
         final = self.root / "artifacts" / step.name / key
         manifest = final / "manifest.json"
         started = time.perf_counter()
+        remote = self.store
+        if cache and step.cache and not manifest.exists() and remote and remote.has(step.name, key):
+            remote.fetch(step.name, key, final)
         if cache and step.cache and manifest.exists():
             cached = self._cached(final, manifest, step)
             if cached is not None:
@@ -243,6 +251,8 @@ class Runner:
             )
             shutil.rmtree(final, ignore_errors=True)
             work.rename(final)
+            if self.store is not None:
+                self.store.push(step.name, key, final)
             outputs = {o: final / o for o in step.outputs}
             result = StepResult("succeeded", outputs, hashes, key, time.perf_counter() - started,
                                 attempts)  # fmt: skip
@@ -298,7 +308,10 @@ class Runner:
                 content_hash=input_hashes[name], size=path.stat().st_size,
             )  # fmt: skip
         for name, path in result.outputs.items():
+            uri = str(path)
+            if self.store is not None:
+                uri = self.store.uri(step.name, result.cache_key, name)
             self.sink.record_artifact(
-                run_id, step.name, name=name, direction="output", uri=str(path),
+                run_id, step.name, name=name, direction="output", uri=uri,
                 content_hash=result.hashes[name], size=path.stat().st_size,
             )  # fmt: skip

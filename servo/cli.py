@@ -242,24 +242,33 @@ def runs_show(run_id: int, registry_url: str) -> None:
     type=click.Path(path_type=Path),
 )
 @click.option("--no-cache", is_flag=True, help="run every step even if its outputs are cached")
+@click.option(
+    "--artifacts", envvar="SERVO_ARTIFACTS", default=None,
+    help="artifact store URL (fsspec: file://, s3://, gs://, ...); default: the work folder",
+)  # fmt: skip
 @registry_option
 def train_command(
-    *, dataset: str, name: str, seed: int, work_dir: Path, no_cache: bool, registry_url: str
-) -> None:
+    *, dataset: str, name: str, seed: int, work_dir: Path, no_cache: bool, artifacts: str | None,
+    registry_url: str,
+) -> None:  # fmt: skip
     """Run the pipeline (ingest, split, train, evaluate) and register the new version."""
     from retrain.pipeline import StepFailed
     from servo.train import train
 
     store = _store(registry_url)
     try:
-        trained = train(store, work=work_dir, name=name, params={"seed": seed}, cache=not no_cache)
+        trained = train(
+            store, work=work_dir, name=name, params={"seed": seed}, cache=not no_cache,
+            artifacts=artifacts,
+        )  # fmt: skip
     except StepFailed as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         store.close()
     statuses = ", ".join(f"{k}={v.status}" for k, v in trained.run.steps.items())
+    verb = "unchanged: already registered as" if trained.reused else "registered"
     click.echo(
-        f"registered {name} version {trained.version} (run {trained.run.run_id}: {statuses}); "
+        f"{verb} {name} version {trained.version} (run {trained.run.run_id}: {statuses}); "
         f"holdout accuracy {trained.metrics['accuracy']:.3f} -> {trained.folder}"
     )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import onnx
 
 from registry.store import RegistryStore
+from retrain.artifacts import open_store
 from retrain.digits import digits_pipeline
 from retrain.pipeline import Runner, RunResult
 from serving import signature
@@ -25,6 +27,25 @@ class Trained:
     folder: Path
     run: RunResult
     metrics: dict[str, Any]
+    #: an earlier version with the same model and profile (nothing new was registered)
+    reused: bool = False
+
+
+def _same_model(store: RegistryStore, name: str, result: RunResult) -> int | None:
+    """The registered version whose training run produced byte-identical model.onnx and
+    profile.json, if any (a cached re-run must not register a copy)."""
+    wanted = {o: result.steps["train"].hashes[o] for o in ("model.onnx", "profile.json")}
+    for info in reversed(store.versions(name)):
+        if info.run_id is None or info.run_id == result.run_id or not info.artifact_uri:
+            continue
+        outputs = {
+            a["name"]: a["content_hash"]
+            for a in store.run(info.run_id)["artifacts"]
+            if a["step"] == "train" and a["direction"] == "output"
+        }
+        if all(outputs.get(o) == h for o, h in wanted.items()):
+            return info.version
+    return None
 
 
 def register(result: RunResult, store: RegistryStore, model_root: Path, name: str) -> Trained:
@@ -33,6 +54,10 @@ def register(result: RunResult, store: RegistryStore, model_root: Path, name: st
     evaluation = json.loads(result.output("evaluate", "evaluation.json").read_text())
     extra = json.loads(result.output("train", "profile.json").read_text())
     model_path = result.output("train", "model.onnx")
+    existing = _same_model(store, name, result)
+    if existing is not None:
+        folder = Path(urllib.parse.urlparse(store.version(name, existing).artifact_uri).path)
+        return Trained(existing, folder, result, evaluation, reused=True)
     version = store.register_version(
         name, artifact_uri="", metrics=evaluation, run_id=result.run_id
     )
@@ -63,9 +88,11 @@ def register(result: RunResult, store: RegistryStore, model_root: Path, name: st
 def train(
     store: RegistryStore,
     *, work: Path, name: str = "digits", params: dict[str, Any] | None = None,
-    cache: bool = True, trigger: str = "manual",
+    cache: bool = True, trigger: str = "manual", artifacts: str | None = None,
 ) -> Trained:  # fmt: skip
-    runner = Runner(work / "pipeline", store)
+    """Run the pipeline and register its model; `artifacts` is the artifact store's URL
+    (any fsspec URL; default: the work folder only)."""
+    runner = Runner(work / "pipeline", store, open_store(artifacts))
     champion = None
     champion_version = store.alias(name, "champion")
     if champion_version is not None:

@@ -150,3 +150,37 @@ def test_ingest_reads_a_csv_table(runner: Runner, tmp_path: Path) -> None:
                {"dataset": "csv", "label_column": "label"})  # fmt: skip
     with pytest.raises(StepFailed, match="no label column 'label'"):
         runner.run(Pipeline("csv").add(bad))
+
+
+@pytest.mark.parametrize("scheme", ["file", "memory"])
+def test_artifact_store_by_fsspec_url(tmp_path: Path, scheme: str) -> None:
+    """Outputs are pushed to the store at its URL; a runner on another (empty) local folder
+    with the same store reuses them as cache hits; lineage names the store's URIs."""
+    import fsspec
+
+    from retrain.artifacts import open_store
+
+    url = f"file://{tmp_path / 'bucket'}" if scheme == "file" else f"memory://servo-{tmp_path.name}"
+    sink = RegistryStore(f"sqlite:///{tmp_path / 'r.db'}")
+    sink.create_schema()
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "c.txt").write_text("gamma")
+    first = Runner(tmp_path / "here", sink, open_store(url)).run(diamond(tmp_path))
+    assert set(statuses(Runner(tmp_path, sink), first.run_id).values()) == {"succeeded"}
+    fs, base = fsspec.core.url_to_fs(url)
+    key = first.steps["e"].cache_key
+    assert fs.cat_file(f"{base}/e/{key}/joined") == b"ALPHA|GAMMA"
+    elsewhere = Runner(tmp_path / "elsewhere", sink, open_store(url))
+    second = elsewhere.run(diamond(tmp_path))
+    assert set(statuses(elsewhere, second.run_id).values()) == {"cached"}
+    assert second.output("e", "joined").read_text() == "ALPHA|GAMMA"
+    assert str(second.output("e", "joined")).startswith(str(tmp_path / "elsewhere"))
+    output = next(
+        a for a in sink.run(second.run_id)["artifacts"]
+        if a["step"] == "e" and a["direction"] == "output"
+    )  # fmt: skip
+    assert output["uri"] == f"{url}/e/{key}/joined"
+    # a half-pushed folder (no manifest) is not a cache hit: the step runs again
+    fs.rm(f"{base}/e/{key}/manifest.json")
+    third = Runner(tmp_path / "third", sink, open_store(url)).run(diamond(tmp_path))
+    assert third.steps["e"].status == "succeeded" and third.steps["a"].status == "cached"

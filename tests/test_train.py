@@ -43,6 +43,12 @@ def test_pipeline_registers_a_servable_version(tmp_path: Path) -> None:
         assert {s.status for s in second.run.steps.values()} == {"cached"}
         pipeline_seconds = sum(s.duration_s for s in second.run.steps.values())
         assert pipeline_seconds < 1.0
+        # the same model is not registered twice; the run is still in the lineage
+        assert second.reused and second.version == 1 and second.folder == first.folder
+        assert [v.version for v in store.versions("digits")] == [1]
+        assert store.run(second.run.run_id)["status"] == "succeeded"
+        third = train(store, work=tmp_path / "w", params={"seed": 1})
+        assert not third.reused and third.version == 2
     finally:
         store.close()
 
@@ -52,6 +58,19 @@ def test_cli_train(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["train", "--registry", url, "--work-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("registered digits version 1 (run 1: ingest=succeeded")
+    again = CliRunner().invoke(main, ["train", "--registry", url, "--work-dir", str(tmp_path)])
+    assert again.output.startswith("unchanged: already registered as digits version 1 (run 2:")
+    # a fresh work folder with an artifact store: trained again (seeded: the same bytes),
+    # pushed to the store, and still the same version
+    bucket = tmp_path / "bucket"
+    fresh = CliRunner().invoke(
+        main,
+        ["train", "--registry", url, "--work-dir", str(tmp_path / "fresh"),
+         "--artifacts", bucket.as_uri()],
+    )  # fmt: skip
+    assert fresh.output.startswith("unchanged: already registered as digits version 1 (run 3:")
+    assert "train=succeeded" in fresh.output
+    assert len(list(bucket.glob("train/*/model.onnx"))) == 1
     shown = CliRunner().invoke(main, ["models", "show", "digits", "1", "--registry", url])
     assert json.loads(shown.output)["lineage"]["status"] == "succeeded"
 
