@@ -149,9 +149,58 @@ def train(ctx: StepContext) -> None:
     ctx.metrics["train_accuracy"] = float(clf.score(data["x"], data["y"]))
 
 
+def _classification_metrics(
+    labels: npt.NDArray[Any], probabilities: npt.NDArray[Any], y: npt.NDArray[Any],
+    classes: npt.NDArray[Any],
+) -> dict[str, Any]:  # fmt: skip
+    """Accuracy, macro-F1, per-class recall, log-loss and calibration error (10 bins)."""
+    present = np.unique(y)
+    recall = {str(c): float((labels[y == c] == c).mean()) for c in present}
+    precision = {str(c): float((y[labels == c] == c).mean()) if (labels == c).any() else 0.0
+                 for c in present}  # fmt: skip
+    f1 = [2 * precision[k] * recall[k] / (precision[k] + recall[k]) if precision[k] + recall[k]
+          else 0.0 for k in recall]  # fmt: skip
+    column = np.searchsorted(classes, y)
+    known = (column < len(classes)) & (classes[np.minimum(column, len(classes) - 1)] == y)
+    picked = np.where(
+        known, probabilities[np.arange(len(y)), np.minimum(column, len(classes) - 1)], 0.0
+    )
+    confidence = probabilities.max(axis=1)
+    bins = np.minimum((confidence * 10).astype(int), 9)
+    ece = sum(
+        abs(float((labels[bins == b] == y[bins == b]).mean()) - float(confidence[bins == b].mean()))
+        * float((bins == b).mean())
+        for b in range(10) if (bins == b).any()
+    )  # fmt: skip
+    return {
+        "accuracy": float((labels == y).mean()),
+        "macro_f1": float(np.mean(f1)),
+        "log_loss": float(-np.mean(np.log(np.clip(picked, 1e-15, 1.0)))),
+        "calibration_error": float(ece),
+        "per_class_recall": recall,
+    }
+
+
+def production(ctx: StepContext) -> None:
+    """The most recent labelled production rows: the gateway's payload log joined with
+    its feedback over the last `window_s` seconds before `end` (ISO; default now). Not
+    cached (the log grows): downstream steps are cached by this output's content."""
+    import datetime as dt
+
+    end = dt.datetime.fromisoformat(ctx.params["end"]) if ctx.params.get("end") else None
+    end = end or dt.datetime.now(dt.UTC)
+    start = end - dt.timedelta(seconds=float(ctx.params.get("window_s", 7 * 86400)))
+    x, y = labelled_rows(ctx.params["root"], ctx.params["model"],
+                         ctx.params.get("input", "input"), start, end)  # fmt: skip
+    np.savez(ctx.output("production.npz"), x=x, y=y, start=start.isoformat(), end=end.isoformat())
+    ctx.metrics["production_rows"] = float(len(y))
+
+
 def evaluate(ctx: StepContext) -> None:
     """Holdout metrics of the ONNX model, and the export check against the framework:
-    the same classes, probabilities within 1e-4; a mismatch fails the step."""
+    the same classes, probabilities within 1e-4; a mismatch fails the step. With a
+    `production` input, the same metrics on the latest labelled production rows (a second
+    metric set); with a `champion`, a paired comparison on each set."""
     import onnxruntime as ort
 
     holdout, framework = _load(ctx.inputs["holdout"]), _load(ctx.inputs["framework"])
@@ -164,28 +213,12 @@ def evaluate(ctx: StepContext) -> None:
         raise ValueError(f"ONNX probabilities differ from the framework's by {gap:.2e}")
     y = holdout["y"]
     classes = np.unique(y)
-    recall = {str(c): float((labels[y == c] == c).mean()) for c in classes}
-    precision = {str(c): float((y[labels == c] == c).mean()) if (labels == c).any() else 0.0
-                 for c in classes}  # fmt: skip
-    f1 = [2 * precision[k] * recall[k] / (precision[k] + recall[k]) if precision[k] + recall[k]
-          else 0.0 for k in recall]  # fmt: skip
-    picked = probabilities[np.arange(len(y)), np.searchsorted(classes, y)]
-    confidence = probabilities.max(axis=1)
-    bins = np.minimum((confidence * 10).astype(int), 9)
-    ece = sum(
-        abs(float((labels[bins == b] == y[bins == b]).mean()) - float(confidence[bins == b].mean()))
-        * float((bins == b).mean())
-        for b in range(10) if (bins == b).any()
-    )  # fmt: skip
-    doc = {
-        "accuracy": float((labels == y).mean()),
-        "macro_f1": float(np.mean(f1)),
-        "log_loss": float(-np.mean(np.log(np.clip(picked, 1e-15, 1.0)))),
-        "calibration_error": float(ece),
-        "per_class_recall": recall,
+    doc: dict[str, Any] = {
+        **_classification_metrics(labels, probabilities, y, classes),
         "holdout_rows": len(y),
         "export_max_probability_gap": gap,
     }
+    champion = None
     if "champion" in ctx.inputs:
         champion = ort.InferenceSession(
             str(ctx.inputs["champion"]), providers=["CPUExecutionProvider"]
@@ -194,6 +227,21 @@ def evaluate(ctx: StepContext) -> None:
         doc["comparison"] = compare(
             labels == y, champion_labels == y, int(ctx.params.get("seed", 0))
         )
+    if "production" in ctx.inputs:
+        rows = _load(ctx.inputs["production"])
+        window = {"start": str(rows["start"]), "end": str(rows["end"])}
+        px, py = rows["x"], rows["y"]
+        live: dict[str, Any] = {"rows": len(py), **window}
+        if len(py):
+            p_labels, p_probabilities = session.run(None, {"input": px.astype(np.float32)})
+            live.update(_classification_metrics(p_labels, p_probabilities, py, classes))
+            if champion is not None:
+                c_labels = champion.run(None, {"input": px.astype(np.float32)})[0]
+                live["comparison"] = compare(
+                    p_labels == py, c_labels == py, int(ctx.params.get("seed", 0))
+                )
+            ctx.metrics["production_accuracy"] = live["accuracy"]
+        doc["production"] = live
     ctx.output("evaluation.json").write_text(json.dumps(doc, indent=2))
     ctx.metrics.update({k: v for k, v in doc.items() if isinstance(v, float)})
 

@@ -120,3 +120,43 @@ def test_evaluate_compares_with_the_champion(tmp_path: Path) -> None:
     assert comparison["candidate_accuracy"] > comparison["champion_accuracy"]
     assert comparison["difference_ci95"][0] > 0 and comparison["mcnemar_p_value"] < 0.01
     store.close()
+
+
+def test_evaluation_on_the_latest_production_window(tmp_path: Path) -> None:
+    """The digits pipeline with a payload log: retrains on digits + labelled rows, and
+    evaluates on the labelled rows of the window as a second metric set; a new label in
+    the log is seen by the next run (reading the log is never a cache hit)."""
+    from retrain.digits import digits_pipeline
+
+    x, y = fill_log(tmp_path / "log")
+    store = RegistryStore(f"sqlite:///{tmp_path / 'r.db'}")
+    store.create_schema()
+    runner = Runner(tmp_path / "store", store)
+    params = {"payload_log_root": str(tmp_path / "log"), "production_window_s": 3600,
+              "production_end": (T0 + dt.timedelta(minutes=30)).isoformat()}  # fmt: skip
+    first = runner.run(digits_pipeline(params))
+    doc = json.loads(first.output("evaluate", "evaluation.json").read_text())
+    live = doc["production"]
+    assert live["rows"] == 8 and live["start"].startswith("2026-11-29T11:30")
+    assert 0.0 <= live["accuracy"] <= 1.0 and set(live) >= {
+        "macro_f1",
+        "log_loss",
+        "per_class_recall",
+    }
+    assert doc["holdout_rows"] > 400 and doc["accuracy"] > 0.9  # the holdout set is still there
+    # one more labelled prediction lands in the log: the production step sees it
+    log = PayloadLog(PayloadLogConfig(tmp_path / "log", flush_s=0.05))
+    log.submit(PREDICTIONS, {
+        "id": "late", "time": T0 + dt.timedelta(minutes=20), "model": "digits", "version": "1",
+        "variant": "champion", "inputs": [("input", "FP32", x[40:41])],
+        "outputs": [("label", "INT64", np.zeros(1, dtype=np.int64))],
+    })  # fmt: skip
+    log.submit(FEEDBACK, {"id": "late", "time": T0, "model": "digits", "version": "1",
+                          "label": str(int(y[40])), "outcome": "correct"})  # fmt: skip
+    log.close()
+    second = runner.run(digits_pipeline(params))
+    assert second.steps["production"].status == "succeeded"
+    assert second.steps["ingest"].status == "succeeded"
+    later = json.loads(second.output("evaluate", "evaluation.json").read_text())["production"]
+    assert later["rows"] == 9
+    store.close()
