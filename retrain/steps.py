@@ -271,3 +271,7 @@ def compare(candidate: npt.NDArray[Any], champion: npt.NDArray[Any], seed: int =
         "only_champion_correct": only_champion,
         "rows": len(candidate),
     }
+
+
+#: the step functions a container may run by name (`servo step --function NAME`)
+STEP_FUNCTIONS = {fn.__name__: fn for fn in (ingest, split, train, evaluate, production)}

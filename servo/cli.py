@@ -332,6 +332,56 @@ def deploy(
     click.echo(f"{name}: " + ", ".join(f"{role} {v} ({p:g}%)" for v, role, p in rows))
 
 
+@main.group()
+def pipeline() -> None:
+    """The retraining pipeline, for other runners."""
+
+
+@pipeline.command("compile")
+@click.option("--kfp", "kfp_out", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="write a Kubeflow Pipelines v2 spec (YAML) here")  # fmt: skip
+@click.option("--image", default="servo:latest", show_default=True,
+              help="the container image whose `servo step` runs each step")  # fmt: skip
+@click.option("--seed", default=0, show_default=True)
+def pipeline_compile(kfp_out: Path, image: str, seed: int) -> None:
+    """Compile the digits pipeline for Kubeflow Pipelines (needs the `kfp` extra)."""
+    try:
+        from retrain.digits import digits_pipeline
+        from retrain.kfp import compile_kfp
+
+        compile_kfp(digits_pipeline({"seed": seed}), kfp_out, image=image)
+    except ModuleNotFoundError as exc:
+        hint = "install the kfp extra: pip install 'servo-ml[kfp]'"
+        raise click.ClickException(f"{exc}; {hint}") from None
+    click.echo(f"wrote {kfp_out}")
+
+
+@main.command("step")
+@click.argument("name")
+@click.option("--function", "function", required=True, help="one of retrain.steps' steps")
+@click.option("--params", default="{}", show_default=True, help="the step's parameters (JSON)")
+@click.option("--input", "inputs", nargs=2, multiple=True, metavar="NAME PATH")
+@click.option("--output", "outputs", nargs=2, multiple=True, metavar="NAME PATH")
+def step_command(
+    name: str, function: str, params: str, inputs: tuple[tuple[str, str], ...],
+    outputs: tuple[tuple[str, str], ...],
+) -> None:  # fmt: skip
+    """Run one pipeline step on files (what each Kubeflow Pipelines container runs)."""
+    from retrain.kfp import run_step
+
+    try:
+        parsed = json.loads(params)
+        if not isinstance(parsed, dict):
+            raise ValueError("--params must be a JSON object")
+        metrics = run_step(
+            name, function=function, params=parsed,
+            inputs={k: Path(v) for k, v in inputs}, outputs={k: Path(v) for k, v in outputs},
+        )  # fmt: skip
+    except (KeyError, ValueError, OSError, RuntimeError) as exc:
+        raise click.ClickException(f"step {name}: {exc}") from None
+    _echo_json({"step": name, "metrics": metrics})
+
+
 @main.command("monitor")
 @click.argument("model")
 @click.option("--version", "version_", type=int, help="registry version (default: the champion)")
