@@ -42,6 +42,17 @@ def discover(src: Path) -> list[tuple[Path, str]]:
     ]
 
 
+def folder_digest(src: Path) -> str:
+    """sha256 over every (relative path, content) under the class subfolders."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path, label in discover(src):
+        digest.update(f"{label}/{path.name}\0".encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return "sha256:" + digest.hexdigest()
+
+
 def load_one(path: Path, size: tuple[int, int], mode: str) -> npt.NDArray[np.float32]:
     from PIL import Image
 

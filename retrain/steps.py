@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -82,6 +83,9 @@ def ingest(ctx: StepContext) -> None:
             raise ValueError("the payload log holds no labelled rows in that window")
     elif dataset == "digits":
         pass
+    elif dataset == "images":
+        _ingest_images(ctx)
+        return
     elif dataset == "csv":
         import pyarrow.csv as pacsv
 
@@ -94,12 +98,32 @@ def ingest(ctx: StepContext) -> None:
         x = np.column_stack([table[c].to_numpy() for c in features]).astype(np.float32)
     else:
         raise ValueError(
-            f"unknown dataset {dataset!r} (digits, csv, payload_log, digits+payload_log)"
+            f"unknown dataset {dataset!r} (digits, csv, images, payload_log, digits+payload_log)"
         )
     if not np.isfinite(x).all():
         raise ValueError("the data holds NaN or Inf")
     np.savez(ctx.output("data.npz"), x=x, y=y)
     ctx.metrics["rows"] = float(len(y))
+
+
+def _ingest_images(ctx: StepContext) -> None:
+    """A folder of images in class subfolders (`root`), decoded, converted to `mode`
+    (L or RGB), resized to `size` ("WxH"), scaled to [0, 1], flattened to rows; labels are
+    class indices, the class names (the subfolders, sorted) go along as `classes`.
+    Corrupt files are skipped and counted."""
+    from retrain.images import preprocess
+
+    width, height = (int(v) for v in str(ctx.params.get("size", "28x28")).lower().split("x"))
+    mode = str(ctx.params.get("mode", "L"))
+    result = preprocess(Path(ctx.params["root"]), (width, height), mode, workers=1)
+    if len(result.y) == 0:
+        raise ValueError(f"no readable images under {ctx.params['root']}")
+    names, y = np.unique(result.y, return_inverse=True)
+    x = result.x.reshape(len(result.x), -1)
+    np.savez(ctx.output("data.npz"), x=x, y=y.astype(np.int64), classes=names,
+             image_shape=np.asarray(result.x.shape[1:], dtype=np.int64))  # fmt: skip
+    ctx.metrics["rows"] = float(len(y))
+    ctx.metrics["skipped_files"] = float(len(result.skipped))
 
 
 def split(ctx: StepContext) -> None:
@@ -110,43 +134,60 @@ def split(ctx: StepContext) -> None:
         data["x"], data["y"], test_size=float(ctx.params.get("holdout", 0.25)),
         random_state=int(ctx.params.get("seed", 0)), stratify=data["y"],
     )  # fmt: skip
-    np.savez(ctx.output("train.npz"), x=x_train, y=y_train)
-    np.savez(ctx.output("holdout.npz"), x=x_test, y=y_test)
+    extra: dict[str, Any] = {k: data[k] for k in ("classes", "image_shape") if k in data}
+    np.savez(ctx.output("train.npz"), x=x_train, y=y_train, **extra)
+    np.savez(ctx.output("holdout.npz"), x=x_test, y=y_test, **extra)
 
 
 def train(ctx: StepContext) -> None:
-    """A scikit-learn MLP, exported to ONNX; writes the framework's own holdout
-    probabilities (for the export check) and the reference profile."""
-    from skl2onnx import to_onnx
-    from skl2onnx.common.data_types import FloatTensorType
-    from sklearn.neural_network import MLPClassifier
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
+    """Fit a seeded classifier with the `framework` parameter's trainer (sklearn: the
+    default MLP; sklearn-gbt, xgboost, torch, keras: see retrain.frameworks), export ONNX,
+    write the framework's own holdout predictions (for the export check in evaluate) and
+    the reference profile (bins from the training rows; output references from the
+    holdout: live traffic is unseen data, and on its training rows a model is more
+    confident than it will be live)."""
+    from retrain import frameworks
 
     data, holdout = _load(ctx.inputs["train"]), _load(ctx.inputs["holdout"])
     seed = int(ctx.params.get("seed", 0))
-    hidden = tuple(int(h) for h in ctx.params.get("hidden", [64]))
-    iterations = int(ctx.params.get("max_iter", 300))
-    mlp = MLPClassifier(hidden_layer_sizes=hidden, max_iter=iterations, random_state=seed)
-    clf = Pipeline([("scale", StandardScaler()), ("mlp", mlp)])
-    clf.fit(data["x"], data["y"])
-    width = data["x"].shape[1]
-    model = to_onnx(
-        clf, initial_types=[("input", FloatTensorType([None, width]))],
-        options={id(clf.steps[-1][1]): {"zipmap": False}}, target_opset=17,
+    framework = str(ctx.params.get("framework", "sklearn"))
+    names = _class_names(data)
+    x = data["x"].astype(np.float32)
+    top = float(np.abs(x).max()) if x.size else 1.0
+    shape = tuple(int(d) for d in data["image_shape"]) if "image_shape" in data else None
+    fitted = frameworks.fit(
+        framework,
+        frameworks.Data(
+            x=x, y=data["y"].astype(np.int64), holdout=holdout["x"].astype(np.float32),
+            classes=len(names), image_shape=shape,  # type: ignore[arg-type]
+            scale=top if top > 1.0 else 1.0,
+        ),
+        seed,
+        dict(ctx.params),
     )  # fmt: skip
-    ctx.output("model.onnx").write_bytes(model.SerializeToString())
-    np.savez(ctx.output("framework.npz"), labels=clf.predict(holdout["x"]),
-             probabilities=clf.predict_proba(holdout["x"]).astype(np.float32))  # fmt: skip
-    # outputs' references from held-out rows: live traffic is unseen data, and on its
-    # training rows a model is more confident than it will be live
+    ctx.output("model.onnx").write_bytes(fitted.onnx)
+    np.savez(ctx.output("framework.npz"), labels=fitted.labels,
+             probabilities=fitted.probabilities)  # fmt: skip
+    for name, content in fitted.files.items():
+        ctx.output(name).write_bytes(content)
     profile = fit_profile(
-        data["x"], "input", labels=data["y"], probabilities=clf.predict_proba(holdout["x"]),
-        predictions=clf.predict(holdout["x"]),
+        x, "input", labels=data["y"], probabilities=fitted.probabilities,
+        predictions=fitted.labels,
     )  # fmt: skip
-    doc = {"profile": profile.to_json(), "classes": [str(c) for c in clf.classes_]}
+    doc = {"profile": profile.to_json(), "classes": names, "framework": framework}
     ctx.output("profile.json").write_text(json.dumps(doc))
-    ctx.metrics["train_accuracy"] = float(clf.score(data["x"], data["y"]))
+    ctx.metrics["train_accuracy"] = fitted.train_accuracy
+
+
+def _class_names(data: dict[str, npt.NDArray[Any]]) -> list[str]:
+    """Labels are class indices 0..K-1; their names come with the data ("classes"), or
+    are the indices themselves (scikit-learn's digits)."""
+    if "classes" in data:
+        return [str(c) for c in data["classes"].tolist()]
+    y = data["y"]
+    if y.size and (y.min() < 0 or not np.issubdtype(y.dtype, np.integer)):
+        raise ValueError("labels must be class indices 0..K-1 (ingest maps names to indices)")
+    return [str(i) for i in range(int(y.max()) + 1 if y.size else 0)]
 
 
 def _classification_metrics(

@@ -231,7 +231,16 @@ def runs_show(run_id: int, registry_url: str) -> None:
 
 
 @main.command("train")
-@click.option("--dataset", default="digits", show_default=True, type=click.Choice(["digits"]))
+@click.option("--dataset", default="digits", show_default=True,
+              type=click.Choice(["digits", "images"]))  # fmt: skip
+@click.option("--images", type=click.Path(path_type=Path, file_okay=False, exists=True),
+              help="--dataset images: a folder of class subfolders")  # fmt: skip
+@click.option("--size", default="28x28", show_default=True, help="images: WIDTHxHEIGHT")
+@click.option("--mode", default="L", show_default=True, type=click.Choice(["L", "RGB"]))
+@click.option("--framework", default="sklearn", show_default=True,
+              type=click.Choice(["sklearn", "sklearn-gbt", "xgboost", "torch", "keras"]),
+              help="xgboost, torch and keras need their extras")  # fmt: skip
+@click.option("--epochs", type=int, help="torch/keras: training epochs")
 @click.option("--name", default="digits", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option(
@@ -248,20 +257,28 @@ def runs_show(run_id: int, registry_url: str) -> None:
 )  # fmt: skip
 @registry_option
 def train_command(
-    *, dataset: str, name: str, seed: int, work_dir: Path, no_cache: bool, artifacts: str | None,
-    registry_url: str,
+    *, dataset: str, images: Path | None, size: str, mode: str, framework: str,
+    epochs: int | None, name: str, seed: int, work_dir: Path, no_cache: bool,
+    artifacts: str | None, registry_url: str,
 ) -> None:  # fmt: skip
     """Run the pipeline (ingest, split, train, evaluate) and register the new version."""
     from retrain.pipeline import StepFailed
     from servo.train import train
 
+    params: dict[str, Any] = {"seed": seed, "framework": framework}
+    if dataset == "images":
+        if images is None:
+            raise click.UsageError("--dataset images needs --images DIR")
+        params.update(images=str(images), size=size, mode=mode)
+    if epochs is not None:
+        params["epochs"] = epochs
     store = _store(registry_url)
     try:
         trained = train(
-            store, work=work_dir, name=name, params={"seed": seed}, cache=not no_cache,
+            store, work=work_dir, name=name, params=params, cache=not no_cache,
             artifacts=artifacts,
         )  # fmt: skip
-    except StepFailed as exc:
+    except (StepFailed, ModuleNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         store.close()

@@ -72,7 +72,7 @@ def register(result: RunResult, store: RegistryStore, model_root: Path, name: st
         ModelCard(
             name=name,
             version=str(version),
-            framework="sklearn",
+            framework=str(extra.get("framework", "sklearn")),
             created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             signature=signature.from_onnx(proto),
             class_labels=extra["classes"],
