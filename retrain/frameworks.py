@@ -40,6 +40,8 @@ class Fitted:
     #: extra files to keep as artifacts (name -> bytes), e.g. a SavedModel
     files: dict[str, bytes] = field(default_factory=dict)
     train_accuracy: float = 0.0
+    #: warnings raised while training (distinct messages)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -325,7 +327,12 @@ def fit(framework: str, data: Data, seed: int, params: dict[str, Any]) -> Fitted
     trainer = TRAINERS.get(framework)
     if trainer is None:
         raise ValueError(f"unknown framework {framework!r} ({', '.join(TRAINERS)})")
-    fitted = trainer(data, seed, params)
+    with warnings.catch_warnings(record=True) as caught:
+        # a trainer's warnings (e.g. scikit-learn's ConvergenceWarning) are part of the
+        # run's record, not an error: the evaluation decides whether the model is good
+        warnings.simplefilter("always")
+        fitted = trainer(data, seed, params)
+    fitted.warnings = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
     fitted.onnx = _stable(fitted.onnx)
     return fitted
 

@@ -86,23 +86,59 @@ def ingest(ctx: StepContext) -> None:
     elif dataset == "images":
         _ingest_images(ctx)
         return
-    elif dataset == "csv":
-        import pyarrow.csv as pacsv
-
-        table = pacsv.read_csv(ctx.inputs["table"])
-        label = ctx.params["label_column"]
-        if label not in table.column_names:
-            raise ValueError(f"no label column {label!r} in {table.column_names}")
-        y = np.asarray(table[label].to_numpy(), dtype=np.int64)
-        features = [c for c in table.column_names if c != label]
-        x = np.column_stack([table[c].to_numpy() for c in features]).astype(np.float32)
+    elif dataset in ("csv", "parquet"):
+        _ingest_table(ctx, dataset)
+        return
     else:
         raise ValueError(
-            f"unknown dataset {dataset!r} (digits, csv, images, payload_log, digits+payload_log)"
+            f"unknown dataset {dataset!r} (digits, csv, parquet, images, payload_log, "
+            "digits+payload_log)"
         )
     if not np.isfinite(x).all():
         raise ValueError("the data holds NaN or Inf")
     np.savez(ctx.output("data.npz"), x=x, y=y)
+    ctx.metrics["rows"] = float(len(y))
+
+
+def _ingest_table(ctx: StepContext, kind: str) -> None:
+    """A CSV or Parquet table (input `table`) with a `label_column`; the other columns are
+    numeric features (`categorical_columns` among them hold integer category codes: the
+    profile gives them top-K bins). Labels become class indices, their names `classes`."""
+    if kind == "csv":
+        import pyarrow.csv as pacsv
+
+        table = pacsv.read_csv(ctx.inputs["table"])
+    else:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(ctx.inputs["table"])
+    label = ctx.params["label_column"]
+    if label not in table.column_names:
+        raise ValueError(f"no label column {label!r} in {table.column_names}")
+    features = [c for c in table.column_names if c != label]
+    categorical = list(ctx.params.get("categorical_columns", []))
+    unknown = sorted(set(categorical) - set(features))
+    if unknown:
+        raise ValueError(f"categorical column(s) {unknown} not among the features {features}")
+    columns = []
+    for name in features:
+        column = table[name].to_numpy(zero_copy_only=False)
+        if not np.issubdtype(column.dtype, np.number):
+            raise ValueError(
+                f"column {name!r} is not numeric ({column.dtype}); encode categories as "
+                "integer codes and name the column in categorical_columns"
+            )
+        columns.append(column)
+    x = np.column_stack(columns).astype(np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError("the data holds NaN or Inf")
+    names, y = np.unique(np.asarray(table[label].to_pylist()).astype(str), return_inverse=True)
+    if all(n.lstrip("-").isdigit() for n in names):  # numeric labels keep their order
+        order = np.argsort([int(n) for n in names])
+        names, y = names[order], np.argsort(order)[y]
+    codes = np.asarray([features.index(c) for c in categorical], dtype=np.int64)
+    np.savez(ctx.output("data.npz"), x=x, y=y.astype(np.int64), classes=names,
+             features=np.asarray(features), categorical=codes)  # fmt: skip
     ctx.metrics["rows"] = float(len(y))
 
 
@@ -134,7 +170,9 @@ def split(ctx: StepContext) -> None:
         data["x"], data["y"], test_size=float(ctx.params.get("holdout", 0.25)),
         random_state=int(ctx.params.get("seed", 0)), stratify=data["y"],
     )  # fmt: skip
-    extra: dict[str, Any] = {k: data[k] for k in ("classes", "image_shape") if k in data}
+    extra: dict[str, Any] = {
+        k: data[k] for k in ("classes", "image_shape", "features", "categorical") if k in data
+    }
     np.savez(ctx.output("train.npz"), x=x_train, y=y_train, **extra)
     np.savez(ctx.output("holdout.npz"), x=x_test, y=y_test, **extra)
 
@@ -173,10 +211,14 @@ def train(ctx: StepContext) -> None:
     profile = fit_profile(
         x, "input", labels=data["y"], probabilities=fitted.probabilities,
         predictions=fitted.labels,
+        feature_names=[str(f) for f in data["features"]] if "features" in data else None,
+        categorical=[int(j) for j in data["categorical"]] if "categorical" in data else (),
     )  # fmt: skip
-    doc = {"profile": profile.to_json(), "classes": names, "framework": framework}
+    doc = {"profile": profile.to_json(), "classes": names, "framework": framework,
+           "warnings": fitted.warnings}  # fmt: skip
     ctx.output("profile.json").write_text(json.dumps(doc))
     ctx.metrics["train_accuracy"] = fitted.train_accuracy
+    ctx.metrics["training_warnings"] = float(len(fitted.warnings))
 
 
 def _class_names(data: dict[str, npt.NDArray[Any]]) -> list[str]:

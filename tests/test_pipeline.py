@@ -184,3 +184,51 @@ def test_artifact_store_by_fsspec_url(tmp_path: Path, scheme: str) -> None:
     fs.rm(f"{base}/e/{key}/manifest.json")
     third = Runner(tmp_path / "third", sink, open_store(url)).run(diamond(tmp_path))
     assert third.steps["e"].status == "succeeded" and third.steps["a"].status == "cached"
+
+
+def test_ingest_parquet_with_string_labels_and_a_categorical_column(
+    runner: Runner, tmp_path: Path
+) -> None:
+    """Parquet table -> split -> train (the profile gets the column names and top-K bins
+    for the categorical column) -> evaluate; labels are names, mapped to indices."""
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from retrain.steps import evaluate, ingest, split, train
+
+    rng = np.random.default_rng(0)
+    n = 600
+    colour = rng.integers(0, 4, n)
+    size = rng.standard_normal(n)
+    label = np.where(size + (colour == 2) > 0.5, "big", "small")
+    path = tmp_path / "table.parquet"
+    pq.write_table(pa.table({"size": size, "colour": colour, "kind": label}), path)
+    params = {"dataset": "parquet", "label_column": "kind", "categorical_columns": ["colour"]}
+    pipeline = (
+        Pipeline("table")
+        .add(Step("ingest", ingest, ("data.npz",), {"table": f"file:{path}"}, params))
+        .add(Step("split", split, ("train.npz", "holdout.npz"), {"data": "ingest.data.npz"}))
+        .add(Step("train", train, ("model.onnx", "framework.npz", "profile.json"),
+                  {"train": "split.train.npz", "holdout": "split.holdout.npz"}))
+        .add(Step("evaluate", evaluate, ("evaluation.json",),
+                  {"model": "train.model.onnx", "holdout": "split.holdout.npz",
+                   "framework": "train.framework.npz"}))
+    )  # fmt: skip
+    result = runner.run(pipeline)
+    doc = json.loads(result.output("train", "profile.json").read_text())
+    assert doc["classes"] == ["big", "small"]
+    assert doc["profile"]["features"] == ["size", "colour"]
+    assert sorted(doc["profile"]["categories"]["colour"]) == [0.0, 1.0, 2.0, 3.0]
+    evaluation = json.loads(result.output("evaluate", "evaluation.json").read_text())
+    assert evaluation["accuracy"] > 0.9
+    # scikit-learn's ConvergenceWarning is recorded with the run, not raised
+    assert any("ConvergenceWarning" in w for w in doc["warnings"])
+    strings = tmp_path / "strings.parquet"
+    pq.write_table(pa.table({"colour": ["red", "blue"], "kind": ["big", "small"]}), strings)
+    bad = Step("ingest", ingest, ("data.npz",), {"table": f"file:{strings}"},
+               {"dataset": "parquet", "label_column": "kind"})  # fmt: skip
+    with pytest.raises(StepFailed, match="column 'colour' is not numeric"):
+        runner.run(Pipeline("bad").add(bad))
