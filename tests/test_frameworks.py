@@ -82,14 +82,15 @@ def write_image_folder(root: Path) -> None:
 
 
 @pytest.mark.slow
-def test_image_folder_trains_a_small_cnn(tmp_path: Path) -> None:
-    needs("torch")
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+def test_image_folder_trains_a_small_cnn(tmp_path: Path, framework: str) -> None:
+    needs(framework)
     write_image_folder(tmp_path / "images")
     url = f"sqlite:///{tmp_path / 'r.db'}"
     result = CliRunner().invoke(
         main,
         ["train", "--dataset", "images", "--images", str(tmp_path / "images"), "--size", "16x16",
-         "--mode", "L", "--framework", "torch", "--name", "glyphs", "--registry", url,
+         "--mode", "L", "--framework", framework, "--name", "glyphs", "--registry", url,
          "--work-dir", str(tmp_path / "w")],
     )  # fmt: skip
     assert result.exit_code == 0, result.output

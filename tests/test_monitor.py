@@ -175,3 +175,12 @@ def test_json_and_prometheus_export(profile: ReferenceProfile) -> None:
     assert 'servo_drift_score{feature="predicted_class",model="m",stat="chi2_p_value"' in exposition
     assert 'servo_accuracy{model="m",version="1",window="15m"}' in exposition
     assert window_label(3600) == "1h" and window_label(45) == "45s"
+
+
+def test_classes_the_reference_never_predicted(profile: ReferenceProfile) -> None:
+    rng = np.random.default_rng(8)
+    classes = np.where(rng.random(500) < 0.1, 99, rng.integers(0, CLASSES, 500))
+    report = build_report(window(profile, rng, classes=classes), profile)
+    assert report.reasons == ["prediction drift"]
+    drift = report.predictions.features[0]
+    assert np.isfinite([drift.js_distance, drift.psi, drift.chi2_p_value]).all()
