@@ -77,6 +77,8 @@ class MonitorReport:
     window_s: float
     end: str | None
     verdict: str
+    #: seconds of the window the source had data for (None: all of it)
+    covered_s: float | None = None
     reasons: list[str] = field(default_factory=list)
     error: str | None = None
     n: int = 0
@@ -216,6 +218,7 @@ def build_report(
         window_s=data.window_s,
         end=_iso(data.end),
         verdict=OK,
+        covered_s=data.covered_s,
     )
     least, rate = config.min_samples, config.false_alarm_rate
     if profile is not None:

@@ -41,6 +41,8 @@ class WindowData:
     version: str
     window_s: float
     end: float
+    #: how much of the window the source really covers (less when its history is shorter)
+    covered_s: float | None = None
     #: feature -> bin label -> count
     features: dict[str, dict[str, float]] = field(default_factory=dict)
     #: predicted class -> count (all variants of the version)
@@ -212,10 +214,14 @@ class Collectable(Protocol):
 
 class EmbeddedSource:
     """The same numbers from a `CollectorRegistry` in this process (the embedded gateway's):
-    `snapshot()` records the counters (call it every `step_s`, e.g. from the scheduler);
-    a window is the newest snapshot minus the newest one at or before its start (or the
-    oldest kept, when the history is shorter than the window: the window then says how
-    long it really covered)."""
+    `snapshot()` records the counters (call it every step, e.g. from the scheduler; a
+    window takes one too, unless `fresh=False`). A window is the newest snapshot minus the
+    newest one at or before its start (or the oldest kept, when the history is shorter:
+    `covered_s` then says how long it really covered).
+
+    Memory stays bounded: snapshots are whole for `full_s` (the longest window asked
+    for), then keep only the feedback counters (the stall detector's history) for
+    `keep_s`."""
 
     name = "embedded"
 
@@ -223,13 +229,16 @@ class EmbeddedSource:
         self,
         registry: Collectable,
         *,
-        keep_s: float = 7 * 86400.0,
+        full_s: float = 3600.0,
+        keep_s: float = 86400.0,
         clock: Callable[[], float] = time.time,
     ):
         self.registry = registry
+        self.full_s = full_s
         self.keep_s = keep_s
         self.clock = clock
-        self._snapshots: deque[tuple[float, Snapshot]] = deque()
+        #: (time, values, whole?)
+        self._snapshots: deque[tuple[float, Snapshot, bool]] = deque()
         self.snapshot()
 
     def snapshot(self) -> None:
@@ -240,13 +249,20 @@ class EmbeddedSource:
                     key = (sample.name, tuple(sorted(sample.labels.items())))
                     values[key] = float(sample.value)
         now = self.clock()
-        self._snapshots.append((now, values))
+        self._snapshots.append((now, values, True))
         while len(self._snapshots) > 2 and self._snapshots[1][0] < now - self.keep_s:
             self._snapshots.popleft()
+        for i, (taken, old, whole) in enumerate(self._snapshots):
+            if taken >= now - self.full_s:
+                break
+            if whole:  # past the longest window: only the label stream is still needed
+                kept = {k: v for k, v in old.items() if k[0] == FEEDBACK}
+                self._snapshots[i] = (taken, kept, False)
 
-    def _at_or_before(self, moment: float) -> tuple[float, Snapshot]:
-        chosen = self._snapshots[0]
-        for taken, values in self._snapshots:
+    def _base(self, moment: float) -> tuple[float, Snapshot]:
+        whole = [(t, v) for t, v, full in self._snapshots if full]
+        chosen = whole[0]
+        for taken, values in whole:
             if taken > moment:
                 break
             chosen = (taken, values)
@@ -266,24 +282,33 @@ class EmbeddedSource:
         return out
 
     def window(
-        self, model: str, version: str, window_s: float, *, history_s: float, step_s: float
+        self,
+        model: str,
+        version: str,
+        window_s: float,
+        *,
+        history_s: float,
+        step_s: float,
+        fresh: bool = True,
     ) -> WindowData:
-        self.snapshot()
-        end, newest = self._snapshots[-1]
-        start, base = self._at_or_before(end - window_s)
+        if fresh:
+            self.snapshot()
+        end, newest, _ = self._snapshots[-1]
+        start, base = self._base(end - window_s)
         data = WindowData(
-            model=model, version=version, window_s=min(window_s, end - start), end=end
-        )
+            model=model, version=version, window_s=window_s, end=end,
+            covered_s=min(window_s, end - start),
+        )  # fmt: skip
         for (name, labels), value in self._growth(newest, base, model, version).items():
             _fill(data, name, dict(labels), value)
         data.confidence = _buckets(data.confidence)
         data.delay = _buckets(data.delay)
-        previous: tuple[float, Snapshot] | None = None
-        for taken, values in self._snapshots:
+        previous: Snapshot | None = None
+        for taken, values, _ in self._snapshots:
             if taken < end - history_s:
                 continue
             if previous is not None:
-                growth = self._growth(values, previous[1], model, version)
+                growth = self._growth(values, previous, model, version)
                 by_outcome = {
                     dict(labels).get("outcome"): value
                     for (name, labels), value in growth.items()
@@ -292,5 +317,5 @@ class EmbeddedSource:
                 data.feedback_steps.append(
                     (taken, by_outcome.get("correct", 0.0), by_outcome.get("incorrect", 0.0))
                 )
-            previous = (taken, values)
+            previous = values
         return data

@@ -60,6 +60,16 @@ def _serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, server.stop)
         task = asyncio.create_task(server.run())
+        monitor = None
+        if settings.monitor_every_s > 0 and settings.metrics:
+            from monitors.monitor import MonitorConfig
+            from servo.embedded_monitor import EmbeddedMonitor
+
+            config = MonitorConfig(
+                window_s=settings.monitor_window_s, detector=settings.monitor_detector
+            )
+            watcher = EmbeddedMonitor(server, every_s=settings.monitor_every_s, config=config)
+            monitor = asyncio.create_task(watcher.run())
         if callable(on_ready):
             while server.http_port is None or not server.dataplane.ready():
                 if task.done():
@@ -67,7 +77,11 @@ def _serve(
                 await asyncio.sleep(0.05)
             if not task.done():
                 threading.Thread(target=on_ready, args=(server,), daemon=True).start()
-        await task
+        try:
+            await task
+        finally:
+            if monitor is not None:
+                monitor.cancel()
 
     uvloop.run(main())
 

@@ -104,7 +104,13 @@ def table(report: MonitorReport, *, top: int = 10) -> str:
     title = (
         f"{report.model} version {report.version}: {report.verdict.upper()}"
         + (f" ({', '.join(report.reasons)})" if report.reasons else "")
-        + f"  [window {window_label(report.window_s)}, source {report.source}"
+        + f"  [window {window_label(report.window_s)}"
+        + (
+            f" (data for {report.covered_s:.0f} s of it)"
+            if report.covered_s is not None and report.covered_s < report.window_s
+            else ""
+        )
+        + f", source {report.source}"
         + (f", until {report.end}" if report.end else "")
         + "]"
     )

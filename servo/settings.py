@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     grpc_workers: int = Field(
         128, ge=1, description="gRPC worker threads: the most gRPC calls in flight"
     )
+    monitor_every_s: float = Field(
+        60.0, ge=0, description="embedded monitors: seconds between reports (0: off)"
+    )
+    monitor_window_s: float = Field(900.0, gt=0, description="embedded monitors' window")
+    monitor_detector: Literal["ucb", "ddm", "adwin", "none"] = "ucb"
     metrics: bool = Field(True, description="record metrics (off only to measure their cost)")
     routes_poll_s: float = Field(0.5, gt=0, description="how often a routes file is checked")
     log_level: str = "INFO"

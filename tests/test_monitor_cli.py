@@ -118,3 +118,45 @@ def test_servo_monitor_against_a_real_gateway_and_prometheus(
     assert down.returncode == 2 and "UNAVAILABLE" in down.stdout and "unreachable" in down.stdout
     bad = servo_monitor("--model-dir", folder, "--window", "soon")
     assert bad.returncode == 2 and "not a duration" in bad.stderr
+
+
+@pytest.mark.slow
+def test_embedded_monitors_export_on_the_gateways_metrics(model_root: Path, tmp_path: Path) -> None:
+    """`servo serve` runs the monitors on its own registry and exports their results on
+    the same /metrics (SERVO_MONITOR_EVERY_S)."""
+    import time
+
+    running = start_server(
+        [model_root / "digits" / "1"],
+        tmp_path / "server.log",
+        wait_for=["digits"],
+        env={"SERVO_MONITOR_EVERY_S": "0.5", "SERVO_MONITOR_WINDOW_S": "120"},
+    )
+    try:
+        rows, labels = digits_holdout(seed=0)
+        shifted = rows[:300].copy()
+        shifted[:, [10, 20, 30, 42]] = np.clip(shifted[:, [10, 20, 30, 42]] + 6, 0, 16)
+        correct = send(running, shifted, labels[:300])
+        deadline = time.monotonic() + 30
+        wanted = (
+            'servo_drift_score{feature="input:20",model="digits",stat="js_distance",version="1"}'
+        )
+        while True:
+            text = httpx.get(f"{running.url}/metrics", timeout=10).text
+            accuracy = [
+                line for line in text.splitlines()
+                if line.startswith('servo_accuracy{model="digits",version="1",window="2m"}')
+            ]  # fmt: skip
+            if wanted in text and accuracy and float(accuracy[0].split()[-1]) == correct / 300:
+                break
+            assert time.monotonic() < deadline, text[-3000:]
+            time.sleep(0.3)
+        js = float(next(line for line in text.splitlines() if line.startswith(wanted)).split()[-1])
+        threshold_line = wanted.replace("js_distance", "js_threshold")
+        threshold = float(
+            next(line for line in text.splitlines() if line.startswith(threshold_line)).split()[-1]
+        )
+        assert js > threshold
+        assert "input drift" in running.log()  # the monitor's warning in the gateway's log
+    finally:
+        assert running.stop() == 0, running.log()

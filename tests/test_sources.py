@@ -222,7 +222,7 @@ def test_embedded_window_longer_than_its_history_says_so(
     source = EmbeddedSource(exporter.registry, clock=lambda: now[0])
     now[0] += 30
     data = source.window(MODEL, "1", 900, history_s=900, step_s=60)
-    assert data.window_s == 30
+    assert data.window_s == 900 and data.covered_s == 30
 
 
 def test_prometheus_partial_answers_are_unavailable(tmp_path: Path) -> None:
@@ -261,3 +261,29 @@ def test_prometheus_partial_answers_are_unavailable(tmp_path: Path) -> None:
         server.server_close()
     assert first.verdict == UNAVAILABLE and "partial" in (first.error or "")
     assert second.verdict == UNAVAILABLE and "query timed out" in (second.error or "")
+
+
+def test_embedded_history_keeps_only_the_label_stream_beyond_the_window(
+    exporter: Exporter, profile: ReferenceProfile
+) -> None:
+    now = [1000.0]
+    with exporter.lock:
+        exporter.recorder.initialise(MODEL, "mem", profile)
+        bins = exporter.recorder.features(MODEL, "mem", profile)
+    source = EmbeddedSource(exporter.registry, full_s=120, keep_s=600, clock=lambda: now[0])
+    for _ in range(20):  # 20 minutes of snapshots a minute apart
+        now[0] += 60
+        with exporter.lock:
+            bins.add(np.zeros((10, FEATURES)))
+            exporter.recorder.count(exporter.recorder.feedback, (MODEL, "mem", "correct"), 3)
+        source.snapshot()
+    snapshots = list(source._snapshots)
+    assert len(snapshots) == 12  # 600 s kept, and the one before as their base
+    whole = [t for t, _, full in snapshots if full]
+    assert whole == [now[0] - 120, now[0] - 60, now[0]]
+    assert all(k[0] == "servo_feedback_total" for _, v, full in snapshots if not full for k in v)
+    data = source.window(MODEL, "mem", 60, history_s=600, step_s=60, fresh=False)
+    assert sum(data.features["input:0"].values()) == 10 and data.covered_s == 60
+    longer = source.window(MODEL, "mem", 900, history_s=600, step_s=60, fresh=False)
+    assert longer.covered_s == 120  # what the whole snapshots still cover, said plainly
+    assert [c for _, c, _ in longer.feedback_steps] == [3.0] * 10
