@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.servers import free_port
+from tests.servers import free_port, stop_process
 
 
 def binary() -> str | None:
@@ -49,13 +49,7 @@ class RunningPrometheus:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process)
 
 
 def _spawn(exe: str, config: Path, workdir: Path, port: int, log: Any) -> subprocess.Popen[bytes]:
