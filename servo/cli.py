@@ -469,7 +469,8 @@ def monitor_command(
     try:
         target = resolve(model, version_, model_dir, store)
     except (LookupError, NotFound, ModelLoadError, ProfileError) as exc:
-        raise click.ClickException(str(exc)) from None
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)  # not 1: that means drift; without the version there is nothing to tell
     finally:
         if store is not None:
             store.close()

@@ -160,3 +160,32 @@ def test_embedded_monitors_export_on_the_gateways_metrics(model_root: Path, tmp_
         assert "input drift" in running.log()  # the monitor's warning in the gateway's log
     finally:
         assert running.stop() == 0, running.log()
+
+
+def test_servo_monitor_finds_the_champion_in_the_registry(tmp_path: Path) -> None:
+    """Without --model-dir the registry names the version (the champion alias) and its
+    folder; errors finding it exit 2 (cannot tell), not 1 (drift)."""
+    from click.testing import CliRunner
+
+    from registry.store import RegistryStore
+    from servo.cli import main
+    from servo.train import train
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    store = RegistryStore(url)
+    store.create_schema()
+    try:
+        trained = train(store, work=tmp_path / "w")
+        store.set_alias("digits", "champion", trained.version, actor="ops")
+    finally:
+        store.close()
+    down = f"http://127.0.0.1:{free_port()}"
+    result = CliRunner().invoke(main, ["monitor", "digits", "--registry", url, "--source", down])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"digits version {trained.version}: UNAVAILABLE")
+    unknown = CliRunner().invoke(main, ["monitor", "nope", "--registry", url, "--source", down])
+    assert unknown.exit_code == 2 and "not registered" in unknown.output
+    missing = CliRunner().invoke(
+        main, ["monitor", "digits", "--version", "9", "--registry", url, "--source", down]
+    )
+    assert missing.exit_code == 2, missing.output
