@@ -44,8 +44,11 @@ class Endpoints:
 
     async def model_ready(self, request: Request) -> Response:
         params = request.params
-        ready = self.dataplane.model_ready(params["model"], params.get("version"))
-        return json_response(200 if ready else 503, {"name": params["model"], "ready": ready})
+        ready, reason = self.dataplane.model_readiness(params["model"], params.get("version"))
+        doc: dict[str, object] = {"name": params["model"], "ready": ready}
+        if reason is not None:
+            doc["reason"] = reason
+        return json_response(200 if ready else 503, doc)
 
     async def infer(self, request: Request) -> Response:
         started = time.perf_counter()

@@ -78,7 +78,12 @@ class DataPlane:
         return True
 
     def ready(self) -> bool:
-        return bool(self.router.state.live) and self.repository.all_ready()
+        """Every routed model's champion serves. A candidate, canary, shadow or other
+        version that failed to load does not make the server unready (a readiness probe
+        would take every replica out for one bad candidate): it shows on its own ready
+        endpoint and in servo_model_load_failures_total."""
+        state = self.router.state
+        return bool(state.champions) and all(name in state.live for name in state.champions)
 
     def server_metadata(self) -> dict[str, Any]:
         return {
@@ -91,8 +96,15 @@ class DataPlane:
         return self.router.champion_version(name) if version is None else version
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
+        return self.model_readiness(name, version)[0]
+
+    def model_readiness(self, name: str, version: str | None = None) -> tuple[bool, str | None]:
+        """Whether the version serves, and if not, why (its state and load error)."""
         entry = self.repository.entry(name, self._resolve_version(name, version))
-        return entry.state is State.READY
+        if entry.state is State.READY:
+            return True, None
+        why = f"version {entry.version} is {entry.state.value}"
+        return False, f"{why}: {entry.error}" if entry.error else why
 
     def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
         model = self.repository.model(name, self._resolve_version(name, version))
@@ -206,22 +218,27 @@ class DataPlane:
                     f"input '{tensor.name}': expected datatype {spec.datatype}, "
                     f"got {tensor.datatype}"
                 )
+            data = tensor.data
             if not spec.accepts_shape(tensor.shape):
-                raise InvalidInput(
-                    f"input '{tensor.name}': expected shape {list(spec.shape)} "
-                    f"(-1: any size), got {tensor.shape}"
-                )
+                width = plan.flat_rows.get(tensor.name)
+                if width is None or len(tensor.shape) != 2 or tensor.shape[1] != width:
+                    flat = "" if width is None else f" or its rows flattened [-1, {width}]"
+                    raise InvalidInput(
+                        f"input '{tensor.name}': expected shape {list(spec.shape)}{flat} "
+                        f"(-1: any size), got {tensor.shape}"
+                    )
+                data = data.reshape(tensor.shape[0], *spec.shape[1:])  # row-major: a view
             # one reduction on the common path; a non-finite sum (also reached by overflow
             # of large finite values) takes the exact check
-            if finite_only and not math.isfinite(tensor.data.sum(dtype=np.float64)):
-                finite = np.isfinite(tensor.data)
+            if finite_only and not math.isfinite(data.sum(dtype=np.float64)):
+                finite = np.isfinite(data)
                 if not finite.all():
                     index = int(np.argmin(finite.reshape(-1)))
                     raise InvalidInput(
                         f"input '{tensor.name}': NaN or Inf at flat index {index}; "
                         "this input only takes finite values"
                     )
-            feeds[tensor.name] = tensor.data
+            feeds[tensor.name] = data
         if len(feeds) != len(plan.inputs):
             missing = [n for n in plan.inputs if n not in feeds]
             raise InvalidInput(f"model '{model.name}' needs input(s) {', '.join(missing)}")

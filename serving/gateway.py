@@ -48,7 +48,10 @@ class Gateway:
                 model.feature_sink = self.recorder.features(
                     route.name, deployment.version, model.profile
                 )
-            model.configure_batching(route.batching or self.batching)
+            batching = (
+                self.batching if route.batching is None else route.batching.over(self.batching)
+            )
+            model.configure_batching(batching)
 
     def _ready(self, name: str, version: str) -> OnnxModel | None:
         entry = self.repository.find(name, version)
@@ -70,9 +73,11 @@ class Gateway:
                         )  # fmt: skip
                     continue
                 expect = (route.name, deployment.version)
-                await loop.run_in_executor(
+                loaded = await loop.run_in_executor(
                     None, self.repository.load_folder, deployment.path, expect
                 )
+                failures = self.recorder.load_failures
+                failures[expect] = failures.get(expect, 0) + int(loaded.state is State.FAILED)
 
     def _live(self, route: ModelRoute) -> LiveRoute | None:
         champion = self._ready(route.name, route.champion.version)

@@ -33,6 +33,10 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+#: the rule `valid_name` checks, for messages
+NAME_RULE = "1-128 letters, digits, '_', '.' or '-', starting with a letter or digit, no '..'"
+
+
 def valid_name(name: str) -> bool:
     """Model names: letters, digits, `_`, `.`, `-`; no path separators, no leading dot."""
     return bool(_NAME.match(name)) and ".." not in name
@@ -125,16 +129,27 @@ def read_card(folder: Path) -> ModelCard:
     return ModelCard.from_json(doc, str(path))
 
 
+#: a model folder is read by the server, which may run as another user
+FOLDER_MODE, FILE_MODE = 0o755, 0o644
+
+
 def write_card(folder: Path, card: ModelCard) -> Path:
-    """Write `servo.json` atomically (temp file + rename)."""
+    """Write `servo.json` atomically (temp file + rename), the last file of a version
+    folder: the folder is left 0755 and its files 0644, whatever the umask (mkstemp's
+    0600 made servo.json unreadable to a server running as another user)."""
     folder.mkdir(parents=True, exist_ok=True)
     data = json.dumps(card.to_json(), indent=2, sort_keys=False) + "\n"
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".servo.json.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(data)
+            os.fchmod(handle.fileno(), FILE_MODE)
         os.replace(tmp, folder / CARD_FILE)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    os.chmod(folder, FOLDER_MODE)
+    model = folder / MODEL_FILE
+    if model.is_file() and not model.is_symlink():
+        os.chmod(model, FILE_MODE)
     return folder / CARD_FILE

@@ -166,6 +166,7 @@ class Recorder:
         self.feedback: dict[Labels, int] = {}  # model, version, outcome
         self.feedback_unmatched: dict[Labels, int] = {}  # model
         self.feedback_delay: dict[Labels, Histogram] = {}  # model, version
+        self.load_failures: dict[Labels, int] = {}  # model, version (routed versions only)
         self.payload_log: Any = None  # a PayloadLog, read at scrape time
         if registry is not None:
             registry.register(self)
@@ -251,6 +252,10 @@ class Recorder:
         yield _counter(
             "servo_feedback_unmatched", "Labels whose prediction id was not found (stored).",
             ["model"], self.feedback_unmatched,
+        )  # fmt: skip
+        yield _counter(
+            "servo_model_load_failures", "Failed loads of a routed model version.",
+            ["model", "version"], self.load_failures,
         )  # fmt: skip
         log = self.payload_log
         dropped = CounterMetricFamily(

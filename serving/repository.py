@@ -115,10 +115,6 @@ class ModelRepository:
     def find(self, name: str, version: str) -> Entry | None:
         return self._models.get(name, {}).get(version)
 
-    def all_ready(self) -> bool:
-        entries = self.entries()
-        return bool(entries) and all(e.state is State.READY for e in entries)
-
     def entry(self, name: str, version: str) -> Entry:
         versions = self._models.get(name)
         if versions is None:

@@ -17,14 +17,18 @@ Routes file (JSON):
 
 `percent` is the canary's share of traffic, or the share of requests copied to a shadow.
 `others` are loaded and answer requests that name their version, but take no traffic.
-`batching` (optional) overrides the server's batching defaults for this model's versions;
-`"batching": false` turns it off.
+`batching` (optional) overrides the server's batching (SERVO_BATCHING, SERVO_BATCH_MAX_ROWS,
+SERVO_BATCH_MAX_DELAY_US) for this model's versions: `true`/`false` forces it on/off with
+the server's limits; an object turns it on (unless `"enabled": false`) and its `max_rows`
+and `max_delay_us` replace the server's; what it leaves out stays the server's. Any other
+value makes the whole file invalid (the message names the model).
 Relative paths are relative to the routes file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -46,6 +50,19 @@ class RouteError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class BatchingOverride:
+    """A route's batching: each field given replaces the server's (None: the server's)."""
+
+    enabled: bool | None = None
+    max_rows: int | None = None
+    max_delay_us: float | None = None
+
+    def over(self, base: BatchingConfig) -> BatchingConfig:
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+
+
+@dataclass(frozen=True, slots=True)
 class Deployment:
     version: str
     path: Path
@@ -60,8 +77,8 @@ class ModelRoute:
     canary: Deployment | None = None
     shadows: tuple[Deployment, ...] = ()
     others: tuple[Deployment, ...] = ()
-    #: None: the server's default batching
-    batching: BatchingConfig | None = None
+    #: None: the server's batching
+    batching: BatchingOverride | None = None
 
     def deployments(self) -> Iterator[tuple[str, Deployment]]:
         yield CHAMPION, self.champion
@@ -160,23 +177,35 @@ def _deployment(doc: Any, base: Path, where: str) -> Deployment:
     return Deployment(version, (base / path).resolve(), float(percent))
 
 
-def _batching(doc: Any, where: str) -> BatchingConfig | None:
+def _batching(doc: Any, where: str) -> BatchingOverride | None:
     if doc is None:
         return None
     if isinstance(doc, bool):
-        return BatchingConfig(enabled=doc)
-    if not isinstance(doc, dict) or set(doc) - {"enabled", "max_rows", "max_delay_us"}:
-        raise RouteError(f"{where}: batching takes enabled, max_rows and max_delay_us")
-    enabled, rows, delay = (
-        doc.get("enabled", True),
-        doc.get("max_rows", 32),
-        doc.get("max_delay_us", 500),
+        return BatchingOverride(enabled=doc)
+    if not isinstance(doc, dict):
+        raise RouteError(
+            f"{where}: batching must be true, false or an object with enabled, max_rows "
+            f"and max_delay_us, got {json.dumps(doc)[:64]}"
+        )
+    unknown = sorted(set(doc) - {"enabled", "max_rows", "max_delay_us"})
+    if unknown:
+        raise RouteError(
+            f"{where}: batching takes enabled, max_rows and max_delay_us, not {', '.join(unknown)}"
+        )
+    enabled, rows, delay = doc.get("enabled", True), doc.get("max_rows"), doc.get("max_delay_us")
+    if not isinstance(enabled, bool):
+        raise RouteError(f"{where}: batching enabled must be true or false, got {enabled!r}")
+    if rows is not None and (type(rows) is not int or rows < 1):
+        raise RouteError(f"{where}: batching max_rows must be an integer >= 1, got {rows!r}")
+    if delay is not None and (
+        isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 <= delay < 1e9
+    ):
+        raise RouteError(
+            f"{where}: batching max_delay_us must be a number of microseconds >= 0, got {delay!r}"
+        )
+    return BatchingOverride(
+        enabled=enabled, max_rows=rows, max_delay_us=None if delay is None else float(delay)
     )
-    if not isinstance(enabled, bool) or type(rows) is not int or rows < 1:
-        raise RouteError(f"{where}: batching enabled must be true/false and max_rows >= 1")
-    if isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0:
-        raise RouteError(f"{where}: batching max_delay_us must be a number >= 0")
-    return BatchingConfig(enabled=enabled, max_rows=rows, max_delay_us=float(delay))
 
 
 def parse_routes(text: str, base: Path) -> RouteTable:
@@ -202,6 +231,7 @@ def parse_routes(text: str, base: Path) -> RouteTable:
                 _deployment(d, base, f"'{name}' shadow") for d in item.get("shadows") or []
             ),
             others=tuple(_deployment(d, base, f"'{name}' other") for d in item.get("others") or []),
+            batching=_batching(item.get("batching"), f"model '{name}'"),
         )
         models[name] = route
     return RouteTable(models).validate()

@@ -247,10 +247,12 @@ def runs_show(run_id: int, registry_url: str) -> None:
 @main.command("train")
 @click.option("--dataset", default="digits", show_default=True,
               type=click.Choice(["digits", "images"]))  # fmt: skip
-@click.option("--images", type=click.Path(path_type=Path, file_okay=False, exists=True),
-              help="--dataset images: a folder of class subfolders")  # fmt: skip
-@click.option("--size", default="28x28", show_default=True, help="images: WIDTHxHEIGHT")
-@click.option("--mode", default="L", show_default=True, type=click.Choice(["L", "RGB"]))
+@click.option("--images", type=click.Path(path_type=Path, exists=True),
+              help="--dataset images: a folder of class subfolders (raw images or the output "
+                   "of preprocess-images), or the .npz of preprocess-images --npz")  # fmt: skip
+@click.option("--size", help="images: WIDTHxHEIGHT [default: 28x28; a .npz: its own]")
+@click.option("--mode", type=click.Choice(["L", "RGB"]),
+              help="images: colour mode [default: L; a .npz: its own]")  # fmt: skip
 @click.option("--framework", default="sklearn", show_default=True,
               type=click.Choice(["sklearn", "sklearn-gbt", "xgboost", "torch", "keras"]),
               help="xgboost, torch and keras need their extras")  # fmt: skip
@@ -271,19 +273,23 @@ def runs_show(run_id: int, registry_url: str) -> None:
 )  # fmt: skip
 @registry_option
 def train_command(
-    *, dataset: str, images: Path | None, size: str, mode: str, framework: str,
+    *, dataset: str, images: Path | None, size: str | None, mode: str | None, framework: str,
     epochs: int | None, name: str, seed: int, work_dir: Path, no_cache: bool,
     artifacts: str | None, registry_url: str,
 ) -> None:  # fmt: skip
     """Run the pipeline (ingest, split, train, evaluate) and register the new version."""
     from retrain.pipeline import StepFailed
+    from serving.model_folder import NAME_RULE, valid_name
     from servo.train import train
 
+    if not valid_name(name):
+        raise click.BadParameter(f"invalid model name {name!r} ({NAME_RULE})", param_hint="--name")
     params: dict[str, Any] = {"seed": seed, "framework": framework}
     if dataset == "images":
         if images is None:
             raise click.UsageError("--dataset images needs --images DIR")
-        params.update(images=str(images), size=size, mode=mode)
+        params["images"] = str(images)
+        params.update({k: v for k, v in (("size", size), ("mode", mode)) if v is not None})
     if epochs is not None:
         params["epochs"] = epochs
     store = _store(registry_url)
@@ -310,9 +316,13 @@ def train_command(
 @click.option("--size", default="28x28", show_default=True, help="WIDTHxHEIGHT")
 @click.option("--mode", default="RGB", show_default=True, type=click.Choice(["RGB", "L"]))
 @click.option("--workers", default=0, show_default=True, help="processes (0: one per core)")
-def preprocess_images(src: Path, dst: Path, size: str, mode: str, workers: int) -> None:
-    """Decode, convert, resize and scale a folder of images in class subfolders into
-    DST/images.npz; corrupt files are skipped and listed in DST/report.json."""
+@click.option("--npz", is_flag=True, help="also write the arrays as DST/images.npz")
+def preprocess_images(
+    src: Path, dst: Path, *, size: str, mode: str, workers: int, npz: bool
+) -> None:
+    """Decode, convert and resize a folder of images in class subfolders into uniform PNG
+    images in the same class subfolders of DST (which `servo train --dataset images`
+    takes); corrupt files are skipped and listed in DST/report.json."""
     from retrain.images import preprocess, write
 
     try:
@@ -322,7 +332,7 @@ def preprocess_images(src: Path, dst: Path, size: str, mode: str, workers: int) 
             f"expected WIDTHxHEIGHT, got {size!r}", param_hint="--size"
         ) from None
     result = preprocess(src, (width, height), mode, workers=workers or None, progress=True)
-    data, report = write(result, dst)
+    data, report = write(result, dst, npz=npz)
     click.echo(f"{len(result.files)} images -> {data}; {len(result.skipped)} skipped ({report})")
 
 

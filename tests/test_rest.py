@@ -179,7 +179,9 @@ def test_failed_model_explains_itself(http: httpx.Client) -> None:
     assert reply.status_code == 503
     assert "not a valid ONNX model" in reply.json()["error"]
     reply = http.get("/v2/models/corrupt/ready")
-    assert (reply.status_code, reply.json()) == (503, {"name": "corrupt", "ready": False})
+    doc = reply.json()
+    assert (reply.status_code, doc["name"], doc["ready"]) == (503, "corrupt", False)
+    assert doc["reason"].startswith("version 1 is failed: ") and "not a valid ONNX" in doc["reason"]
 
 
 def test_v1(http: httpx.Client) -> None:
