@@ -18,8 +18,8 @@ TRAINER_PARAMS = ("hidden", "max_iter", "epochs", "lr", "n_estimators", "max_dep
 def digits_pipeline(params: dict[str, Any] | None = None, champion: Path | None = None) -> Pipeline:
     """`params`: seed, holdout, framework (sklearn, sklearn-gbt, xgboost, torch, keras) and
     its parameters (hidden, max_iter, epochs, lr, n_estimators, max_depth, learning_rate);
-    images (a folder of class subfolders: train on it instead of the digits, with size
-    "WxH" and mode L or RGB); and optionally payload_log_root (retrain on
+    images (a folder of class subfolders, or a preprocessed .npz: train on it instead of
+    the digits, with size "WxH" and mode L or RGB); and optionally payload_log_root (retrain on
     digits plus the gateway's labelled rows, and evaluate on the labelled rows of the last
     `production_window_s` seconds, default 7 days, as a second metric set). `champion`: the
     current champion's ONNX file, compared with the candidate on the same rows."""
@@ -27,9 +27,11 @@ def digits_pipeline(params: dict[str, Any] | None = None, champion: Path | None 
     seed = int(p.get("seed", 0))
     ingest_params: dict[str, Any] = {"dataset": "digits"}
     if p.get("images"):
+        # a folder (resized to size, default 28x28, in mode, default L), or a .npz (used as
+        # it is; a size or mode given must match it)
         ingest_params = {
-            "dataset": "images", "root": str(p["images"]), "size": str(p.get("size", "28x28")),
-            "mode": str(p.get("mode", "L")),
+            "dataset": "images", "root": str(p["images"]),
+            **{k: str(p[k]) for k in ("size", "mode") if p.get(k)},
             # the folder's content is the step's input: a changed image re-runs it
             "content": folder_digest(Path(p["images"])),
         }  # fmt: skip

@@ -1,8 +1,10 @@
 """Trainers behind the train step: each fits a seeded classifier on (n, F) float32 rows
 (images flattened from (H, W, C)) and exports ONNX with the same two outputs, `label`
-(int64 class index into `classes`) and `probabilities` (float32 [N, K]), input `input`
-[N, F]. Each also returns the framework's own predictions on the holdout, so the evaluate
-step can refuse an export that disagrees with it.
+(int64 class index into `classes`) and `probabilities` (float32 [N, K]), and input
+`input`: [N, F], or for the image CNNs (torch, keras with `image_shape`) the image tensor
+[N, H, W, C] as image clients send it (the gateway also takes such an input's rows
+flattened, [N, H*W*C]). Each also returns the framework's own predictions on the holdout,
+so the evaluate step can refuse an export that disagrees with it.
 
 - `sklearn` (default): a small MLP (scikit-learn, skl2onnx)
 - `sklearn-gbt`: gradient boosting (HistGradientBoostingClassifier, skl2onnx)
@@ -203,9 +205,10 @@ def torch_net(data: Data, seed: int, params: dict[str, Any]) -> Fitted:
         # the TorchScript exporter: deterministic and enough for these graphs (the
         # torch.export one needs onnxscript); it and its internals warn that it is legacy
         warnings.simplefilter("ignore", DeprecationWarning)
+        example = x[:2] if shape is None else x[:2].reshape(-1, *shape)  # images: [N, H, W, C]
         torch.onnx.export(
             exported,
-            (x[:2],),
+            (example,),
             buffer,
             input_names=["input"],
             output_names=["label", "probabilities"],
@@ -255,10 +258,11 @@ def keras_net(data: Data, seed: int, params: dict[str, Any]) -> Fitted:
     tf.config.experimental.enable_op_determinism()
     shape = data.image_shape
     layers = tf.keras.layers
-    inputs = tf.keras.Input(shape=(data.x.shape[1],), name="input")
+    # images: the model takes [N, H, W, C] (its rows are reshaped to it here)
+    row_shape = (data.x.shape[1],) if shape is None else tuple(shape)
+    inputs = tf.keras.Input(shape=row_shape, name="input")
     if shape is not None:
-        hidden = layers.Reshape(shape)(inputs)
-        hidden = layers.Conv2D(16, 3, padding="same", activation="relu")(hidden)
+        hidden = layers.Conv2D(16, 3, padding="same", activation="relu")(inputs)
         hidden = layers.MaxPooling2D(2)(hidden)
         hidden = layers.Conv2D(32, 3, padding="same", activation="relu")(hidden)
         hidden = layers.MaxPooling2D(2)(hidden)
@@ -270,7 +274,8 @@ def keras_net(data: Data, seed: int, params: dict[str, Any]) -> Fitted:
     model = tf.keras.Model(inputs, outputs)
     model.compile(optimizer=tf.keras.optimizers.Adam(float(params.get("lr", 0.003))),
                   loss="sparse_categorical_crossentropy")  # fmt: skip
-    x = _scaled(data.x, data.scale)
+    x = _scaled(data.x, data.scale).reshape(-1, *row_shape)
+    holdout_x = _scaled(data.holdout, data.scale).reshape(-1, *row_shape)
     model.fit(x, data.y, epochs=int(params.get("epochs", 15)), batch_size=64, verbose=0,
               shuffle=True)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="servo-savedmodel-") as tmp:
@@ -284,7 +289,7 @@ def keras_net(data: Data, seed: int, params: dict[str, Any]) -> Fitted:
         loaded = tf.saved_model.load(str(saved))  # ONNX from the SavedModel, not the model
         signature = loaded.signatures["serving_default"]
         (output_key,) = signature.structured_outputs
-        spec = tf.TensorSpec([None, data.x.shape[1]], tf.float32, name="input")
+        spec = tf.TensorSpec([None, *row_shape], tf.float32, name="input")
 
         @tf.function(input_signature=[spec])  # type: ignore[untyped-decorator]
         def serve(rows: Any) -> Any:
@@ -293,7 +298,7 @@ def keras_net(data: Data, seed: int, params: dict[str, Any]) -> Fitted:
         proto, _ = tf2onnx.convert.from_function(serve, input_signature=[spec], opset=17)
     _rename_outputs(proto, ["probabilities"])
     _add_argmax(proto)
-    holdout = model.predict(_scaled(data.holdout, data.scale), verbose=0).astype(np.float32)
+    holdout = model.predict(holdout_x, verbose=0).astype(np.float32)
     train = model.predict(x, verbose=0)
     return Fitted(
         onnx=_with_scaling(proto.SerializeToString(), data.scale),

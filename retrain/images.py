@@ -2,9 +2,12 @@
 mode, resize, scale to [0, 1]. Usable on its own (`servo preprocess-images`) and as the
 image path of the pipeline's ingest. Corrupt files are skipped and reported, never fatal.
 
-Images are read from class subfolders (`SRC/<class>/<file>`); the output is one `.npz`
-(x: (N, H, W, C) float32, y: class names, files: relative paths, loaded without pickle)
-and a JSON report of what was skipped and why.
+Images are read from class subfolders (`SRC/<class>/<file>`). The output is the same
+tree of uniform images (`DST/<class>/<name>.png`, 8-bit, lossless: reading one back gives
+the same array), which training takes as it takes any image folder, and a JSON report of
+what was skipped and why (`DST/report.json`); on request also one `.npz` (x: (N, H, W, C)
+float32, y: class names, files: relative paths, loaded without pickle), which training
+takes too (`load_npz`).
 """
 
 from __future__ import annotations
@@ -43,10 +46,14 @@ def discover(src: Path) -> list[tuple[Path, str]]:
 
 
 def folder_digest(src: Path) -> str:
-    """sha256 over every (relative path, content) under the class subfolders."""
+    """sha256 over every (relative path, content) under the class subfolders (a `.npz`:
+    over its content)."""
     import hashlib
 
     digest = hashlib.sha256()
+    if Path(src).is_file():
+        with Path(src).open("rb") as handle:
+            return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
     for path, label in discover(src):
         digest.update(f"{label}/{path.name}\0".encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
@@ -146,12 +153,62 @@ def preprocess(
     )
 
 
-def write(result: Result, dst: Path) -> tuple[Path, Path]:
+NPZ = "images.npz"
+REPORT = "report.json"
+
+
+def _png_names(files: list[str]) -> list[str]:
+    """`<class>/<sub>/<stem>.png` for each relative path; a name another file took already
+    keeps its old suffix (`a.jpg.png` beside `a.png`), then gets a number."""
+    taken: set[str] = set()
+    names = []
+    for file in files:
+        path = Path(file)
+        for candidate in (path.with_suffix(".png"), Path(f"{path}.png")):
+            if candidate.as_posix() not in taken:
+                break
+        n = 1
+        while candidate.as_posix() in taken:
+            candidate, n = Path(f"{path}.{n}.png"), n + 1
+        taken.add(candidate.as_posix())
+        names.append(candidate.as_posix())
+    return names
+
+
+def write(result: Result, dst: Path, *, npz: bool = False) -> tuple[Path, Path]:
+    """Write the images as PNG files in their class subfolders (and `images.npz` when
+    `npz`); returns (the folder or the .npz, the report)."""
+    from PIL import Image
+
     dst.mkdir(parents=True, exist_ok=True)
-    data = dst / "images.npz"
-    np.savez(data, x=result.x, y=result.y, files=np.asarray(result.files))
-    report = dst / "report.json"
-    report.write_text(
-        json.dumps({"images": len(result.files), "skipped": result.skipped}, indent=2)
-    )
+    pixels = np.rint(result.x * 255.0).clip(0, 255).astype(np.uint8)
+    names = _png_names(result.files)
+    for image, name in zip(pixels, names, strict=True):
+        path = dst / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path, "PNG")
+    data = dst
+    if npz:
+        data = dst / NPZ
+        np.savez(data, x=result.x, y=result.y, files=np.asarray(result.files))
+    report = dst / REPORT
+    doc = {"images": len(result.files), "files": names, "skipped": result.skipped}
+    report.write_text(json.dumps(doc, indent=2))
     return data, report
+
+
+def load_npz(path: Path) -> Result:
+    """A `.npz` that `write(..., npz=True)` made, checked (no pickle)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            x, y = data["x"], data["y"]
+            files = [str(f) for f in data["files"]] if "files" in data else []
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path}: not an images .npz with x and y ({exc})") from None
+    if x.ndim != 4 or x.shape[-1] not in MODES.values() or len(y) != len(x):
+        raise ValueError(f"{path}: x must be (N, H, W, 1 or 3) with one y per image")
+    return Result(x=x.astype(np.float32), y=y, files=files)
+
+
+def mode_of(x: npt.NDArray[Any]) -> str:
+    return next(mode for mode, channels in MODES.items() if channels == x.shape[-1])

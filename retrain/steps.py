@@ -143,17 +143,37 @@ def _ingest_table(ctx: StepContext, kind: str) -> None:
 
 
 def _ingest_images(ctx: StepContext) -> None:
-    """A folder of images in class subfolders (`root`), decoded, converted to `mode`
-    (L or RGB), resized to `size` ("WxH"), scaled to [0, 1], flattened to rows; labels are
-    class indices, the class names (the subfolders, sorted) go along as `classes`.
-    Corrupt files are skipped and counted."""
-    from retrain.images import preprocess
+    """Images in class subfolders (`root`: raw ones, or the uniform PNGs of `servo
+    preprocess-images`), decoded, converted to `mode` (L or RGB, default L), resized to
+    `size` ("WxH", default 28x28), scaled to [0, 1]; or the arrays of a preprocessed
+    `.npz` (`root` a file), whose size and mode a given `size` or `mode` must match.
+    Flattened to rows, with `image_shape` (H, W, C); labels are class indices, the class
+    names (sorted) go along as `classes`. Corrupt files are skipped and counted."""
+    from retrain.images import MODES, load_npz, mode_of, preprocess
 
-    width, height = (int(v) for v in str(ctx.params.get("size", "28x28")).lower().split("x"))
-    mode = str(ctx.params.get("mode", "L"))
-    result = preprocess(Path(ctx.params["root"]), (width, height), mode, workers=1)
+    root = Path(ctx.params["root"])
+    if root.is_file():
+        result = load_npz(root)
+        height, width = result.x.shape[1:3]
+        size, mode = f"{width}x{height}", mode_of(result.x)
+        wanted = {"size": ctx.params.get("size", size), "mode": ctx.params.get("mode", mode)}
+        if (str(wanted["size"]).lower(), wanted["mode"]) != (size, mode):
+            raise ValueError(
+                f"{root} holds {size} {mode} images, not {wanted['size']} {wanted['mode']} "
+                "(omit --size and --mode for a .npz, or preprocess again)"
+            )
+    else:
+        size = str(ctx.params.get("size", "28x28")).lower()
+        mode = str(ctx.params.get("mode", "L"))
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        try:
+            width, height = (int(v) for v in size.split("x"))
+        except ValueError:
+            raise ValueError(f"size must be WIDTHxHEIGHT, got {size!r}") from None
+        result = preprocess(root, (width, height), mode, workers=1)
     if len(result.y) == 0:
-        raise ValueError(f"no readable images under {ctx.params['root']}")
+        raise ValueError(f"no readable images under {root} (images go in class subfolders)")
     names, y = np.unique(result.y, return_inverse=True)
     x = result.x.reshape(len(result.x), -1)
     np.savez(ctx.output("data.npz"), x=x, y=y.astype(np.int64), classes=names,
@@ -288,7 +308,7 @@ def evaluate(ctx: StepContext) -> None:
 
     holdout, framework = _load(ctx.inputs["holdout"]), _load(ctx.inputs["framework"])
     session = ort.InferenceSession(str(ctx.inputs["model"]), providers=["CPUExecutionProvider"])
-    labels, probabilities = session.run(None, {"input": holdout["x"]})
+    labels, probabilities = session.run(None, {"input": as_input(session, holdout["x"])})
     if not np.array_equal(labels, framework["labels"]):
         raise ValueError("ONNX export predicts other classes than the framework")
     gap = float(np.abs(probabilities - framework["probabilities"]).max())
@@ -306,7 +326,7 @@ def evaluate(ctx: StepContext) -> None:
         champion = ort.InferenceSession(
             str(ctx.inputs["champion"]), providers=["CPUExecutionProvider"]
         )
-        champion_labels = champion.run(None, {"input": holdout["x"]})[0]
+        champion_labels = champion.run(None, {"input": as_input(champion, holdout["x"])})[0]
         doc["comparison"] = compare(
             labels == y, champion_labels == y, int(ctx.params.get("seed", 0))
         )
@@ -316,10 +336,13 @@ def evaluate(ctx: StepContext) -> None:
         px, py = rows["x"], rows["y"]
         live: dict[str, Any] = {"rows": len(py), **window}
         if len(py):
-            p_labels, p_probabilities = session.run(None, {"input": px.astype(np.float32)})
+            p_labels, p_probabilities = session.run(
+                None, {"input": as_input(session, px.astype(np.float32))}
+            )
             live.update(_classification_metrics(p_labels, p_probabilities, py, classes))
             if champion is not None:
-                c_labels = champion.run(None, {"input": px.astype(np.float32)})[0]
+                c_feed = {"input": as_input(champion, px.astype(np.float32))}
+                c_labels = champion.run(None, c_feed)[0]
                 live["comparison"] = compare(
                     p_labels == py, c_labels == py, int(ctx.params.get("seed", 0))
                 )
@@ -327,6 +350,15 @@ def evaluate(ctx: StepContext) -> None:
         doc["production"] = live
     ctx.output("evaluation.json").write_text(json.dumps(doc, indent=2))
     ctx.metrics.update({k: v for k, v in doc.items() if isinstance(v, float)})
+
+
+def as_input(session: Any, rows: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """Flattened rows in the shape of the session's input: [N, H, W, C] for an image
+    model, unchanged for a model of rows."""
+    shape = session.get_inputs()[0].shape
+    if len(shape) > 2 and all(isinstance(d, int) and d > 0 for d in shape[1:]):
+        return rows.reshape(len(rows), *shape[1:])
+    return rows
 
 
 def compare(candidate: npt.NDArray[Any], champion: npt.NDArray[Any], seed: int = 0,

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -56,6 +57,9 @@ class Plan:
     label_output: str | None = None
     #: class probabilities per row (a float output of rank 2), if any
     probability_output: str | None = None
+    #: inputs of rank 3+ with fixed non-batch dims (images: [N, H, W, C]) -> their
+    #: elements per row: such an input also takes its rows flattened, [N, H*W*C]
+    flat_rows: dict[str, int] = field(default_factory=dict)
 
     def positions(self, names: list[str] | None) -> tuple[int, int]:
         """Where the label and probability outputs are among `names` (all outputs when
@@ -88,6 +92,11 @@ class Plan:
             output_specs=signature.outputs,
             label_output=label,
             probability_output=probabilities,
+            flat_rows={
+                s.name: math.prod(s.shape[1:])
+                for s in signature.inputs
+                if len(s.shape) > 2 and all(d > 0 for d in s.shape[1:])
+            },
         )
 
 
@@ -183,15 +192,17 @@ class OnnxModel:
         except ProfileError as exc:
             raise ModelLoadError(f"{where}: {exc}") from None
         spec = self.signature.input(profile.input)
-        if spec is None or spec.datatype == BYTES or len(spec.shape) != 2:
+        if spec is None or spec.datatype == BYTES or len(spec.shape) < 2:
             raise ModelLoadError(
                 f"{where}: reference profile input '{profile.input}' is not a numeric "
-                "[N, F] input of the model"
+                "[N, F] (or [N, H, W, C]) input of the model"
             )
-        if spec.shape[1] not in (-1, len(profile.features)):
+        # an image input's features are its flattened rows
+        width = spec.shape[1] if len(spec.shape) == 2 else self.plan.flat_rows.get(spec.name, -1)
+        if width not in (-1, len(profile.features)):
             raise ModelLoadError(
                 f"{where}: reference profile has {len(profile.features)} features, input "
-                f"'{profile.input}' has {spec.shape[1]}"
+                f"'{profile.input}' has {width}"
             )
         return profile
 

@@ -108,4 +108,4 @@ def test_image_folder_trains_a_small_cnn(tmp_path: Path, framework: str) -> None
     ).output)["artifact_uri"].removeprefix("file://"))  # fmt: skip
     card = read_card(folder)
     assert card.class_labels == ["one", "seven", "zero"]
-    assert tuple(card.signature.inputs[0].shape) == (-1, 256)
+    assert tuple(card.signature.inputs[0].shape) == (-1, 16, 16, 1)  # the image tensor

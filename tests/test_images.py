@@ -50,7 +50,7 @@ def test_grayscale_and_the_cli(image_tree: Path, tmp_path: Path) -> None:
     assert gray.x.shape == (16, 12, 8, 1)
     out = CliRunner().invoke(
         main, ["preprocess-images", str(image_tree), str(tmp_path / "out"), "--size", "16x16",
-               "--mode", "L", "--workers", "2"],
+               "--mode", "L", "--workers", "2", "--npz"],
     )  # fmt: skip
     assert out.exit_code == 0, out.output
     assert "16 images" in out.output and "2 skipped" in out.output
