@@ -221,13 +221,23 @@ class DataPlane:
             data = tensor.data
             if not spec.accepts_shape(tensor.shape):
                 width = plan.flat_rows.get(tensor.name)
-                if width is None or len(tensor.shape) != 2 or tensor.shape[1] != width:
-                    flat = "" if width is None else f" or its rows flattened [-1, {width}]"
+                rows = tensor.shape[0] if tensor.shape else -1
+                if (
+                    width is None
+                    or len(tensor.shape) != 2
+                    or tensor.shape[1] != width
+                    or spec.shape[0] not in (-1, rows)
+                ):
+                    flat = (
+                        ""
+                        if width is None
+                        else f" or its rows flattened [{spec.shape[0]}, {width}]"
+                    )
                     raise InvalidInput(
                         f"input '{tensor.name}': expected shape {list(spec.shape)}{flat} "
                         f"(-1: any size), got {tensor.shape}"
                     )
-                data = data.reshape(tensor.shape[0], *spec.shape[1:])  # row-major: a view
+                data = data.reshape(rows, *spec.shape[1:])  # row-major: a view
             # one reduction on the common path; a non-finite sum (also reached by overflow
             # of large finite values) takes the exact check
             if finite_only and not math.isfinite(data.sum(dtype=np.float64)):

@@ -18,7 +18,9 @@ from PIL import Image
 from registry.store import RegistryStore
 from retrain.images import preprocess
 from serving.model_folder import read_card
+from serving.types import Tensor
 from servo.cli import main
+from tests.clients import GrpcClient, request_of
 from tests.servers import start_server
 
 CLASSES = {0: "zero", 1: "one", 7: "seven"}
@@ -148,12 +150,15 @@ def test_training_takes_the_raw_the_preprocessed_folder_and_the_npz(
 
 
 @pytest.mark.slow
-def test_a_cnn_serves_the_image_tensor_and_flattened_rows(uniform: Path, tmp_path: Path) -> None:
-    if importlib.util.find_spec("torch") is None:
-        pytest.skip("the torch extra is not installed (.ci/run installs it)")
+@pytest.mark.parametrize(("framework", "extra"), [("torch", "torch"), ("keras", "tensorflow")])
+def test_a_cnn_serves_the_image_tensor_and_flattened_rows(
+    uniform: Path, tmp_path: Path, framework: str, extra: str
+) -> None:
+    if importlib.util.find_spec(extra) is None:
+        pytest.skip(f"the {extra} extra is not installed (.ci/run installs it)")
     url = f"sqlite:///{tmp_path / 'r.db'}"
     out = train("--images", str(uniform), "--size", "16x16", "--mode", "L", "--framework",
-                "torch", "--epochs", "4", "--name", "glyphs", registry=url,
+                framework, "--epochs", "4", "--name", "glyphs", registry=url,
                 work=tmp_path / "w")  # fmt: skip
     folder = Path(out.rsplit("-> ", 1)[1].strip())
     card = read_card(folder)
@@ -173,6 +178,14 @@ def test_a_cnn_serves_the_image_tensor_and_flattened_rows(uniform: Path, tmp_pat
             assert reply.status_code == 200, reply.text
             answers.append({o["name"]: o["data"] for o in reply.json()["outputs"]})
         assert answers[0] == answers[1]
+        grpc = GrpcClient(server.grpc_target, raw=True)  # the binary gRPC path, both forms
+        try:
+            for shape in ([len(x), 16, 16, 1], [len(x), 256]):
+                data = np.ascontiguousarray(x.reshape(shape), dtype=np.float32)
+                got = grpc.infer("glyphs", request_of(Tensor("input", "FP32", shape, data)))
+                assert got.outputs[0].data.tolist() == answers[0]["label"], shape
+        finally:
+            grpc.close()
         names = card.class_labels or []
         predicted = [names[i] for i in answers[0]["label"]]
         assert np.mean(np.asarray(predicted) == y) > 0.8
