@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from registry.store import RegistryStore
 from serving.repository import ModelRepository, State
 from servo.cli import main
 from servo.train import train
+from tests.test_steps import exact_mcnemar, predict
 
 
 def test_pipeline_registers_a_servable_version(tmp_path: Path) -> None:
@@ -86,7 +89,18 @@ def test_a_new_candidate_is_compared_with_the_champion(tmp_path: Path) -> None:
         # the same holdout rows for both (seed 1 splits differently from the first run)
         assert comparison["candidate_accuracy"] == second.metrics["accuracy"]
         assert comparison["champion_accuracy"] > 0.9 and comparison["rows"] == 450
-        assert 0.0 <= comparison["mcnemar_p_value"] <= 1.0
+        # the comparison's numbers, computed here from both versions' models on those rows
+        with np.load(second.run.steps["split"].outputs["holdout.npz"]) as holdout:
+            x, y = holdout["x"], holdout["y"]
+        candidate = predict(second.folder / "model.onnx", x) == y
+        champion = predict(first.folder / "model.onnx", x) == y
+        b, c = int((candidate & ~champion).sum()), int((~candidate & champion).sum())
+        assert comparison["champion_accuracy"] == champion.mean()
+        assert (comparison["only_candidate_correct"], comparison["only_champion_correct"]) == (
+            b,
+            c,
+        )
+        assert comparison["mcnemar_p_value"] == pytest.approx(exact_mcnemar(b, c), rel=1e-9)
         low, high = comparison["difference_ci95"]
         assert low <= comparison["difference"] <= high
     finally:
