@@ -100,6 +100,13 @@ class Plan:
         )
 
 
+def decide_inline(warmup_us: float | None, inline_max_us: float) -> bool:
+    """Whether a model runs on the event loop: its measured warm-up call (None: it failed)
+    took at most `inline_max_us`. Models off the loop are the ones automatic batching
+    batches (`OnnxModel.configure_batching`)."""
+    return warmup_us is not None and warmup_us <= inline_max_us
+
+
 @dataclass(frozen=True, slots=True)
 class RuntimeOptions:
     intra_op_threads: int = 1
@@ -224,7 +231,7 @@ class OnnxModel:
         except Exception as exc:  # a model may reject zeros; it still serves, off the loop
             log.warning("%s: warm-up call failed (%s); running it off the event loop", self, exc)
             self.warmup_us = None
-        self._inline = self.warmup_us is not None and self.warmup_us <= self.options.inline_max_us
+        self._inline = decide_inline(self.warmup_us, self.options.inline_max_us)
 
     @property
     def runs_inline(self) -> bool:

@@ -14,7 +14,7 @@ from serving.batcher import BatchingConfig
 from serving.errors import InferenceFailed
 from serving.recorder import ModelMetrics, Recorder
 from serving.repository import ModelRepository
-from serving.runtime import OnnxModel
+from serving.runtime import OnnxModel, RuntimeOptions, decide_inline
 from tests.models import gather_model, write_model
 
 
@@ -89,9 +89,37 @@ def test_a_failing_request_fails_alone(tmp_path: Path, repository: ModelReposito
             np.testing.assert_array_equal(got[0], [[np.arange(3) + 3 * (i % 10)]])
 
 
-def test_batching_off_and_auto(model_root: Path, repository: ModelRepository) -> None:
+def test_batching_off_and_forced_on(model_root: Path, repository: ModelRepository) -> None:
     model, _ = load(repository, model_root / "digits" / "2", BatchingConfig(False))
     assert model.batcher is None
-    # automatic: the digits model runs inline (microseconds), so it is not batched
-    assert model.configure_batching(BatchingConfig(None)) is False
     assert model.configure_batching(BatchingConfig(True)) is True and model.batcher is not None
+    assert model.configure_batching(BatchingConfig(False)) is False and model.batcher is None
+
+
+@pytest.mark.parametrize(
+    ("inline_max_us", "inline"),
+    [(0.0, False), (1e12, True)],  # no warm-up call takes 0 us, every one is under 11 days
+    ids=["slower-than-the-limit", "faster-than-the-limit"],
+)
+def test_automatic_batching_follows_the_inline_decision(
+    model_root: Path, inline_max_us: float, inline: bool
+) -> None:
+    """Automatic batching batches exactly the models that run off the event loop; the
+    limit forces each side whatever this machine's speed (the decision itself, from given
+    measurements, is tested below)."""
+    repository = ModelRepository(RuntimeOptions(inline_max_us=inline_max_us))
+    try:
+        entry = repository.load_folder(model_root / "digits" / "1")
+        assert entry.model is not None, entry.error
+        assert entry.model.warmup_us is not None and entry.model.runs_inline is inline
+        assert entry.model.configure_batching(BatchingConfig(None)) is (not inline)
+        assert (entry.model.batcher is None) is inline
+    finally:
+        repository.close()
+
+
+def test_the_inline_decision_from_given_measurements() -> None:
+    assert decide_inline(120.0, 300.0) and decide_inline(300.0, 300.0)  # at the limit: inline
+    assert not decide_inline(300.5, 300.0) and not decide_inline(5000.0, 300.0)
+    assert not decide_inline(None, 300.0)  # the warm-up call failed: off the loop
+    assert not decide_inline(1.0, 0.0) and decide_inline(0.0, 0.0)

@@ -161,10 +161,17 @@ def test_json_and_prometheus_export(profile: ReferenceProfile) -> None:
     quiet = build_report(empty, profile)
     assert quiet.verdict == "insufficient_data" and quiet.exit_code == 2
     report = build_report(window(profile, rng, steps=label_steps(rng, [0.9] * 10)), profile)
-    text = json.dumps(report.to_json())
-    assert "NaN" not in text and "Infinity" not in text
+    # allow_nan=False: a NaN or Inf anywhere in the report raises instead of passing
+    text = json.dumps(report.to_json(), allow_nan=False)
     assert json.loads(text)["accuracy"]["labelled"] == 100
-    json.dumps(quiet.to_json())
+    empty_doc = json.loads(json.dumps(quiet.to_json(), allow_nan=False))
+    assert (empty_doc["verdict"], empty_doc["n"]) == ("insufficient_data", 0)
+    # what would be NaN with no labels (0/0) is null
+    accuracy = empty_doc["accuracy"]
+    assert (accuracy["labelled"], accuracy["verdict"]) == (0, "insufficient_data")
+    assert [accuracy[k] for k in ("accuracy", "wilson_low", "wilson_high", "coverage")] == [
+        None
+    ] * 4
     registry = CollectorRegistry()
     exporter = MonitorExporter(registry)
     exporter.update(report)

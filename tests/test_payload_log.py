@@ -4,6 +4,7 @@ counts without blocking, an unwritable folder loses nothing once it comes back."
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -76,15 +77,50 @@ def test_time_window_and_filters(tmp_path: Path) -> None:
     assert read_window(tmp_path).num_rows == 10  # a half-written temp file is never read
 
 
-def test_full_queue_drops_and_counts_without_blocking(tmp_path: Path) -> None:
+class HeldWriter(PayloadLog):
+    """The real writer, held on an event inside its file write (as a stalled disk holds it)."""
+
+    def __init__(self, config: PayloadLogConfig) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        super().__init__(config)
+
+    def _write_file(self, folder: Path, table: str, rows: list[dict[str, Any]]) -> None:
+        self.entered.set()
+        self.release.wait()
+        super()._write_file(folder, table, rows)
+
+
+def test_the_request_path_never_waits_for_a_blocked_writer(tmp_path: Path) -> None:
+    log = HeldWriter(PayloadLogConfig(tmp_path, capacity=5, flush_s=0.05, batch_rows=5))
+    try:
+        assert log.submit(PREDICTIONS, record(0))
+        assert log.entered.wait(10)  # the writer took record 0 and is stuck writing it
+        results: list[bool] = []
+        submitter = threading.Thread(
+            target=lambda: results.extend(log.submit(PREDICTIONS, record(i)) for i in range(1, 201))
+        )
+        submitter.start()
+        submitter.join(30)  # a hang guard, not a timer: with a waiting submit this never ends
+        # all 200 submits returned while the writer is still held: the queue took 5, the
+        # other 195 were dropped and counted, none waited
+        assert not submitter.is_alive() and not log.release.is_set()
+        assert results == [True] * 5 + [False] * 195
+        assert log.dropped_full == 195 and log.written == 0
+    finally:
+        log.release.set()
+        log.close()
+    assert sorted(read_window(tmp_path)["id"].to_pylist()) == sorted(f"r{i}" for i in range(6))
+    assert log.written == 6 and log.dropped_error == 0
+
+
+def test_full_queue_drops_and_counts_when_the_folder_is_unwritable(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the log folder should be")
     log = PayloadLog(PayloadLogConfig(blocker / "log", capacity=5, flush_s=0.05, batch_rows=5))
-    started = time.perf_counter()
     results = [log.submit(PREDICTIONS, record(i)) for i in range(200)]
-    elapsed = time.perf_counter() - started
-    assert elapsed < 0.5  # never waits for the writer
     assert results.count(False) == log.dropped_full > 0
+    assert results.count(True) == 200 - log.dropped_full
     log.close(timeout_s=5)
     assert log.write_errors > 0 and "not-a-dir" in (log.last_error or "")
 

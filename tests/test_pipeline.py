@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -10,12 +9,17 @@ import pytest
 from registry.store import RegistryStore
 from retrain.pipeline import Pipeline, PipelineError, Runner, Step, StepContext, StepFailed
 
+#: the output folder of every step function call, in order (a cache hit calls nothing)
+RAN: list[Path] = []
+
 
 def copy_upper(ctx: StepContext) -> None:
+    RAN.append(ctx.out_dir)
     ctx.output("out").write_text(ctx.inputs["src"].read_text().upper())
 
 
 def join(ctx: StepContext) -> None:
+    RAN.append(ctx.out_dir)
     text = ctx.inputs["left"].read_text() + "|" + ctx.inputs["right"].read_text()
     ctx.output("joined").write_text(text * int(ctx.params["times"]))
     ctx.metrics["length"] = float(len(text))
@@ -52,13 +56,18 @@ def statuses(runner: Runner, run_id: int) -> dict[str, str]:
 
 
 def test_cache_reuses_everything_and_invalidates_exactly(runner: Runner, tmp_path: Path) -> None:
+    RAN.clear()
     first = runner.run(diamond(tmp_path))
     assert first.output("e", "joined").read_text() == "ALPHA|GAMMA"
     assert set(statuses(runner, first.run_id).values()) == {"succeeded"}
-    started = time.perf_counter()
+    assert len(RAN) == 5
+    RAN.clear()
     second = runner.run(diamond(tmp_path))
-    assert time.perf_counter() - started < 1.0
-    assert set(statuses(runner, second.run_id).values()) == {"cached"}
+    # every step a cache hit: no step function ran, each output is the first run's file
+    # (the re-run's speed is measured by benchmarks/pipeline.py, not asserted here)
+    assert set(statuses(runner, second.run_id).values()) == {"cached"} and RAN == []
+    for name in "abcde":
+        assert second.steps[name].outputs == first.steps[name].outputs
     (tmp_path / "c.txt").write_text("gammb")  # one byte of one source
     third = runner.run(diamond(tmp_path))
     assert statuses(runner, third.run_id) == {

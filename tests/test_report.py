@@ -3,8 +3,6 @@ a small shift, and honesty about small samples."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -70,18 +68,16 @@ def test_report_is_plain_json_without_nan(profile: object) -> None:
     assert doc["features"][0]["drifted"] is True
 
 
-def test_fixed_threshold_and_speed(profile: object) -> None:
+def test_fixed_threshold(profile: object) -> None:
+    # the report's speed (20 ms goal) is measured by benchmarks/monitors.py, not asserted here
     rng = np.random.default_rng(5)
     counts = profile.bin_counts(rng.standard_normal((1000, FEATURES)))  # type: ignore[attr-defined]
-    started = time.perf_counter()
     report = feature_drift(profile, counts, fixed_js_threshold=0.1)
-    elapsed = time.perf_counter() - started
     assert report.verdict == NO_DRIFT and {f.js_threshold for f in report.features} == {0.1}
     shifted = rng.standard_normal((1000, FEATURES))
     shifted[:, 7] += 1.0
     by_psi = feature_drift(profile, profile.bin_counts(shifted), fixed_psi_threshold=0.2)  # type: ignore[attr-defined]
     assert by_psi.drifted() == ["input:7"] and by_psi.features[7].psi > 0.2
-    assert elapsed < 1.0  # the 20 ms goal is measured by a benchmark, not asserted here
 
 
 def test_closed_form_thresholds_agree_with_simulation(profile: object) -> None:

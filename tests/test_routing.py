@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -149,18 +148,19 @@ def test_failing_and_slow_shadows_never_hurt_the_client(
     wait_until(
         lambda: httpx.get(f"{server.url}/v2/models/digits/versions/9/ready").status_code == 200
     )
-    latencies = []
+    assert metric(server, "servo_shadow_dropped_total") == 0
     with httpx.Client(base_url=server.url, timeout=30) as client:
-        for _ in range(100):
-            start = time.perf_counter()
+        for _ in range(100):  # one request at a time
             reply = client.post("/v2/models/digits/infer", content=BODY)
-            latencies.append(time.perf_counter() - start)
             assert reply.status_code == 200 and reply.json()["model_version"] == "1"
-    # the slow shadow takes ~200 ms a call; the client never waits for it
-    assert float(np.median(latencies)) < 0.05, latencies
+    # The client never waits for a shadow, shown by counting, not timing: this client
+    # sends its next request only once it has the previous answer, so had an answer waited
+    # for its request's shadow copies, no copy would still be pending when the next request
+    # came and none would ever be dropped. Copies were dropped: requests were answered
+    # while SERVO_SHADOW_MAX_PENDING (4) earlier copies had not finished.
+    assert metric(server, "servo_shadow_dropped_total", model="digits") > 0
     wait_until(lambda: metric(server, "servo_shadow_errors_total", version="8", reason="error") > 0)
     assert metric(server, "servo_shadow_errors_total", version="9", reason="timeout") > 0
-    assert metric(server, "servo_shadow_dropped_total") > 0  # at most 4 pending copies
     # unload both shadows while copies are still running: nothing fails
     write_routes(routes, [{"name": "digits", "champion": dep(routed_root, "1")}])
     wait_until(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,24 @@ from serving.payload_log import PayloadLog, PayloadLogConfig
 from servo.demo import digits_holdout
 
 T0 = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)
+
+
+def exact_mcnemar(only_candidate: int, only_champion: int) -> float:
+    """McNemar's exact test from its definition: twice the binomial(n, 1/2) tail of the
+    smaller discordant count, capped at 1 (computed here by direct count, not scipy)."""
+    n = only_candidate + only_champion
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(only_candidate, only_champion) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def predict(model: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    labels: np.ndarray = session.run(["label"], {"input": x.astype(np.float32)})[0]
+    return labels
 
 
 def fill_log(root: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -85,6 +104,20 @@ def test_comparison_statistics() -> None:
     result = compare(better, champion)
     assert result["difference"] > 0.05
     assert result["difference_ci95"][0] > 0 and result["mcnemar_p_value"] < 1e-6
+    only_candidate, only_champion = int((better & ~champion).sum()), 0
+    assert (result["only_candidate_correct"], result["only_champion_correct"]) == (
+        only_candidate,
+        only_champion,
+    )
+    assert result["mcnemar_p_value"] == pytest.approx(exact_mcnemar(only_candidate, 0), rel=1e-9)
+    assert result["difference"] == pytest.approx((better.sum() - champion.sum()) / 1000)
+    # both sides wrong on different rows: a two-sided p-value, neither tiny nor 1
+    other = rng.random(1000) < 0.80
+    mixed = compare(other, champion)
+    b, c = int((other & ~champion).sum()), int((~other & champion).sum())
+    assert b and c and b != c
+    assert mixed["mcnemar_p_value"] == pytest.approx(exact_mcnemar(b, c), rel=1e-9)
+    assert mixed["mcnemar_p_value"] == pytest.approx(exact_mcnemar(c, b), rel=1e-9)
     same = compare(champion, champion)
     assert same["difference"] == 0 and same["mcnemar_p_value"] == 1.0
     assert same["difference_ci95"] == [0.0, 0.0]
@@ -119,6 +152,16 @@ def test_evaluate_compares_with_the_champion(tmp_path: Path) -> None:
     comparison = json.loads(strong.output("evaluate", "evaluation.json").read_text())["comparison"]
     assert comparison["candidate_accuracy"] > comparison["champion_accuracy"]
     assert comparison["difference_ci95"][0] > 0 and comparison["mcnemar_p_value"] < 0.01
+    # the same numbers computed here from the two models on the holdout rows
+    with np.load(strong.output("split", "holdout.npz")) as holdout:
+        x, y = holdout["x"], holdout["y"]
+    candidate = predict(strong.output("train", "model.onnx"), x) == y
+    old = predict(weak, x) == y
+    b, c = int((candidate & ~old).sum()), int((~candidate & old).sum())
+    assert comparison["candidate_accuracy"] == candidate.mean()
+    assert comparison["champion_accuracy"] == old.mean()
+    assert (comparison["only_candidate_correct"], comparison["only_champion_correct"]) == (b, c)
+    assert comparison["mcnemar_p_value"] == pytest.approx(exact_mcnemar(b, c), rel=1e-9)
     store.close()
 
 
@@ -138,11 +181,17 @@ def test_evaluation_on_the_latest_production_window(tmp_path: Path) -> None:
     doc = json.loads(first.output("evaluate", "evaluation.json").read_text())
     live = doc["production"]
     assert live["rows"] == 8 and live["start"].startswith("2026-11-29T11:30")
-    assert 0.0 <= live["accuracy"] <= 1.0 and set(live) >= {
-        "macro_f1",
-        "log_loss",
-        "per_class_recall",
-    }
+    assert set(live) >= {"macro_f1", "log_loss", "per_class_recall"}
+    # the window's 8 labelled rows (p0, p2, p4, p6, p8 and the 3 rows of "rows"), scored
+    # here with the trained model: the accuracy is that count, exactly
+    labelled = [0, 2, 4, 6, 8, 30, 31, 32]
+    correct = int((predict(first.output("train", "model.onnx"), x[labelled]) == y[labelled]).sum())
+    assert live["accuracy"] == correct / 8
+    recall = live["per_class_recall"]
+    for cls in map(int, set(y[labelled])):
+        rows = [i for i in labelled if y[i] == cls]
+        hits = predict(first.output("train", "model.onnx"), x[rows]) == cls
+        assert recall[str(cls)] == pytest.approx(hits.mean()), cls
     assert doc["holdout_rows"] > 400 and doc["accuracy"] > 0.9  # the holdout set is still there
     # one more labelled prediction lands in the log: the production step sees it
     log = PayloadLog(PayloadLogConfig(tmp_path / "log", flush_s=0.05))

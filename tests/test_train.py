@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
+import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from registry.store import RegistryStore
 from serving.repository import ModelRepository, State
 from servo.cli import main
 from servo.train import train
+from tests.test_steps import exact_mcnemar, predict
 
 
 def test_pipeline_registers_a_servable_version(tmp_path: Path) -> None:
     store = RegistryStore(f"sqlite:///{tmp_path / 'r.db'}")
     store.create_schema()
     try:
-        started = time.perf_counter()
+        # the first run's and the cached re-run's speed are measured by
+        # benchmarks/pipeline.py, not asserted here
         first = train(store, work=tmp_path / "w")
-        full = time.perf_counter() - started
-        assert full < 30  # the issue's bound for the whole pipeline on 2 cores
         assert first.version == 1 and first.metrics["accuracy"] > 0.9
         assert {s.status for s in first.run.steps.values()} == {"succeeded"}
         assert first.metrics["export_max_probability_gap"] <= 1e-4
@@ -38,11 +39,12 @@ def test_pipeline_registers_a_servable_version(tmp_path: Path) -> None:
             assert entry.model is not None and entry.model.profile is not None
         finally:
             repository.close()
-        started = time.perf_counter()
         second = train(store, work=tmp_path / "w")
+        # every step a cache hit, reading the first run's artifacts
         assert {s.status for s in second.run.steps.values()} == {"cached"}
-        pipeline_seconds = sum(s.duration_s for s in second.run.steps.values())
-        assert pipeline_seconds < 1.0
+        for name, step in second.run.steps.items():
+            assert step.outputs == first.run.steps[name].outputs
+            assert step.cache_key == first.run.steps[name].cache_key
         # the same model is not registered twice; the run is still in the lineage
         assert second.reused and second.version == 1 and second.folder == first.folder
         assert [v.version for v in store.versions("digits")] == [1]
@@ -87,7 +89,18 @@ def test_a_new_candidate_is_compared_with_the_champion(tmp_path: Path) -> None:
         # the same holdout rows for both (seed 1 splits differently from the first run)
         assert comparison["candidate_accuracy"] == second.metrics["accuracy"]
         assert comparison["champion_accuracy"] > 0.9 and comparison["rows"] == 450
-        assert 0.0 <= comparison["mcnemar_p_value"] <= 1.0
+        # the comparison's numbers, computed here from both versions' models on those rows
+        with np.load(second.run.steps["split"].outputs["holdout.npz"]) as holdout:
+            x, y = holdout["x"], holdout["y"]
+        candidate = predict(second.folder / "model.onnx", x) == y
+        champion = predict(first.folder / "model.onnx", x) == y
+        b, c = int((candidate & ~champion).sum()), int((~candidate & champion).sum())
+        assert comparison["champion_accuracy"] == champion.mean()
+        assert (comparison["only_candidate_correct"], comparison["only_champion_correct"]) == (
+            b,
+            c,
+        )
+        assert comparison["mcnemar_p_value"] == pytest.approx(exact_mcnemar(b, c), rel=1e-9)
         low, high = comparison["difference_ci95"]
         assert low <= comparison["difference"] <= high
     finally:
