@@ -192,7 +192,7 @@ def model_parts(root: Path, table: str, model: str) -> Iterator[Path]:
     base = Path(root) / table / f"model={model}"
     try:
         versions = list(os.scandir(base))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return
     for version in versions:
         if not version.name.startswith("version=") or not version.is_dir():

@@ -93,10 +93,14 @@ def read_labelled(
             continue
         try:
             data = tensor_array(tensor)
-            rows = data.astype(np.float32).reshape(len(indices), -1)
+            rows = data.astype(np.float32)
         except (ValueError, TypeError, KeyError):
-            skip("rows_mismatch" if tensor["datatype"] != "BYTES" else "bad_input")
+            skip("bad_input")
             continue
+        if rows.ndim < 2 or rows.shape[0] != len(indices):  # one label per row
+            skip("rows_mismatch")
+            continue
+        rows = rows.reshape(len(indices), -1)
         if width is None and xs:
             width = xs[0].shape[1]
         if (width is not None and rows.shape[1] != width) or not np.isfinite(rows).all():

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy.typing as npt
 import orjson
+import pyarrow as pa
 
 from monitors.payload_log import FEEDBACK, PREDICTIONS, tensor_array
 from serving.errors import InvalidInput, ModelNotFound, ServingError
@@ -234,7 +235,13 @@ class FeedbackService:
             wanted = [i for i in missing if i not in seen]
             return seen, lookup_logged(predictions_log, name, wanted, outputs)
 
-        seen, found = await loop.run_in_executor(None, lookup)
+        try:
+            seen, found = await loop.run_in_executor(None, lookup)
+        except (OSError, pa.ArrowException) as exc:
+            raise LabelsNotStored(
+                f"the payload log cannot be read to check these labels ({exc}); none was "
+                "applied, send them again"
+            ) from None
         if seen:
             result["duplicates"] += sum(label.id in seen for label in fresh)
             fresh[:] = [label for label in fresh if label.id not in seen]
