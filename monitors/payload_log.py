@@ -12,12 +12,18 @@ folders organise the files; each file carries all its columns), with two tables:
   null when unmatched), label (as text), outcome (correct, incorrect, unmatched).
 
 Files are written to a temporary name and renamed, so a reader never sees half a file.
+Next to each `part-X.parquet` an id index `_part-X.ids` (written first) holds the sorted
+64-bit BLAKE2b hashes of the file's ids (little-endian uint64), so a lookup by id reads
+only the files that hold it; names starting with "_" or "." are not data files.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import os
 import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +32,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 PREDICTIONS = "predictions"
 FEEDBACK = "feedback"
@@ -103,6 +110,100 @@ def tensor_array(record: dict[str, Any]) -> npt.NDArray[Any]:
 
 def partition_dir(root: Path, table: str, model: str, version: str | None, day: dt.date) -> Path:
     return root / table / f"model={model}" / f"version={version or 'none'}" / f"date={day}"
+
+
+def hash_ids(ids: Iterable[str]) -> npt.NDArray[np.uint64]:
+    """The 64-bit keys of ids in the id index (BLAKE2b, stable across processes)."""
+    blake2b = hashlib.blake2b
+    return np.fromiter(
+        (int.from_bytes(blake2b(i.encode(), digest_size=8).digest(), "little") for i in ids),
+        dtype=np.uint64,
+    )
+
+
+def ids_path(part: Path) -> Path:
+    """The id index of a data file: `_<stem>.ids` beside `<stem>.parquet`."""
+    return part.with_name(f"_{part.stem}.ids")
+
+
+def read_ids(part: Path) -> npt.NDArray[np.uint64] | None:
+    """The sorted id hashes of a data file, or None when it has no index (older files)."""
+    try:
+        return np.fromfile(ids_path(part), dtype="<u8").astype(np.uint64, copy=False)
+    except FileNotFoundError:
+        return None
+
+
+class StagedPart:
+    """A data file and its id index written under temporary names, not yet visible:
+    `publish()` renames them into place (the index first), `discard()` removes them."""
+
+    def __init__(self, folder: Path, name: str, table: pa.Table, *, fsync: bool = False):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.fsync = folder, fsync
+        self.part = folder / f"{name}.parquet"
+        self.index = ids_path(self.part)
+        self._tmp = (folder / f".{self.index.name}.tmp", folder / f".{self.part.name}.tmp")
+        try:
+            keys = np.sort(hash_ids(table["id"].to_pylist())).astype("<u8")
+            with self._tmp[0].open("wb") as handle:
+                handle.write(keys.tobytes())
+                if fsync:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            pq.write_table(table, str(self._tmp[1]))
+            if fsync:
+                _fsync_file(self._tmp[1])
+        except BaseException:
+            self.discard()
+            raise
+
+    def publish(self) -> Path:
+        try:
+            os.replace(self._tmp[0], self.index)
+            os.replace(self._tmp[1], self.part)
+            if self.fsync:
+                _fsync_file(self.folder)
+        finally:
+            self.discard()
+        return self.part
+
+    def discard(self) -> None:
+        for tmp in self._tmp:
+            tmp.unlink(missing_ok=True)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_part(folder: Path, name: str, table: pa.Table, *, fsync: bool = False) -> Path:
+    """Write one data file `<name>.parquet` and its id index; with `fsync`, both are on
+    disk, folder entry included, when this returns."""
+    return StagedPart(folder, name, table, fsync=fsync).publish()
+
+
+def model_parts(root: Path, table: str, model: str) -> Iterator[Path]:
+    """Every data file of `model` in `table` (all versions and dates)."""
+    base = Path(root) / table / f"model={model}"
+    try:
+        versions = list(os.scandir(base))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for version in versions:
+        if not version.name.startswith("version=") or not version.is_dir():
+            continue
+        for day in os.scandir(version.path):
+            if not day.name.startswith("date=") or not day.is_dir():
+                continue
+            for entry in os.scandir(day.path):
+                name = entry.name
+                if name.endswith(".parquet") and name[0] not in "._":
+                    yield Path(entry.path)
 
 
 def read_window(

@@ -58,6 +58,8 @@ def digits_pipeline(params: dict[str, Any] | None = None, champion: Path | None 
             "root": str(p["payload_log_root"]), "model": str(p.get("model", "digits")),
             "window_s": float(p.get("production_window_s", 7 * 86400)),
             "end": str(p.get("production_end", "")),
+            # labels outside the classes are skipped and counted (digits: 0..9)
+            **({} if p.get("images") else {"classes": 10}),
         }, cache=False))  # fmt: skip
         evaluate_inputs["production"] = "production.production.npz"
     return (

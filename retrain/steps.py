@@ -11,46 +11,13 @@ import numpy as np
 import numpy.typing as npt
 
 from monitors.profile import fit as fit_profile
+from retrain.labelled import Labelled, labelled_rows, read_labelled
 from retrain.pipeline import StepContext
 
 
 def _load(path: Any) -> dict[str, npt.NDArray[Any]]:
     with np.load(path, allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
-
-
-def labelled_rows(
-    root: Any, model: str, input_name: str, start: Any = None, end: Any = None
-) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
-    """The gateway's labelled production rows: predictions (champion and canary answers,
-    not shadow copies) joined with their feedback by id, in [start, end)."""
-    from monitors.payload_log import FEEDBACK, PREDICTIONS, read_window, tensor_array
-
-    predictions = read_window(root, table=PREDICTIONS, model=model, start=start, end=end)
-    feedback = read_window(root, table=FEEDBACK, model=model)
-    labels: dict[str, list[str]] = {}
-    for row in feedback.select(["id", "label", "outcome"]).to_pylist():
-        if row["outcome"] == "unmatched" or row["id"] in labels:
-            continue
-        text = row["label"]
-        labels[row["id"]] = json.loads(text) if text.startswith("[") else [text]
-    xs: list[npt.NDArray[Any]] = []
-    ys: list[str] = []
-    for row in predictions.select(["id", "variant", "inputs"]).to_pylist():
-        if row["variant"] == "shadow" or row["id"] not in labels:
-            continue
-        tensor = next((t for t in row["inputs"] if t["name"] == input_name), None)
-        if tensor is None:
-            continue
-        rows = tensor_array(tensor).reshape(len(labels[row["id"]]), -1)
-        xs.append(rows)
-        ys.extend(labels[row["id"]])
-    if not xs:
-        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
-    y = np.asarray(ys)
-    if all(v.lstrip("-").isdigit() for v in ys):
-        y = y.astype(np.int64)
-    return np.concatenate(xs).astype(np.float32), y
 
 
 def ingest(ctx: StepContext) -> None:
@@ -73,14 +40,21 @@ def ingest(ctx: StepContext) -> None:
             for k in ("start", "end")
             if ctx.params.get(k)
         }
-        px, py = labelled_rows(ctx.params["root"], ctx.params["model"],
-                               ctx.params.get("input", "input"), **window)  # fmt: skip
-        ctx.metrics["production_rows"] = float(len(py))
+        classes: Any = ctx.params.get("classes")
+        if classes is None and y.size:  # the digits' classes, 0..9
+            classes = int(y.max()) + 1
+        found = read_labelled(ctx.params["root"], ctx.params["model"],
+                              ctx.params.get("input", "input"), **window, classes=classes,
+                              width=x.shape[1] if x.size else None)  # fmt: skip
+        found.record(ctx.metrics)
+        px, py = found.x, found.y
         if len(py):
             x = px if x.size == 0 else np.concatenate([x, px])
             y = py if y.size == 0 else np.concatenate([y, py.astype(y.dtype)])
         elif dataset == "payload_log":
-            raise ValueError("the payload log holds no labelled rows in that window")
+            unusable = sum(found.skipped.values())
+            also = f" ({unusable} unusable rows skipped)" if unusable else ""
+            raise ValueError(f"the payload log holds no labelled rows in that window{also}")
     elif dataset == "digits":
         pass
     elif dataset == "images":
@@ -293,10 +267,12 @@ def production(ctx: StepContext) -> None:
     end = dt.datetime.fromisoformat(ctx.params["end"]) if ctx.params.get("end") else None
     end = end or dt.datetime.now(dt.UTC)
     start = end - dt.timedelta(seconds=float(ctx.params.get("window_s", 7 * 86400)))
-    x, y = labelled_rows(ctx.params["root"], ctx.params["model"],
-                         ctx.params.get("input", "input"), start, end)  # fmt: skip
-    np.savez(ctx.output("production.npz"), x=x, y=y, start=start.isoformat(), end=end.isoformat())
-    ctx.metrics["production_rows"] = float(len(y))
+    found = read_labelled(ctx.params["root"], ctx.params["model"],
+                          ctx.params.get("input", "input"), start, end,
+                          classes=ctx.params.get("classes"))  # fmt: skip
+    np.savez(ctx.output("production.npz"), x=found.x, y=found.y, start=start.isoformat(),
+             end=end.isoformat())  # fmt: skip
+    found.record(ctx.metrics)
 
 
 def evaluate(ctx: StepContext) -> None:
@@ -390,3 +366,6 @@ def compare(candidate: npt.NDArray[Any], champion: npt.NDArray[Any], seed: int =
 
 #: the step functions a container may run by name (`servo step --function NAME`)
 STEP_FUNCTIONS = {fn.__name__: fn for fn in (ingest, split, train, evaluate, production)}
+
+__all__ = ["STEP_FUNCTIONS", "Labelled", "compare", "evaluate", "ingest", "labelled_rows",
+           "production", "read_labelled", "split", "train"]  # fmt: skip

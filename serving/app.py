@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from serving import rest_codec, v1
 from serving.dataplane import DataPlane
 from serving.errors import InvalidInput, ServingError
-from serving.feedback import parse_feedback
+from serving.feedback import Caller, parse_feedback
 from serving.http import AsgiApp, Request, Response, Route, error_response, json_response
 
 HEADER_LENGTH = b"inference-header-content-length"
@@ -79,7 +79,9 @@ class Endpoints:
 
     async def feedback(self, request: Request) -> Response:
         labels = parse_feedback(rest_codec.loads(request.body))
-        return json_response(200, await self.dataplane.feedback(request.params["model"], labels))
+        caller = Caller()  # anonymous: the admin roles will read the request's credentials here
+        result = await self.dataplane.feedback(request.params["model"], labels, caller)
+        return json_response(200, result)
 
     async def metrics(self, request: Request) -> Response:
         return Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST.encode())

@@ -5,25 +5,22 @@ Nothing that fails validation here reaches ONNX Runtime.
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import math
-import os
 import random
 import time
 from typing import Any
 
 import numpy as np
-import orjson
 
-from monitors.payload_log import FEEDBACK, PREDICTIONS
+from monitors.payload_log import PREDICTIONS
 from serving import feedback as feedback_mod
-from serving.errors import InvalidInput, ModelNotFound, ModelNotReady, ServingError
-from serving.feedback import FeedbackIndex, Label
-from serving.model_folder import valid_name
+from serving.errors import InvalidInput, ModelNotReady, ServingError
+from serving.feedback import ANONYMOUS, Caller, FeedbackService
+from serving.ids import RequestIds
+from serving.labels import Label
 from serving.payload_log import PayloadLog
-from serving.recorder import FEEDBACK_DELAY_BUCKETS, Recorder
-from serving.repository import ModelRepository, State, shown
+from serving.recorder import Recorder
+from serving.repository import ModelRepository, State
 from serving.router import Router, bucket
 from serving.routes import CHAMPION
 from serving.runtime import OnnxModel, Plan
@@ -32,18 +29,6 @@ from serving.signature import TensorSpec
 from serving.types import InferRequest, InferResponse, Tensor
 
 UNKNOWN = "_unknown"
-
-
-class RequestIds:
-    """Ids for requests that bring none: a random per-process prefix and a counter
-    (unique without a system call per request)."""
-
-    def __init__(self) -> None:
-        self._prefix = os.urandom(6).hex()
-        self._counter = itertools.count(1)
-
-    def next(self) -> str:
-        return f"{self._prefix}-{next(self._counter):x}"
 
 
 class DataPlane:
@@ -69,7 +54,14 @@ class DataPlane:
         #: metrics on (the default); off only to measure what they cost
         self.recording = recording
         self.payload_log = payload_log
-        self.feedback_index = FeedbackIndex(feedback_index_size)
+        self.feedbacks = FeedbackService(
+            repository=repository,
+            router=router,
+            recorder=recorder,
+            payload_log=payload_log,
+            index_size=feedback_index_size,
+        )
+        self.feedback_index = self.feedbacks.index
         self._ids = RequestIds()
 
     # health and metadata
@@ -266,114 +258,12 @@ class DataPlane:
             output_names.append(wanted.name)
         return feeds, output_names, tuple(plan.outputs[n] for n in output_names)
 
-    # feedback
+    # feedback (serving.feedback: validation, joins, durable storage, the writer check)
 
-    async def feedback(self, name: str, labels: list[Label]) -> dict[str, Any]:
-        if name not in self.router.state.champions and name not in self.repository.names():
-            raise ModelNotFound(f"model '{shown(name, valid_name)}' not found")
-        index = self.feedback_index
-        result = {"accepted": 0, "correct": 0, "incorrect": 0, "unmatched": 0, "duplicates": 0}
-        fresh: list[Label] = []
-        for label in labels:
-            if index.labelled(label.id) or any(label.id == f.id for f in fresh):
-                result["duplicates"] += 1
-            else:
-                fresh.append(label)
-        found: dict[str, Any] = {}
-        if fresh and self.payload_log is not None:
-            # labels older than the memory (or from before a restart) live in the log
-            loop = asyncio.get_running_loop()
-            root = self.payload_log.config.root
-            ids = [label.id for label in fresh]
-            payload_log = self.payload_log
-
-            def labelled() -> set[str]:
-                payload_log.flush()  # labels still queued must be on disk before we look
-                return feedback_mod.labelled_in_log(root, name, ids)
-
-            seen = await loop.run_in_executor(None, labelled)
-            result["duplicates"] += sum(label.id in seen for label in fresh)
-            fresh = [label for label in fresh if label.id not in seen]
-            missing = [label.id for label in fresh if self._remembered(name, label.id) is None]
-            outputs = {
-                e.version: e.model.plan.label_output
-                for e in self.repository.entries()
-                if e.name == name and e.model is not None
-            }
-            found = await loop.run_in_executor(
-                None, feedback_mod.lookup_logged, root, name, missing, outputs
-            )
-        unknown: list[Label] = []
-        for label in fresh:
-            remembered = self._remembered(name, label.id) or found.get(label.id)
-            if remembered is None:
-                unknown.append(label)
-            else:
-                self._score(name, label, remembered, result)
-        for label in unknown:
-            result["unmatched"] += 1
-            result["accepted"] += 1
-            self.recorder.count(self.recorder.feedback_unmatched, (name,))
-            self._store(label, name, None, "unmatched")
-            index.mark(label.id)
-        result["stored"] = self.payload_log is not None
-        return result
-
-    def _remembered(self, name: str, ident: str) -> Any:
-        remembered = self.feedback_index.get(ident)
-        return remembered if remembered is not None and remembered.model == name else None
-
-    def _score(self, name: str, label: Label, remembered: Any, result: dict[str, Any]) -> None:
-        predicted = remembered.labels
-        if predicted is None:
-            outcome = "unscored"  # the model has no class output to compare with
-        else:
-            truth = label.values
-            if len(truth) == 1 and predicted.size > 1:
-                raise InvalidInput(
-                    f"id '{label.id}': the prediction has {predicted.size} rows; "
-                    "send one label per row"
-                )
-            if len(truth) != predicted.size:
-                raise InvalidInput(
-                    f"id '{label.id}': {len(truth)} labels for a prediction of "
-                    f"{predicted.size} rows"
-                )
-            hits = sum(
-                feedback_mod.label_text(p) == t
-                for p, t in zip(predicted.reshape(-1).tolist(), truth, strict=True)
-            )
-            misses = len(truth) - hits
-            labels = (name, remembered.version)
-            self.recorder.histogram(
-                self.recorder.feedback_delay, labels, FEEDBACK_DELAY_BUCKETS
-            ).observe(max(0.0, time.time() - remembered.at))
-            if hits:
-                self.recorder.count(self.recorder.feedback, (*labels, "correct"), hits)
-            if misses:
-                self.recorder.count(self.recorder.feedback, (*labels, "incorrect"), misses)
-            result["correct"] += hits
-            result["incorrect"] += misses
-            outcome = "correct" if misses == 0 else "incorrect"
-        result["accepted"] += 1
-        self._store(label, name, remembered.version, outcome)
-        self.feedback_index.mark(label.id)
-
-    def _store(self, label: Label, name: str, version: str | None, outcome: str) -> None:
-        if self.payload_log is None:
-            return
-        text = label.values[0] if len(label.values) == 1 else orjson.dumps(label.values).decode()
-        self.payload_log.submit(
-            FEEDBACK,
-            {
-                "id": label.id,
-                "time": feedback_mod.now(),
-                "model": name,
-                "version": version,
-                "label": text,
-                "outcome": outcome,
-            },
-        )
+    async def feedback(
+        self, name: str, labels: list[Label], caller: Caller = ANONYMOUS
+    ) -> dict[str, Any]:
+        return await self.feedbacks.submit(name, labels, caller)
 
     # request accounting (called by the protocol endpoints, which see parse errors too)
 

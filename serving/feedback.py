@@ -1,29 +1,69 @@
 """Ground truth: labels sent back by clients, joined to their predictions by id.
 
-Recent predictions are remembered in a bounded in-memory index; older ones are looked up
-in the payload log. A label for an unknown id is stored and counted as unmatched, never
-dropped; a second label for the same id is ignored (idempotent).
+Recent predictions are remembered in a bounded in-memory index; older ones are found in
+the payload log through its id index (`serving.log_index`: only the files holding the ids
+are read). A label for an unknown id is stored and counted as unmatched, never dropped; a
+second label for an id already labelled is ignored and counted as a duplicate, also after
+a restart or a `kill -9` (a label is durable before it is answered `"stored": true`).
+
+A request is all or nothing: every item is parsed, joined and validated against the
+version that answered it (`serving.labels`) before any is applied; one bad item refuses
+the whole request with a 400 naming it, and a failed write with a 503, nothing applied.
+
+Who may write labels: every request passes through `FeedbackService.check(caller, model)`
+first, the one place for the role check that comes with the admin roles (closed-loop
+issue). The endpoint builds the `Caller` from the request (today always anonymous) and
+the default check lets everyone write; a check refuses by raising a ServingError.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import numpy.typing as npt
+import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from monitors.payload_log import FEEDBACK, PREDICTIONS, read_window, tensor_array
-from serving.errors import InvalidInput
+from monitors.payload_log import FEEDBACK, PREDICTIONS, tensor_array
+from serving.errors import InvalidInput, ModelNotFound, ServingError
+from serving.labels import Label, LabelSpace, label_text, parse_feedback
+from serving.log_index import LogIndex
+from serving.model_folder import valid_name
+from serving.recorder import FEEDBACK_DELAY_BUCKETS, Recorder
+from serving.repository import ModelRepository, shown
+from serving.router import Router
 
-MAX_ITEMS = 10_000
-MAX_ID = 256
+if TYPE_CHECKING:
+    from serving.payload_log import PayloadLog
+
+
+class LabelsNotStored(ServingError):
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sends labels. Today always anonymous; with the admin roles, the endpoint fills
+    it from the request's credentials."""
+
+    identity: str | None = None
+    roles: frozenset[str] = frozenset()
+
+
+ANONYMOUS = Caller()
+#: (caller, model) -> None, or raises a ServingError (e.g. 403) to refuse the request
+LabelWriterCheck = Callable[[Caller, str], None]
+
+
+def allow_everyone(caller: Caller, model: str) -> None:
+    """The check until roles exist: every caller may write labels."""
 
 
 @dataclass(slots=True)
@@ -36,68 +76,15 @@ class Remembered:
     at: float
 
 
-@dataclass(slots=True)
-class Label:
-    id: str
-    #: one label per row of the prediction
-    values: list[str]
-
-
-def label_text(value: Any) -> str:
-    """Labels compare as text: 3, 3.0 and "3" are the same class."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, np.generic):
-        return label_text(value.item())
-    return str(value)
-
-
-def parse_feedback(doc: Any) -> list[Label]:
-    items = doc if isinstance(doc, list) else [doc]
-    if not items:
-        raise InvalidInput('feedback needs at least one {"id": ..., "label": ...}')
-    if len(items) > MAX_ITEMS:
-        raise InvalidInput(f"feedback takes at most {MAX_ITEMS} labels per request")
-    labels: list[Label] = []
-    for i, item in enumerate(items):
-        where = f"feedback[{i}]"
-        if not isinstance(item, dict):
-            raise InvalidInput(f"{where} must be an object with 'id' and 'label'")
-        if set(item) - {"id", "label"}:
-            unknown = ", ".join(sorted(set(item) - {"id", "label"}))
-            raise InvalidInput(f"{where}: unknown field(s) {unknown}")
-        ident = item.get("id")
-        if not isinstance(ident, str) or not ident or len(ident) > MAX_ID:
-            raise InvalidInput(
-                f"{where}: 'id' must be a non-empty string of at most {MAX_ID} characters"
-            )
-        if "label" not in item:
-            raise InvalidInput(f"{where}: 'label' is missing")
-        raw = item["label"]
-        values = raw if isinstance(raw, list) else [raw]
-        if not values:
-            raise InvalidInput(f"{where}: 'label' is an empty list")
-        for value in values:
-            if isinstance(value, bool) or not isinstance(value, str | int | float):
-                raise InvalidInput(
-                    f"{where}: a label must be a string or a number (or a list of them, "
-                    f"one per row), got {value!r}"
-                )
-            if isinstance(value, float) and not np.isfinite(value):
-                raise InvalidInput(f"{where}: a label must be finite")
-        labels.append(Label(ident, [label_text(v) for v in values]))
-    return labels
-
-
 class FeedbackIndex:
-    """Recent predictions by id, and the ids already labelled (both bounded, oldest out)."""
+    """Recent predictions by id, and the ids already labelled (both bounded, oldest out),
+    and the ids of labels being written now (so a concurrent request sees them)."""
 
     def __init__(self, capacity: int = 100_000):
         self.capacity = capacity
         self._predictions: OrderedDict[str, Remembered] = OrderedDict()
         self._labelled: OrderedDict[str, None] = OrderedDict()
+        self.pending: set[str] = set()
 
     def remember(
         self, ident: str, model: str, version: str, labels: npt.NDArray[Any] | None
@@ -111,7 +98,7 @@ class FeedbackIndex:
         return self._predictions.get(ident)
 
     def labelled(self, ident: str) -> bool:
-        return ident in self._labelled
+        return ident in self._labelled or ident in self.pending
 
     def mark(self, ident: str) -> None:
         self._labelled[ident] = None
@@ -119,35 +106,18 @@ class FeedbackIndex:
             self._labelled.popitem(last=False)
 
 
-def _with_ids(table: pa.Table, ids: list[str]) -> pa.Table:
-    return table.filter(pc.is_in(table["id"], value_set=pa.array(ids, pa.string())))
-
-
-def labelled_in_log(root: Path, model: str, ids: list[str]) -> set[str]:
-    """Which of these ids already have a label in the feedback log (blocking)."""
-    table = read_window(root, table=FEEDBACK, model=model)
-    if table.num_rows == 0 or not ids:
-        return set()
-    return set(_with_ids(table, ids)["id"].to_pylist())
-
-
 def lookup_logged(
-    root: Path, model: str, ids: list[str], label_outputs: dict[str, str | None]
+    index: LogIndex, model: str, ids: list[str], label_outputs: dict[str, str | None]
 ) -> dict[str, Remembered]:
     """Predictions of `model` with these ids from the payload log (blocking: run it off
     the event loop). `label_outputs` maps version -> its label output's name."""
     if not ids:
         return {}
-    table = read_window(root, table=PREDICTIONS, model=model)
-    if table.num_rows == 0:
-        return {}
-    table = _with_ids(table, ids)
+    table = index.rows(model, ids, ["id", "version", "variant", "outputs", "time"])
     found: dict[str, Remembered] = {}
-    for row in (
-        table.filter(pc.field("variant") != "shadow")
-        .select(["id", "version", "outputs", "time"])
-        .to_pylist()
-    ):
+    for row in table.to_pylist():
+        if row["variant"] == "shadow":
+            continue
         version = row["version"]
         wanted = label_outputs.get(version)
         labels = None
@@ -162,3 +132,202 @@ def lookup_logged(
 
 def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+@dataclass(slots=True)
+class _Checked:
+    label: Label
+    remembered: Remembered | None
+    outcome: str
+    hits: int = 0
+
+
+class FeedbackService:
+    def __init__(
+        self,
+        *,
+        repository: ModelRepository,
+        router: Router,
+        recorder: Recorder,
+        payload_log: PayloadLog | None,
+        index_size: int = 100_000,
+        check: LabelWriterCheck = allow_everyone,
+    ):
+        self.repository = repository
+        self.router = router
+        self.recorder = recorder
+        self.payload_log = payload_log
+        self.index = FeedbackIndex(index_size)
+        self.check = check
+        root = payload_log.config.root if payload_log is not None else None
+        self.predictions_log = LogIndex(root, PREDICTIONS) if root is not None else None
+        self.labels_log = LogIndex(root, FEEDBACK) if root is not None else None
+
+    async def submit(
+        self, name: str, labels: list[Label], caller: Caller = ANONYMOUS
+    ) -> dict[str, Any]:
+        self.check(caller, name)
+        if name not in self.router.state.champions and name not in self.repository.names():
+            raise ModelNotFound(f"model '{shown(name, valid_name)}' not found")
+        result = {"accepted": 0, "correct": 0, "incorrect": 0, "unmatched": 0, "duplicates": 0}
+        fresh = self._fresh(labels, result)
+        found: dict[str, Remembered] = {}
+        if fresh and self.payload_log is not None:
+            found = await self._from_log(name, fresh, result)
+            fresh = self._fresh(fresh, result)  # labelled by a request that finished meanwhile
+        checked = [self._validate(name, label, found) for label in fresh]
+        # nothing is applied before this point: a refused request changed nothing
+        ids = [label.id for label in fresh]
+        self.index.pending.update(ids)
+        try:
+            if self.payload_log is not None and checked:
+                records = [self._record(name, c) for c in checked]
+                stored = self.payload_log.store(FEEDBACK, records)
+                try:
+                    await asyncio.wrap_future(stored)
+                except OSError as exc:
+                    raise LabelsNotStored(
+                        f"labels not stored ({exc}); none was applied, send them again"
+                    ) from None
+        finally:
+            self.index.pending.difference_update(ids)
+        for item in checked:
+            self._apply(name, item, result)
+        result["stored"] = self.payload_log is not None
+        return result
+
+    def _fresh(self, labels: list[Label], result: dict[str, Any]) -> list[Label]:
+        """Labels for ids not labelled yet (the first of an id within the request)."""
+        seen: set[str] = set()
+        fresh: list[Label] = []
+        labelled = self.index.labelled
+        for label in labels:
+            if label.id in seen or labelled(label.id):
+                result["duplicates"] += 1
+            else:
+                seen.add(label.id)
+                fresh.append(label)
+        return fresh
+
+    async def _from_log(
+        self, name: str, fresh: list[Label], result: dict[str, Any]
+    ) -> dict[str, Remembered]:
+        """Drop ids already labelled in the log (older than the memory, or from before a
+        restart); the predictions not in memory, from the log."""
+        payload_log, labels_log, predictions_log = (
+            self.payload_log, self.labels_log, self.predictions_log
+        )  # fmt: skip
+        assert payload_log is not None and labels_log is not None and predictions_log is not None
+        loop = asyncio.get_running_loop()
+        ids = [label.id for label in fresh]
+        missing = [label.id for label in fresh if self._remembered(name, label.id) is None]
+        outputs = {
+            e.version: e.model.plan.label_output
+            for e in self.repository.entries()
+            if e.name == name and e.model is not None
+        }
+
+        def lookup() -> tuple[set[str], dict[str, Remembered]]:
+            if missing and payload_log.pending():
+                payload_log.flush()  # predictions still queued must be in files first
+            seen = payload_log.labels.unflushed(name, ids)  # before the files (see there)
+            seen |= labels_log.has(name, [i for i in ids if i not in seen])
+            wanted = [i for i in missing if i not in seen]
+            return seen, lookup_logged(predictions_log, name, wanted, outputs)
+
+        try:
+            seen, found = await loop.run_in_executor(None, lookup)
+        except (OSError, pa.ArrowException) as exc:
+            raise LabelsNotStored(
+                f"the payload log cannot be read to check these labels ({exc}); none was "
+                "applied, send them again"
+            ) from None
+        if seen:
+            result["duplicates"] += sum(label.id in seen for label in fresh)
+            fresh[:] = [label for label in fresh if label.id not in seen]
+        return found
+
+    def _remembered(self, name: str, ident: str) -> Remembered | None:
+        remembered = self.index.get(ident)
+        return remembered if remembered is not None and remembered.model == name else None
+
+    def _space(self, name: str, version: str | None) -> tuple[LabelSpace, str] | None:
+        """The label space of the version that answered (or, for an unmatched label or
+        a version no longer loaded, the champion's, else any loaded version's)."""
+        versions = [version] if version is not None else []
+        champion = self.router.state.champions.get(name)
+        versions += [v for v in (champion, *self.repository.versions(name)) if v is not None]
+        for candidate in versions:
+            entry = self.repository.find(name, candidate)
+            if entry is not None and entry.model is not None:
+                return LabelSpace.of(entry.model), candidate
+        return None
+
+    def _validate(self, name: str, label: Label, found: dict[str, Remembered]) -> _Checked:
+        remembered = self._remembered(name, label.id) or found.get(label.id)
+        space = self._space(name, remembered.version if remembered is not None else None)
+        texts: list[str] = []
+        for value in label.values:
+            text = space[0].canonical(value) if space is not None else None
+            if text is None:
+                where = f"model '{name}' version '{space[1]}'" if space else f"model '{name}'"
+                takes = space[0].describe() if space else "a loaded version to check it against"
+                raise InvalidInput(
+                    f"{label.where}: label {value!r} is not a class of {where} (a label is {takes})"
+                )
+            texts.append(text)
+        label.texts = texts
+        if remembered is None:
+            return _Checked(label, None, "unmatched")
+        predicted = remembered.labels
+        if predicted is None:
+            return _Checked(label, remembered, "unscored")  # no class output to compare
+        if len(texts) == 1 and predicted.size > 1:
+            raise InvalidInput(
+                f"id '{label.id}': the prediction has {predicted.size} rows; send one label per row"
+            )
+        if len(texts) != predicted.size:
+            raise InvalidInput(
+                f"id '{label.id}': {len(texts)} labels for a prediction of {predicted.size} rows"
+            )
+        hits = sum(
+            label_text(p) == t for p, t in zip(predicted.reshape(-1).tolist(), texts, strict=True)
+        )
+        return _Checked(label, remembered, "correct" if hits == len(texts) else "incorrect", hits)
+
+    def _record(self, name: str, item: _Checked) -> dict[str, Any]:
+        texts = item.label.texts
+        return {
+            "id": item.label.id,
+            "time": now(),
+            "model": name,
+            "version": item.remembered.version if item.remembered is not None else None,
+            "label": texts[0] if len(texts) == 1 else orjson.dumps(texts).decode(),
+            "outcome": item.outcome,
+        }
+
+    def _apply(self, name: str, item: _Checked, result: dict[str, Any]) -> None:
+        recorder = self.recorder
+        result["accepted"] += 1
+        self.index.mark(item.label.id)
+        remembered = item.remembered
+        if remembered is None:
+            result["unmatched"] += 1
+            recorder.count(recorder.feedback_unmatched, (name,))
+            return
+        if item.outcome == "unscored":
+            return
+        labels = (name, remembered.version)
+        recorder.histogram(recorder.feedback_delay, labels, FEEDBACK_DELAY_BUCKETS).observe(
+            max(0.0, time.time() - remembered.at)
+        )
+        misses = len(item.label.texts) - item.hits
+        if item.hits:
+            recorder.count(recorder.feedback, (*labels, "correct"), item.hits)
+        if misses:
+            recorder.count(recorder.feedback, (*labels, "incorrect"), misses)
+        result["correct"] += item.hits
+        result["incorrect"] += misses
+
+
+__all__ = ["ANONYMOUS", "Caller", "FeedbackService", "LabelWriterCheck", "parse_feedback"]

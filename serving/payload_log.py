@@ -6,6 +6,8 @@ counted. The writer flushes every `flush_s` seconds, when `batch_rows` records a
 waiting, and on close. A write that fails (disk full, folder unwritable) keeps its records
 in memory and retries at the next flush; only when that backlog exceeds the queue's
 capacity are the oldest records dropped, and counted.
+
+Labels take another path, `store()` (`serving.journal`): durable before it completes.
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ import queue
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from monitors.payload_log import PREDICTIONS, SCHEMAS, as_records, partition_dir
+from monitors.payload_log import PREDICTIONS, SCHEMAS, as_records, partition_dir, write_part
+from serving.journal import FeedbackStore
 
 log = logging.getLogger("servo.serving")
 
@@ -38,6 +41,10 @@ class PayloadLogConfig:
     capacity: int = 10_000
     flush_s: float = 2.0
     batch_rows: int = 1_000
+    #: labels are fsynced before `store()` completes (off: only to measure its cost)
+    fsync: bool = True
+    #: one journal write and fsync for every `store()` waiting (off: one each, to measure)
+    group_commit: bool = True
 
 
 class PayloadLog:
@@ -55,6 +62,21 @@ class PayloadLog:
         self.last_error: str | None = None
         self._thread = threading.Thread(target=self._run, name="servo-payload-log", daemon=True)
         self._thread.start()
+        #: labels: journaled (fsync, group commit), then Parquet; recovers a journal left
+        #: by a killed process before this returns
+        self.labels = FeedbackStore(
+            config.root,
+            flush_s=config.flush_s,
+            batch_rows=config.batch_rows,
+            fsync=config.fsync,
+            group_commit=config.group_commit,
+            name=self._name,
+        )
+
+    def store(self, table: str, records: list[dict[str, Any]]) -> Future[None]:
+        """Labels, durably: the future completes once they are on disk (fsynced), or
+        fails with the reason (and none of them is kept). `table` must be FEEDBACK."""
+        return self.labels.store(table, records)
 
     def submit(self, table: str, record: dict[str, Any]) -> bool:
         try:
@@ -71,10 +93,15 @@ class PayloadLog:
         while (self._queue.qsize() or self._flush_now.is_set()) and time.monotonic() < deadline:
             time.sleep(0.01)
 
+    def pending(self) -> bool:
+        """Whether predictions are queued or waiting for a retry (not yet in files)."""
+        return bool(self._queue.qsize() or self._backlog)
+
     def close(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
         self._flush_now.set()
         self._thread.join(timeout_s)
+        self.labels.close(timeout_s)
 
     # writer thread
 
@@ -142,11 +169,7 @@ class PayloadLog:
             time.sleep(min(self.config.flush_s, 1.0))  # do not spin on a broken disk
 
     def _write_file(self, folder: Path, table: str, rows: list[dict[str, Any]]) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        name = f"part-{time.time_ns()}-{os.getpid()}-{next(self._sequence)}.parquet"
-        tmp = folder / f".{name}.tmp"
-        try:
-            pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMAS[table]), tmp)
-            os.replace(tmp, folder / name)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_part(folder, self._name(), pa.Table.from_pylist(rows, schema=SCHEMAS[table]))
+
+    def _name(self) -> str:
+        return f"part-{time.time_ns()}-{os.getpid()}-{next(self._sequence)}"
