@@ -12,7 +12,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from serving import rest_codec, v1
 from serving.dataplane import DataPlane
-from serving.errors import InvalidInput, ServingError
 from serving.feedback import Caller, parse_feedback
 from serving.http import AsgiApp, Request, Response, Route, error_response, json_response
 
@@ -55,23 +54,22 @@ class Endpoints:
         params = request.params
         name, version = params["model"], params.get("version")
         try:
-            raw_length = request.header(HEADER_LENGTH)
-            header_length: int | None = None
-            if raw_length is not None:
-                if not raw_length.isdigit():
-                    raise InvalidInput(
-                        f"Inference-Header-Content-Length {raw_length!r} is not a size"
-                    )
-                header_length = int(raw_length)
-            infer_request = rest_codec.parse_infer_request(request.body, header_length)
+            body = request.body
+            header_length = rest_codec.parse_header_length(request.header(HEADER_LENGTH), len(body))
+            offloop = self.dataplane.offloop
+            if len(body) > offloop.threshold:  # a big body costs its sender, not everyone
+                infer_request = await offloop.run(
+                    rest_codec.parse_infer_request, body, header_length
+                )
+            else:
+                infer_request = rest_codec.parse_infer_request(body, header_length)
             key = request.header(ROUTING_KEY)
             response = await self.dataplane.infer(
                 name, version, infer_request, key.decode("latin-1") if key else None
             )
             body, json_length = rest_codec.encode_infer_response(response, infer_request)
-        except ServingError as exc:
-            self.dataplane.record_failure(name, version, "rest", exc, started)
-            raise
+        except Exception as exc:
+            raise self.dataplane.failed(name, version, "rest", exc, started) from None
         self.dataplane.record_success(response, "rest", started)
         if json_length is None:
             return Response(200, body)
@@ -102,13 +100,17 @@ class Endpoints:
             # V1 rows are decoded with the champion's signature, and answered by it
             version = self.dataplane.router.champion_version(name)
             model = self.dataplane.repository.model(name, version)
-            infer_request = v1.parse_predict(rest_codec.loads(request.body), model.signature)
+            body, offloop = request.body, self.dataplane.offloop
+            if len(body) > offloop.threshold:
+                infer_request = await offloop.run(v1.parse_predict_body, body, model.signature)
+            else:
+                infer_request = v1.parse_predict_body(body, model.signature)
             response = await self.dataplane.infer(name, version, infer_request)
-        except ServingError as exc:
-            self.dataplane.record_failure(name, None, "rest-v1", exc, started)
-            raise
+            doc = v1.encode_predict(response)
+        except Exception as exc:
+            raise self.dataplane.failed(name, None, "rest-v1", exc, started) from None
         self.dataplane.record_success(response, "rest-v1", started)
-        return json_response(200, v1.encode_predict(response))
+        return json_response(200, doc)
 
 
 def route_table(endpoints: Endpoints) -> list[Route]:

@@ -25,15 +25,33 @@ _FLOAT_KINDS = "fiu"
 _INT_KINDS = "iu"
 
 
+#: numpy's limit on dimensions
+MAX_RANK = 64
+#: the most elements a shape may describe, its zero dimensions aside: any more, times the
+#: largest item size (8 bytes), is more than numpy can address (`[2**62, 0, 3]` included)
+MAX_ELEMENTS = 2**60 - 1
+
+
 def check_shape(name: str, shape: Any) -> list[int]:
-    """A shape must be a list of non-negative integers; returns it as a list."""
+    """A shape must be a list of at most MAX_RANK non-negative integers describing at most
+    MAX_ELEMENTS elements (zero dimensions aside); returns it as a list."""
     if not isinstance(shape, list):
         raise InvalidInput(f"input '{name}': shape must be a list of integers, got {shape!r}")
+    if len(shape) > MAX_RANK:
+        raise InvalidInput(
+            f"input '{name}': shape has {len(shape)} dimensions; at most {MAX_RANK} are supported"
+        )
     for dim in shape:
         if type(dim) is not int or dim < 0:
             raise InvalidInput(
                 f"input '{name}': shape must be a list of non-negative integers, got {shape!r}"
             )
+    count = math.prod(shape)
+    if count > MAX_ELEMENTS or (count == 0 and math.prod(d for d in shape if d) > MAX_ELEMENTS):
+        raise InvalidInput(
+            f"input '{name}': shape {shape} is too large (its non-zero dimensions multiply "
+            "to more than 2**60 - 1)"
+        )
     return shape
 
 
@@ -49,12 +67,26 @@ def numpy_dtype(name: str, datatype: Any) -> np.dtype[Any]:
     return dtype
 
 
-def _flatten(data: Any) -> Iterable[Any]:
-    if isinstance(data, list):
-        for item in data:
-            yield from _flatten(item)
-    else:
-        yield data
+def _flatten(name: str, data: Any) -> list[Any]:
+    """Nested lists, row-major, as one flat list; nesting deeper than MAX_RANK is refused
+    (no recursion, so no depth reaches Python's recursion limit)."""
+    if not isinstance(data, list):
+        return [data]
+    out: list[Any] = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                if len(stack) >= MAX_RANK:
+                    raise InvalidInput(
+                        f"input '{name}': data is nested deeper than {MAX_RANK} levels"
+                    )
+                stack.append(iter(item))
+                break
+            out.append(item)
+        else:
+            stack.pop()
+    return out
 
 
 def decode_json(name: str, datatype: str, shape: list[int], data: Any) -> npt.NDArray[Any]:
@@ -62,7 +94,7 @@ def decode_json(name: str, datatype: str, shape: list[int], data: Any) -> npt.ND
     dtype = numpy_dtype(name, datatype)
     count = element_count(shape)
     if datatype == BYTES:
-        items = list(_flatten(data))
+        items = _flatten(name, data)
         if len(items) != count:
             raise InvalidInput(
                 f"input '{name}': shape {shape} needs {count} elements, data has {len(items)}"

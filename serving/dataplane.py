@@ -5,6 +5,7 @@ Nothing that fails validation here reaches ONNX Runtime.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -14,10 +15,16 @@ import numpy as np
 
 from monitors.payload_log import PREDICTIONS
 from serving import feedback as feedback_mod
-from serving.errors import InvalidInput, ModelNotReady, ServingError
+from serving.errors import (
+    InferenceFailed,
+    InvalidInput,
+    ModelNotReady,
+    ServingError,
+)
 from serving.feedback import ANONYMOUS, Caller, FeedbackService
 from serving.ids import RequestIds
 from serving.labels import Label
+from serving.offloop import OffloopDecoder
 from serving.payload_log import PayloadLog
 from serving.recorder import Recorder
 from serving.repository import ModelRepository, State
@@ -26,7 +33,9 @@ from serving.routes import CHAMPION
 from serving.runtime import OnnxModel, Plan
 from serving.shadow import ShadowCopy, ShadowRunner
 from serving.signature import TensorSpec
-from serving.types import InferRequest, InferResponse, Tensor
+from serving.types import MAX_ID_CHARS, InferRequest, InferResponse, Tensor
+
+log = logging.getLogger("servo.serving")
 
 UNKNOWN = "_unknown"
 
@@ -44,6 +53,7 @@ class DataPlane:
         recording: bool = True,
         payload_log: PayloadLog | None = None,
         feedback_index_size: int = 100_000,
+        offloop: OffloopDecoder | None = None,
     ):
         self.repository = repository
         self.router = router
@@ -63,6 +73,8 @@ class DataPlane:
         )
         self.feedback_index = self.feedbacks.index
         self._ids = RequestIds()
+        #: decodes bodies over its threshold in a worker process (the endpoints ask it)
+        self.offloop = offloop if offloop is not None else OffloopDecoder(0)
 
     # health and metadata
 
@@ -126,6 +138,10 @@ class DataPlane:
     ) -> InferResponse:
         if request.id is None:
             request.id = self._ids.next()
+        elif len(request.id) > MAX_ID_CHARS:  # ids are kept (feedback index, payload log)
+            raise InvalidInput(
+                f"'id' must be at most {MAX_ID_CHARS} characters (got {len(request.id)})"
+            )
         route = None
         key_bucket = 0
         if version is None:
@@ -230,6 +246,11 @@ class DataPlane:
                         f"(-1: any size), got {tensor.shape}"
                     )
                 data = data.reshape(rows, *spec.shape[1:])  # row-major: a view
+            if not data.size:
+                raise InvalidInput(
+                    f"input '{tensor.name}': shape {tensor.shape} has no elements "
+                    "(an empty batch is not run)"
+                )
             # one reduction on the common path; a non-finite sum (also reached by overflow
             # of large finite values) takes the exact check
             if finite_only and not math.isfinite(data.sum(dtype=np.float64)):
@@ -265,13 +286,27 @@ class DataPlane:
     ) -> dict[str, Any]:
         return await self.feedbacks.submit(name, labels, caller)
 
-    # request accounting (called by the protocol endpoints, which see parse errors too)
+    # request accounting: every infer answer of every protocol is counted here, through
+    # record_success or failed (the endpoints see parse errors too)
 
     def record_success(self, response: InferResponse, protocol: str, started: float) -> None:
         if not self.recording:
             return
         labels = (response.model_name, response.model_version, response.variant, protocol)
         self.recorder.request(labels, "200", time.perf_counter() - started)
+
+    def failed(
+        self, name: str, version: str | None, protocol: str, exc: Exception, started: float
+    ) -> ServingError:
+        """Count a failed request and return the error to answer: `exc` itself when it is a
+        ServingError, else (a bug) a logged 500 that says no more than that."""
+        if isinstance(exc, ServingError):
+            error = exc
+        else:
+            log.error("unhandled error answering %s over %s", name, protocol, exc_info=exc)
+            error = InferenceFailed("internal server error")
+        self.record_failure(name, version, protocol, error, started)
+        return error
 
     def record_failure(
         self, name: str, version: str | None, protocol: str, error: ServingError, started: float

@@ -6,7 +6,13 @@ from typing import Any
 
 import numpy as np
 
-from serving.codecs import decode_binary, element_count, encode_binary, numpy_dtype
+from serving.codecs import (
+    check_shape,
+    decode_binary,
+    element_count,
+    encode_binary,
+    numpy_dtype,
+)
 from serving.datatypes import BYTES
 from serving.errors import InvalidInput
 from serving.grpc_stubs import pb
@@ -45,9 +51,7 @@ def decode_request(message: Any) -> InferRequest:
     inputs: list[Tensor] = []
     for position, item in enumerate(message.inputs):
         name, datatype = item.name, item.datatype
-        shape = list(item.shape)
-        if any(dim < 0 for dim in shape):
-            raise InvalidInput(f"input '{name}': shape must be non-negative, got {shape}")
+        shape = check_shape(name, list(item.shape))
         if raw:
             data = decode_binary(name, datatype, shape, raw[position])
         else:

@@ -81,9 +81,8 @@ class InferenceServicer(_Servicer):  # type: ignore[misc]
                     key = item.value if isinstance(item.value, str) else None
             response = await self.dataplane.infer(name, version, infer_request, key)
             reply = grpc_codec.encode_response(response, raw=bool(request.raw_input_contents))
-        except ServingError as exc:
-            self.dataplane.record_failure(name, version, "grpc", exc, started)
-            await _abort(context, exc)
+        except Exception as exc:
+            await _abort(context, self.dataplane.failed(name, version, "grpc", exc, started))
         self.dataplane.record_success(response, "grpc", started)
         return reply
 

@@ -24,6 +24,24 @@ def dumps(doc: Any) -> bytes:
     return orjson.dumps(doc, option=_DUMP_OPTIONS)
 
 
+def parse_header_length(raw: bytes | None, body_size: int) -> int | None:
+    """Inference-Header-Content-Length as a size within the body (None: no header)."""
+    if raw is None:
+        return None
+    # never int() of more digits than the body's size has (Python refuses 4,300 and more)
+    digits = raw if len(raw) <= 20 else raw.lstrip(b"0") or b"0"
+    if len(digits) <= 20 and digits.isdigit():
+        size = int(digits)
+        if size <= body_size:
+            return size
+    shown = raw[:20].decode("latin-1") + ("..." if len(raw) > 20 else "")
+    if not raw.isdigit():
+        raise InvalidInput(f"Inference-Header-Content-Length {shown} is not a size")
+    raise InvalidInput(
+        f"Inference-Header-Content-Length {shown} exceeds the body ({body_size} bytes)"
+    )
+
+
 def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
     """Parse an OIP infer body; `header_length` is Inference-Header-Content-Length."""
     binary: memoryview | None = None

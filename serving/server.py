@@ -18,6 +18,7 @@ from serving.dataplane import DataPlane
 from serving.gateway import Gateway
 from serving.grpc_server import build_server, build_threaded_server
 from serving.httpserver import NativeHttpServer
+from serving.offloop import OffloopDecoder
 from serving.payload_log import PayloadLog, PayloadLogConfig
 from serving.recorder import Recorder
 from serving.repository import ModelRepository
@@ -36,6 +37,10 @@ class ServingConfig:
     grpc_port: int = 8081
     grpc_enabled: bool = True
     max_request_bytes: int = 64 * 1024 * 1024
+    #: REST bodies larger than this are decoded in a worker process, off the event loop
+    #: (0: every body on the loop)
+    offloop_decode_bytes: int = 1024 * 1024
+    offloop_decode_workers: int = 1
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     executor_threads: int = 4
     server_name: str = "servo"
@@ -100,6 +105,7 @@ class Server:
             recording=config.recording,
             payload_log=self.payload_log,
             feedback_index_size=config.feedback_index_size,
+            offloop=OffloopDecoder(config.offloop_decode_bytes, config.offloop_decode_workers),
         )
         self.http_port: int | None = None
         self.grpc_port: int | None = None
@@ -185,7 +191,13 @@ class Server:
                 await asyncio.get_running_loop().run_in_executor(None, stopped.wait)
                 pool.shutdown(wait=False)
             sock.close()
-            await self.shadows.close()
-            if self.payload_log is not None:
-                await asyncio.get_running_loop().run_in_executor(None, self.payload_log.close)
-            self.repository.close()
+            await self._close_workers()
+
+    async def _close_workers(self) -> None:
+        """What runs beside the servers: decoding worker, shadows, payload log, sessions."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.dataplane.offloop.close)
+        await self.shadows.close()
+        if self.payload_log is not None:
+            await loop.run_in_executor(None, self.payload_log.close)
+        self.repository.close()

@@ -8,6 +8,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+#: the longest request id (characters), as for feedback ids: ids are kept by the feedback
+#: index and the payload log, so a client must not choose their size
+MAX_ID_CHARS = 256
+
 
 @dataclass(slots=True)
 class Tensor:

@@ -13,6 +13,7 @@ import numpy as np
 
 from serving.codecs import decode_json
 from serving.errors import InvalidInput
+from serving.rest_codec import loads
 from serving.signature import Signature
 from serving.types import InferRequest, InferResponse, Tensor
 
@@ -23,6 +24,11 @@ def _tensor(name: str, datatype: str, rows: list[Any]) -> Tensor:
     except (ValueError, TypeError):
         raise InvalidInput(f"input '{name}': instances are not a rectangular array") from None
     return Tensor(name, datatype, shape, decode_json(name, datatype, shape, rows))
+
+
+def parse_predict_body(body: bytes, signature: Signature) -> InferRequest:
+    """A V1 predict body (JSON) as an InferRequest for a model of `signature`."""
+    return parse_predict(loads(body), signature)
 
 
 def parse_predict(doc: Any, signature: Signature) -> InferRequest:

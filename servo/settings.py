@@ -25,6 +25,15 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         64 * 1024 * 1024, gt=0, description="larger requests get 413 / RESOURCE_EXHAUSTED"
     )
+    offloop_decode_bytes: int = Field(
+        1024 * 1024,
+        ge=0,
+        description="REST bodies larger than this are decoded in a worker process, off the "
+        "event loop (0: all on the loop)",
+    )
+    offloop_decode_workers: int = Field(
+        1, ge=1, description="worker processes decoding big bodies (started on the first)"
+    )
     intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads per session")
     inline_max_us: float = Field(
         300.0, ge=0, description="models whose warm-up call is slower run on worker threads"
@@ -77,6 +86,8 @@ class Settings(BaseSettings):
             grpc_port=self.grpc_port,
             grpc_enabled=self.grpc_enabled,
             max_request_bytes=self.max_request_bytes,
+            offloop_decode_bytes=self.offloop_decode_bytes,
+            offloop_decode_workers=self.offloop_decode_workers,
             runtime=RuntimeOptions(
                 intra_op_threads=self.intra_op_threads, inline_max_us=self.inline_max_us
             ),

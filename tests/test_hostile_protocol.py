@@ -1,0 +1,505 @@
+"""Hostile OIP requests against a real server (issue 9, points 8, 10 and 11).
+
+Each case goes over REST JSON, REST binary and gRPC (typed and raw contents) where it
+applies, and checks four things: the status, that the message names the problem, that
+`servo_requests_total` counted the answer, and that a good request is served afterwards.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import numpy as np
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.grpc_stubs import pb, pb_grpc
+from servo.demo import digits_holdout
+from tests.models import failing_model, write_model
+from tests.servers import RunningServer, start_server
+
+MAX_BODY = 96 * 1024 * 1024
+GRPC_TO_HTTP = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNKNOWN: 520,  # what an escaped exception became before the fix
+}
+PROTOCOLS = ["rest-json", "rest-binary", "grpc-typed", "grpc-raw"]
+HUGE = [2**62, 0, 3]
+
+
+@pytest.fixture(scope="module")
+def hostile(model_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """digits, the FP32 and BYTES identity models and one that fails in ONNX Runtime, with a
+    body limit large enough for the big-body cases."""
+    extra = tmp_path_factory.mktemp("hostile-models")
+    write_model(extra / "failing" / "1", failing_model(), "failing")
+    running = start_server(
+        [
+            model_root / "digits" / "1",
+            model_root / "identity_fp32" / "1",
+            model_root / "identity_bytes" / "1",
+            extra / "failing" / "1",
+        ],
+        tmp_path_factory.mktemp("hostile-logs") / "server.log",
+        wait_for=["digits", "identity_fp32", "identity_bytes", "failing"],
+        env={"SERVO_MAX_REQUEST_BYTES": str(MAX_BODY)},
+    )
+    yield running
+    assert running.stop() == 0, running.log()
+
+
+@pytest.fixture(scope="module")
+def stub(hostile: RunningServer) -> Iterator[Any]:
+    options = [
+        ("grpc.max_send_message_length", MAX_BODY),
+        ("grpc.max_receive_message_length", MAX_BODY),
+    ]
+    with grpc.insecure_channel(hostile.grpc_target, options=options) as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+# what the tests send
+
+
+def rest_json(
+    server: RunningServer, model: str, inputs: list[dict[str, Any]], **doc: Any
+) -> httpx.Response:
+    body = orjson.dumps({**doc, "inputs": inputs})
+    return httpx.post(f"{server.url}/v2/models/{model}/infer", content=body, timeout=60)
+
+
+def rest_binary(
+    server: RunningServer,
+    model: str,
+    inputs: list[tuple[dict[str, Any], bytes]],
+    header_length: str | None = None,
+    **doc: Any,
+) -> httpx.Response:
+    entries = [{**entry, "parameters": {"binary_data_size": len(blob)}} for entry, blob in inputs]
+    head = orjson.dumps({**doc, "inputs": entries})
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": header_length or str(len(head)),
+    }
+    body = head + b"".join(blob for _, blob in inputs)
+    return httpx.post(
+        f"{server.url}/v2/models/{model}/infer", content=body, headers=headers, timeout=60
+    )
+
+
+def grpc_infer(stub: Any, message: Any) -> tuple[int, str]:
+    """(status, message) of a ModelInfer call: 200 and "" when it succeeds."""
+    try:
+        stub.ModelInfer(message, timeout=60)
+    except grpc.RpcError as exc:
+        return GRPC_TO_HTTP.get(exc.code(), 599), exc.details() or ""
+    return 200, ""
+
+
+def grpc_message(
+    model: str, shape: list[int], values: list[float], raw: bool, **fields: Any
+) -> Any:
+    message = pb.ModelInferRequest(model_name=model, **fields)
+    item = message.inputs.add()
+    item.name = "input" if model in ("digits", "failing") else "x"
+    item.datatype = "FP32"
+    item.shape.extend(shape)
+    if raw:
+        message.raw_input_contents.append(np.asarray(values, dtype="<f4").tobytes())
+    else:
+        item.contents.fp32_contents.extend(values)
+    return message
+
+
+def send(
+    server: RunningServer,
+    stub: Any,
+    protocol: str,
+    model: str,
+    shape: list[int],
+    values: list[float],
+    **doc: Any,
+) -> tuple[int, str]:
+    """One FP32 input `input` (digits, failing) or `x` (identity) over `protocol`."""
+    name = "input" if model in ("digits", "failing") else "x"
+    entry = {"name": name, "datatype": "FP32", "shape": shape}
+    if protocol.startswith("grpc"):
+        return grpc_infer(stub, grpc_message(model, shape, values, protocol == "grpc-raw", **doc))
+    if protocol == "rest-json":
+        reply = rest_json(server, model, [{**entry, "data": values}], **doc)
+    else:
+        reply = rest_binary(server, model, [(entry, np.asarray(values, "<f4").tobytes())], **doc)
+    return reply.status_code, reply.json().get("error", "") if reply.status_code != 200 else ""
+
+
+# what the tests check
+
+
+def requests_counted(server: RunningServer, model: str, protocol: str, code: str) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "servo_requests"
+        for sample in family.samples
+        if sample.name == "servo_requests_total"
+        and sample.labels["model"] == model
+        and sample.labels["protocol"] == protocol
+        and sample.labels["code"] == code
+    )
+
+
+def wire(protocol: str) -> str:
+    return "grpc" if protocol.startswith("grpc") else "rest"
+
+
+def good_request_works(server: RunningServer, stub: Any, protocol: str) -> None:
+    row = digits_holdout()[0][0].astype(np.float32).tolist()
+    assert send(server, stub, protocol, "digits", [1, 64], row) == (200, "")
+
+
+def check(
+    server: RunningServer,
+    stub: Any,
+    protocol: str,
+    model: str,
+    call: Callable[[], tuple[int, str]],
+    status: int,
+    needle: str,
+) -> None:
+    code = str(status)
+    before = requests_counted(server, model, wire(protocol), code)
+    got, message = call()
+    assert got == status, message
+    assert needle in message
+    assert requests_counted(server, model, wire(protocol), code) == before + 1
+    good_request_works(server, stub, protocol)
+
+
+# point 11: shapes and sizes
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_shape_of_65_dimensions_is_refused(
+    hostile: RunningServer, stub: Any, protocol: str
+) -> None:
+    shape = [1] * 65
+    check(
+        hostile, stub, protocol, "digits",
+        lambda: send(hostile, stub, protocol, "digits", shape, [1.0]),
+        400, "input 'input': shape has 65 dimensions; at most 64 are supported",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("shape", [HUGE, [2**61, 0, 2**3], [2**40, 2**40]], ids=str)
+def test_a_shape_too_large_for_any_array_is_refused(
+    hostile: RunningServer, stub: Any, protocol: str, shape: list[int]
+) -> None:
+    check(
+        hostile, stub, protocol, "digits",
+        lambda: send(hostile, stub, protocol, "digits", shape, []),
+        400, f"input 'input': shape {shape} is too large",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("shape", [[0, 64], [2**40, 0]], ids=str)
+def test_an_empty_batch_never_reaches_onnx_runtime(
+    hostile: RunningServer, stub: Any, protocol: str, shape: list[int]
+) -> None:
+    message = f"input 'input': shape {shape} has no elements" if shape[1] else "expected shape"
+    check(
+        hostile, stub, protocol, "digits",
+        lambda: send(hostile, stub, protocol, "digits", shape, []),
+        400, message,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_an_empty_tensor_with_a_valid_shape_is_refused(
+    hostile: RunningServer, stub: Any, protocol: str
+) -> None:
+    """identity [N, 3]: [0, 3] passes the signature, and has no rows to run."""
+    check(
+        hostile, stub, protocol, "identity_fp32",
+        lambda: send(hostile, stub, protocol, "identity_fp32", [0, 3], []),
+        400, "input 'x': shape [0, 3] has no elements",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("protocol", ["rest-json", "rest-binary"])
+def test_negative_and_non_integer_dimensions_are_refused(
+    hostile: RunningServer, stub: Any, protocol: str
+) -> None:
+    for shape in ([-1, 64], [1.5, 64], [True, 64]):
+        check(
+            hostile, stub, protocol, "digits",
+            lambda shape=shape: send(hostile, stub, protocol, "digits", shape, [1.0] * 64),
+            400, "shape must be a list of non-negative integers",
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("protocol", ["grpc-typed", "grpc-raw"])
+def test_negative_dimensions_are_refused_over_grpc(
+    hostile: RunningServer, stub: Any, protocol: str
+) -> None:
+    check(
+        hostile, stub, protocol, "digits",
+        lambda: send(hostile, stub, protocol, "digits", [-1, 64], [1.0] * 64),
+        400, "shape must be a list of non-negative integers",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_element_count_must_match_the_data(
+    hostile: RunningServer, stub: Any, protocol: str
+) -> None:
+    check(
+        hostile, stub, protocol, "digits",
+        lambda: send(hostile, stub, protocol, "digits", [3, 64], [1.0] * 64),
+        400, "input 'input': shape [3, 64]",
+    )  # fmt: skip
+
+
+def test_bytes_data_nested_deeper_than_any_shape_is_refused(
+    hostile: RunningServer, stub: Any
+) -> None:
+    """900 levels: deeper than orjson writes (255) and than Python's recursion limit."""
+    data = b"[" * 900 + b'"x", "y", "z"' + b"]" * 900
+    body = b'{"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1, 3], "data": %s}]}'
+    check(
+        hostile, stub, "rest-json", "identity_bytes",
+        lambda: _status(httpx.post(f"{hostile.url}/v2/models/identity_bytes/infer",
+                                   content=body % data, timeout=60)),
+        400, "input 'x': data is nested deeper than 64 levels",
+    )  # fmt: skip
+
+
+def _status(reply: httpx.Response) -> tuple[int, str]:
+    return reply.status_code, reply.json().get("error", "")
+
+
+@pytest.mark.parametrize("value", ["9" * 5000, "1" + "0" * 30, "12a"], ids=["5000", "30", "12a"])
+def test_inference_header_content_length_that_cannot_fit_the_body(
+    hostile: RunningServer, stub: Any, value: str
+) -> None:
+    entry = {"name": "input", "datatype": "FP32", "shape": [1, 64]}
+    blob = np.ones(64, "<f4").tobytes()
+    needle = "is not a size" if not value.isdigit() else "exceeds the body"
+    check(
+        hostile, stub, "rest-binary", "digits",
+        lambda: _status(rest_binary(hostile, "digits", [(entry, blob)], header_length=value)),
+        400, f"Inference-Header-Content-Length {value[:20]}",
+    )  # fmt: skip
+    reply = rest_binary(hostile, "digits", [(entry, blob)], header_length=value)
+    assert needle in reply.json()["error"]
+    assert len(reply.json()["error"]) < 200  # the 5,000 digits are not echoed back
+
+
+# point 11: every answer is counted, a 500 included
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_500_is_counted(hostile: RunningServer, stub: Any, protocol: str) -> None:
+    """The failing model's Reshape fails in ONNX Runtime on every call."""
+    check(
+        hostile, stub, protocol, "failing",
+        lambda: send(hostile, stub, protocol, "failing", [1, 64], [1.0] * 64),
+        500, "model 'failing' version 1",
+    )  # fmt: skip
+
+
+def test_an_unexpected_error_becomes_a_counted_500() -> None:
+    """An exception that is no ServingError (a bug) is answered 500 and counted, through the
+    one place that counts failures."""
+    from prometheus_client import CollectorRegistry
+
+    from serving.dataplane import DataPlane
+    from serving.recorder import Recorder
+    from serving.repository import ModelRepository
+    from serving.router import Router
+    from serving.runtime import RuntimeOptions
+    from serving.shadow import ShadowRunner
+
+    recorder = Recorder(CollectorRegistry())
+    repository = ModelRepository(RuntimeOptions(), 1)
+    try:
+        plane = DataPlane(
+            repository=repository,
+            router=Router(),
+            recorder=recorder,
+            shadows=ShadowRunner(recorder, 1, 1.0),
+            server_name="servo",
+            server_version="0",
+        )
+        error = plane.failed("digits", None, "grpc", ZeroDivisionError("bug"), 0.0)
+        assert int(error.status) == 500 and error.message == "internal server error"
+        assert recorder.requests == {("_unknown", "", "", "grpc", "500"): 1}
+    finally:
+        repository.close()
+
+
+# point 10: inference ids
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_inference_ids_are_limited_to_256_characters(
+    hostile: RunningServer, stub: Any, protocol: str
+) -> None:
+    row = [1.0] * 64
+    ok = "i" * 256
+    assert send(hostile, stub, protocol, "digits", [1, 64], row, id=ok) == (200, "")
+    long = "i" * (4 * 1024 * 1024)
+    check(
+        hostile, stub, protocol, "digits",
+        lambda: send(hostile, stub, protocol, "digits", [1, 64], row, id=long),
+        400, "'id' must be at most 256 characters (got 4194304)",
+    )  # fmt: skip
+
+
+# point 8: big bodies are decoded off the event loop
+
+
+def _unsent(server_port: int, client: socket.socket) -> int:
+    """Bytes of `client`'s connection that the server has not read yet: the client's send
+    queue plus the server socket's receive queue (/proc/net/tcp, both ends on this host)."""
+    client_port = client.getsockname()[1]
+    ends = {(server_port, client_port): 1, (client_port, server_port): 0}
+    total = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = (int(f.split(":")[1], 16) for f in fields[1:3])
+        queue = ends.get((local, remote))
+        if queue is not None:  # tx_queue:rx_queue; the server end reads, the client sends
+            total += int(fields[4].split(":")[queue], 16)
+    return total
+
+
+def _http_request(path: str, body: bytes) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def _read_reply(sock: socket.socket) -> tuple[int, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed before an answer"
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    length = next(
+        int(v) for k, _, v in (x.partition(b": ") for x in lines[1:]) if k == b"content-length"
+    )
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return int(lines[0].split()[1]), rest[:length]
+
+
+@pytest.mark.parametrize("ends", ["400", "200"])
+def test_a_big_body_costs_its_sender_not_everyone(hostile: RunningServer, ends: str) -> None:
+    """A ~40 MB JSON body: every byte but the last is sent and read by the server, then the
+    last byte starts its decode. Small requests sent after that byte are answered while the
+    big one is decoded (on the event loop, none was: the loop was busy decoding)."""
+    rows = 700_000
+    data = np.random.default_rng(0).random((rows, 3)).tolist()
+    shape = [rows + 1 if ends == "400" else rows, 3]
+    body = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": shape,
+                                     "data": data}]})  # fmt: skip
+    assert len(body) > 30 * 1024 * 1024
+    big_request = _http_request("/v2/models/identity_fp32/infer", body)
+    small_request = _http_request(
+        "/v2/models/digits/infer",
+        orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                                  "data": [0.5] * 64}]}),
+    )  # fmt: skip
+    answered: list[int] = []
+    done = threading.Event()
+
+    def small_requests() -> None:
+        with socket.create_connection(("127.0.0.1", hostile.http_port), timeout=60) as sock:
+            while not done.is_set():
+                sock.sendall(small_request)
+                answered.append(_read_reply(sock)[0])
+
+    with socket.create_connection(("127.0.0.1", hostile.http_port), timeout=120) as big:
+        big.sendall(big_request[:-1])
+        for _ in range(2000):  # the server has read everything but the last byte
+            if _unsent(hostile.http_port, big) == 0:
+                break
+            threading.Event().wait(0.01)
+        assert _unsent(hostile.http_port, big) == 0
+        big.sendall(big_request[-1:])
+        worker = threading.Thread(target=small_requests)
+        worker.start()
+        try:
+            status, reply = _read_reply(big)
+            during = len(answered)
+        finally:
+            done.set()
+            worker.join(timeout=60)
+    assert status == int(ends), reply[:300]
+    if ends == "400":
+        assert orjson.loads(reply)["error"] == (
+            f"input 'x': shape [{rows + 1}, 3] needs {3 * rows + 3} elements, data has {3 * rows}"
+        )
+    else:
+        out = orjson.loads(reply)["outputs"][0]
+        assert out["shape"] == [rows, 3]
+        assert np.array_equal(np.asarray(out["data"], np.float32),
+                              np.asarray(data, np.float32).reshape(-1))  # fmt: skip
+    assert set(answered) == {200}
+    assert during >= 10, f"only {during} small requests answered during the big decode"
+
+
+@pytest.mark.parametrize("kind", ["binary", "bytes", "v1"])
+def test_bodies_over_the_threshold_decode_like_small_ones(
+    hostile: RunningServer, stub: Any, kind: str
+) -> None:
+    """Binary, BYTES and V1 bodies over SERVO_OFFLOOP_DECODE_BYTES (1 MiB) give the same
+    answers and the same errors as small ones."""
+    rows = 200_000
+    x = np.arange(rows * 3, dtype=np.float32).reshape(rows, 3)
+    if kind == "binary":
+        entry = {"name": "x", "datatype": "FP32", "shape": [rows, 3]}
+        reply = rest_binary(hostile, "identity_fp32", [(entry, x.tobytes())], id="big")
+        assert reply.status_code == 200, reply.text[:300]
+        assert reply.json()["id"] == "big"
+        out = reply.json()["outputs"][0]
+        assert np.array_equal(np.asarray(out["data"], np.float32), x.reshape(-1))
+        bad = rest_binary(hostile, "identity_fp32", [(entry, x.tobytes()[:-4])])
+        assert bad.status_code == 400
+        assert bad.json()["error"] == (
+            f"input 'x': shape [{rows}, 3] of FP32 needs {rows * 12} bytes, got {rows * 12 - 4}"
+        )
+    elif kind == "bytes":
+        words = [f"w{i}" for i in range(rows * 3)]
+        entry = {"name": "x", "datatype": "BYTES", "shape": [rows, 3], "data": words}
+        reply = rest_json(hostile, "identity_bytes", [entry])
+        assert reply.status_code == 200, reply.text[:300]
+        assert reply.json()["outputs"][0]["data"] == words
+    else:
+        body = orjson.dumps({"instances": x.tolist()})
+        assert len(body) > 1024 * 1024
+        reply = httpx.post(
+            f"{hostile.url}/v1/models/identity_fp32:predict", content=body, timeout=60
+        )
+        assert reply.status_code == 200, reply.text[:300]
+        assert np.array_equal(np.asarray(reply.json()["predictions"], np.float32), x)
+        ragged = orjson.dumps({"instances": [*x.tolist(), [1.0]]})
+        bad = httpx.post(
+            f"{hostile.url}/v1/models/identity_fp32:predict", content=ragged, timeout=60
+        )
+        assert bad.status_code == 400
+        assert "instances are not a rectangular array" in bad.json()["error"]
