@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import onnx
-
-from serving.datatypes import ONNX_TO_OIP
 from serving.errors import ModelLoadError
+
+if TYPE_CHECKING:  # imported where a graph is read: reading a model card needs no ONNX
+    import onnx
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +52,10 @@ class Signature:
 
 
 def _spec(value: onnx.ValueInfoProto, role: str) -> TensorSpec:
+    import onnx
+
+    from serving.datatypes import ONNX_TO_OIP
+
     kind = value.type.WhichOneof("value")
     if kind != "tensor_type":
         raise ModelLoadError(

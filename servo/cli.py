@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
-import gc
 import json
-import logging
-import signal
 import sys
-import threading
-import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from servo import __version__
-from servo.settings import Settings
+
+if TYPE_CHECKING:
+    from servo.settings import Settings
+
+# Imports stay inside the commands that need them: `servo --help` and the registry commands
+# must not pay for the serving stack (gRPC, ONNX Runtime) or the trainers (see
+# tests/test_cli_imports.py and benchmarks/cli_startup.py).
 
 
 def _configure_logging(level: str) -> None:
+    import logging
+
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -34,6 +36,11 @@ def _serve(
     on_ready: object = None,
     from_registry: bool = False,
 ) -> None:
+    import asyncio
+    import gc
+    import signal
+    import threading
+
     import uvloop
 
     from serving.routes import FileRouteSource, RouteSource, StaticRouteSource
@@ -124,6 +131,8 @@ def serve(
     requests that name their version. Other settings come from SERVO_* variables."""
     if sum((bool(folders), bool(routes), from_registry)) != 1:
         raise click.UsageError("give model folders, --routes FILE or --from-registry (one)")
+    from servo.settings import Settings
+
     settings = Settings(host=host, http_port=http_port, grpc_port=grpc_port, log_level=log_level)
     _configure_logging(settings.log_level)
     _serve(settings, list(folders), routes, from_registry=from_registry)
@@ -520,7 +529,10 @@ def export_demo(folder: Path, name: str, version_: str) -> None:
 @click.option("--grpc-port", envvar="SERVO_GRPC_PORT", default=8081, show_default=True)
 def demo(work_dir: Path, http_port: int, grpc_port: int) -> None:
     """Train the digits model, serve it, and print a request that works."""
+    import urllib.request
+
     from servo.demo import digits_holdout, export_digits
+    from servo.settings import Settings
 
     settings = Settings(http_port=http_port, grpc_port=grpc_port, log_level="WARNING")
     _configure_logging(settings.log_level)

@@ -59,7 +59,11 @@ def resolve(model: str, version: int | None, model_dir: Path | None, store: Any)
             elif versions:
                 version = versions[-1].version
             else:
-                raise LookupError(f"model '{model}' is not registered")
+                raise LookupError(
+                    f"model '{model}' is not registered in the registry; for a model served "
+                    f"from folders, pass --model-dir with its version folder (e.g. "
+                    f"--model-dir models/{model}/1)"
+                )
         info = store.version(model, version)
         model_dir = folder_of(info.artifact_uri)
     card = read_card(model_dir)

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from serving.batcher import BatchingConfig
-from serving.payload_log import PayloadLogConfig
-from serving.runtime import RuntimeOptions
-from serving.server import ServingConfig
 from servo import __version__
+
+if TYPE_CHECKING:  # the serving stack (gRPC, ONNX Runtime) is imported by serving_config()
+    from serving.server import ServingConfig
 
 
 class Settings(BaseSettings):
@@ -80,6 +79,11 @@ class Settings(BaseSettings):
     )
 
     def serving_config(self) -> ServingConfig:
+        from serving.batcher import BatchingConfig
+        from serving.payload_log import PayloadLogConfig
+        from serving.runtime import RuntimeOptions
+        from serving.server import ServingConfig
+
         return ServingConfig(
             host=self.host,
             http_port=self.http_port,

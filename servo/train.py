@@ -9,16 +9,15 @@ import shutil
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import onnx
-
-from registry.store import RegistryStore
 from retrain.artifacts import open_store
 from retrain.digits import digits_pipeline
 from retrain.pipeline import Runner, RunResult
-from serving import signature
 from serving.model_folder import MODEL_FILE, NAME_RULE, ModelCard, valid_name, write_card
+
+if TYPE_CHECKING:
+    from registry.store import RegistryStore
 
 
 @dataclass(frozen=True)
@@ -58,6 +57,10 @@ def register(result: RunResult, store: RegistryStore, model_root: Path, name: st
     if existing is not None:
         folder = Path(urllib.parse.urlparse(store.version(name, existing).artifact_uri).path)
         return Trained(existing, folder, result, evaluation, reused=True)
+    import onnx  # only for a new version: a cached re-run that registers nothing skips it
+
+    from serving import signature
+
     version = store.register_version(
         name, artifact_uri="", metrics=evaluation, run_id=result.run_id
     )
