@@ -18,7 +18,7 @@ from retrain.artifacts import open_store
 from retrain.digits import digits_pipeline
 from retrain.pipeline import Runner, RunResult
 from serving import signature
-from serving.model_folder import MODEL_FILE, NAME_RULE, ModelCard, valid_name, write_card
+from serving.model_folder import MODEL_FILE, ModelCard, valid_name, write_card
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def train(
     """Run the pipeline and register its model; `artifacts` is the artifact store's URL
     (any fsspec URL; default: the work folder only)."""
     if not valid_name(name):  # before any work: a bad name must not cost (or record) a run
-        raise ValueError(f"invalid model name {name!r} ({NAME_RULE})")
+        raise ValueError(f"invalid model name {name!r}")
     runner = Runner(work / "pipeline", store, open_store(artifacts))
     champion = None
     champion_version = store.alias(name, "champion")
