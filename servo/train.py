@@ -96,7 +96,7 @@ def train(
     """Run the pipeline and register its model; `artifacts` is the artifact store's URL
     (any fsspec URL; default: the work folder only)."""
     if not valid_name(name):  # before any work: a bad name must not cost (or record) a run
-        raise ValueError(f"invalid model name {name!r} ({NAME_RULE})")
+        raise ValueError(f"invalid model name {name!r}")
     runner = Runner(work / "pipeline", store, open_store(artifacts))
     champion = None
     champion_version = store.alias(name, "champion")
