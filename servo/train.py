@@ -49,7 +49,7 @@ def _same_model(store: RegistryStore, name: str, result: RunResult) -> int | Non
 
 def register(result: RunResult, store: RegistryStore, model_root: Path, name: str) -> Trained:
     if not valid_name(name):
-        raise ValueError(f"invalid model name {name!r}")
+        raise ValueError(f"invalid model name {name!r} ({NAME_RULE})")
     evaluation = json.loads(result.output("evaluate", "evaluation.json").read_text())
     extra = json.loads(result.output("train", "profile.json").read_text())
     model_path = result.output("train", "model.onnx")
@@ -96,7 +96,7 @@ def train(
     """Run the pipeline and register its model; `artifacts` is the artifact store's URL
     (any fsspec URL; default: the work folder only)."""
     if not valid_name(name):  # before any work: a bad name must not cost (or record) a run
-        raise ValueError(f"invalid model name {name!r}")
+        raise ValueError(f"invalid model name {name!r} ({NAME_RULE})")
     runner = Runner(work / "pipeline", store, open_store(artifacts))
     champion = None
     champion_version = store.alias(name, "champion")
