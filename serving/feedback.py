@@ -175,7 +175,8 @@ class FeedbackService:
         if fresh and self.payload_log is not None:
             found = await self._from_log(name, fresh, result)
             fresh = self._fresh(fresh, result)  # labelled by a request that finished meanwhile
-        checked = [self._validate(name, label, found) for label in fresh]
+        spaces: dict[str | None, tuple[LabelSpace, str] | None] = {}
+        checked = [self._validate(name, label, found, spaces) for label in fresh]
         # nothing is applied before this point: a refused request changed nothing
         ids = [label.id for label in fresh]
         self.index.pending.update(ids)
@@ -263,9 +264,18 @@ class FeedbackService:
                 return LabelSpace.of(entry.model), candidate
         return None
 
-    def _validate(self, name: str, label: Label, found: dict[str, Remembered]) -> _Checked:
+    def _validate(
+        self,
+        name: str,
+        label: Label,
+        found: dict[str, Remembered],
+        spaces: dict[str | None, tuple[LabelSpace, str] | None],
+    ) -> _Checked:
         remembered = self._remembered(name, label.id) or found.get(label.id)
-        space = self._space(name, remembered.version if remembered is not None else None)
+        version = remembered.version if remembered is not None else None
+        if version not in spaces:  # one per version a request
+            spaces[version] = self._space(name, version)
+        space = spaces[version]
         texts: list[str] = []
         for value in label.values:
             text = space[0].canonical(value) if space is not None else None

@@ -8,8 +8,8 @@ go into the feedback table's Parquet files (format: `monitors.payload_log`) ever
 `flush_s` or `batch_rows`, fsynced, and the journal is then deleted; so the table keeps
 files of many labels, not one file per request.
 
-A journal found at start (left by a killed process) is replayed into Parquet before the
-server answers anything: its labels, less those already in the table and a torn last
+A journal found at start, left by a process no longer running, is replayed into Parquet
+before the server answers anything: its labels, less those already in the table and a torn last
 line, become a file, and the journal is removed. Readers never see the journal (names
 starting with "_" are not data files).
 """
@@ -230,7 +230,7 @@ class FeedbackStore:
     def _recover(self) -> int:
         """Replay journals left by a process that died before writing them to Parquet."""
         try:
-            journals = sorted(self.folder.glob("journal-*.jsonl"))
+            journals = [j for j in sorted(self.folder.glob("journal-*.jsonl")) if not _live(j)]
         except OSError:
             return 0
         if not journals:
@@ -266,6 +266,24 @@ class FeedbackStore:
 
 
 _FIELDS = ("id", "time", "model", "version", "label", "outcome")
+
+
+def _live(journal: Path) -> bool:
+    """Whether another process that is still running writes this journal (a server
+    sharing the folder): its journal is its own to write into Parquet."""
+    try:
+        pid = int(journal.name.split("-")[1])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False  # an earlier process with our pid (a restarted container's pid 1)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, another user's
+    return True
 
 
 def _record(line: bytes) -> dict[str, Any] | None:

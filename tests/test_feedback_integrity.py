@@ -288,6 +288,25 @@ def test_a_label_survives_kill_9_and_a_conflicting_one_is_refused(
     assert [(r["id"], r["label"]) for r in stored] == [(ident, str(int(y[0])))]
 
 
+def test_a_journal_left_behind_is_replayed_once(tmp_path: Path) -> None:
+    at = dt.datetime(2026, 11, 29, 12, tzinfo=dt.UTC)
+    rows = [{"id": f"j{i}", "time": at.isoformat(), "model": "digits", "version": "1",
+             "label": "3", "outcome": "correct"} for i in range(3)]  # fmt: skip
+    journal = tmp_path / FEEDBACK / "_journal"
+    journal.mkdir(parents=True)
+    # j0 already reached the table; the last line is torn (the kill came mid-write)
+    log = PayloadLog(PayloadLogConfig(tmp_path))
+    log.store(FEEDBACK, [{**rows[0], "time": at}]).result()
+    log.close()
+    lines = b"".join(orjson.dumps(r) + b"\n" for r in rows) + b'{"id": "j3", "ti'
+    (journal / "journal-999999999-1.jsonl").write_bytes(lines)
+    log = PayloadLog(PayloadLogConfig(tmp_path))
+    log.close()
+    assert log.labels.recovered == 2
+    assert sorted(read_window(tmp_path, table=FEEDBACK)["id"].to_pylist()) == ["j0", "j1", "j2"]
+    assert list(journal.iterdir()) == []
+
+
 def test_a_label_that_cannot_be_stored_is_answered_503_and_not_applied(
     model_root: Path, tmp_path: Path
 ) -> None:
