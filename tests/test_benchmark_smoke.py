@@ -66,3 +66,34 @@ def test_monitor_benchmark_runs() -> None:
         if line.startswith("| 64 ") or line.startswith("| 784 ")
     ]
     assert len(rows) == 2, run.stdout
+
+
+def run_benchmark(name: str, *args: str) -> str:
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run.stdout
+
+
+def test_pipeline_benchmark_runs() -> None:
+    out = run_benchmark("pipeline.py", "--repeat", "1")
+    rows = [line for line in out.splitlines() if line.startswith(("| first ", "| cached "))]
+    assert len(rows) == 2 and "first / cached:" in out, out
+
+
+def test_payload_log_submit_benchmark_runs() -> None:
+    out = run_benchmark("payload_log_submit.py", "--repeat", "1", "--calls", "300")
+    assert "| submit, held |" in out and "200 of 300 submits dropped" in out, out
+
+
+@pytest.mark.slow
+def test_monitor_figures_benchmark_runs() -> None:
+    out = run_benchmark("monitor_figures.py", "--quick")
+    table = [line for line in out.splitlines() if line.startswith("| ") and "check" not in line]
+    assert len(table) == 9, out
+    assert "detected in 30 of 30 streams" in out and "alarm on 0 of 100" in out, out

@@ -188,10 +188,18 @@ def test_swaps_under_load_lose_no_request(
         [{"name": "digits", "champion": dep(routed_root, "1")}],
     ]
 
-    async def load() -> tuple[Counter[int], Counter[str], list[str]]:
+    # the versions a request may get once table i is in force (a canary splits, a shadow
+    # never answers)
+    allowed = [{"2"}, {"1", "2"}, {"1"}, {"1"}, {"2"}, {"1"}]
+    per_phase = 40  # requests answered under each table before the next one is written
+
+    async def load() -> tuple[Counter[int], dict[int, Counter[str]], list[str]]:
         codes: Counter[int] = Counter()
-        versions: Counter[str] = Counter()
+        #: table index -> versions that answered requests sent and answered while that
+        #: table was in force (applied before the request, no newer table written yet)
+        under: dict[int, Counter[str]] = {i: Counter() for i in range(len(tables))}
         failures: list[str] = []
+        state = {"applied": -1, "written": -1}
         stop = asyncio.Event()
         limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
         async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as client:
@@ -200,6 +208,7 @@ def test_swaps_under_load_lose_no_request(
                 n = 0
                 while not stop.is_set():
                     n += 1
+                    applied = state["applied"]
                     try:
                         reply = await client.post(
                             "/v2/models/digits/infer", content=BODY,
@@ -209,27 +218,43 @@ def test_swaps_under_load_lose_no_request(
                         failures.append(repr(exc))
                         continue
                     codes[reply.status_code] += 1
-                    if reply.status_code == 200:
-                        versions[reply.json()["model_version"]] += 1
-                    else:
+                    if reply.status_code != 200:
                         failures.append(reply.text)
+                    elif applied >= 0 and applied == state["written"]:
+                        under[applied][reply.json()["model_version"]] += 1
+
+            async def wait_for(condition: Any) -> None:  # a hang guard, not a timer
+                for _ in range(1200):
+                    if await asyncio.to_thread(condition):
+                        return
+                    await asyncio.sleep(0.05)
+                raise AssertionError("condition not met in time")
 
             workers = [asyncio.create_task(worker(i)) for i in range(32)]
-            for table in tables:
-                await asyncio.sleep(0.7)
+            applied_before = server.log().count("routes applied")
+            for index, table in enumerate(tables):
+                state["written"] = index
                 await asyncio.to_thread(write_routes, routes, table)
-            await asyncio.sleep(0.7)
+                # the server logs "routes applied" once the new routing state is installed
+                await wait_for(
+                    lambda n=applied_before + index + 1: server.log().count("routes applied") >= n
+                )
+                state["applied"] = index
+                await wait_for(lambda i=index: sum(under[i].values()) >= per_phase)
             stop.set()
             await asyncio.gather(*workers)
-        return codes, versions, failures
+        return codes, under, failures
 
-    codes, versions, failures = asyncio.run(load())
+    codes, under, failures = asyncio.run(load())
     assert failures == [] and set(codes) == {200}, (codes, failures[:5])
-    assert sum(codes.values()) > 500
-    assert versions["1"] > 0 and versions["2"] > 0
+    for index, versions in under.items():
+        assert sum(versions.values()) >= per_phase
+        assert set(versions) <= allowed[index], (index, versions)
     # the last table is in force, and version 2 was unloaded after draining
     assert versions_answering(server, 10) == Counter({"1": 10})
-    assert httpx.get(f"{server.url}/v2/models/digits/versions/2/ready").status_code == 404
+    wait_until(
+        lambda: httpx.get(f"{server.url}/v2/models/digits/versions/2/ready").status_code == 404
+    )
     assert "unloaded model digits version 2" in server.log()
 
 
