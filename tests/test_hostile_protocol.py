@@ -573,3 +573,28 @@ def test_a_big_grpc_message_costs_its_sender_not_everyone(hostile: RunningServer
     # the gap between the kernel's last byte and the decode (gRPC's own read and parse) lets
     # some through even on the loop: up to 78 measured, against 11,000 and more off it
     assert during >= 1000, f"only {during} small requests answered during the big decode"
+
+
+def test_a_413_before_the_endpoint_is_counted_over_uvicorn(
+    model_root: Path, tmp_path: Path
+) -> None:
+    """uvicorn hands Servo's app a body it refuses before the endpoint runs (413): counted
+    through AsgiApp.refuse, like the endpoint's own answers."""
+    running = start_server(
+        [model_root / "digits" / "1"],
+        tmp_path / "server.log",
+        wait_for=["digits"],
+        env={"SERVO_HTTP_SERVER": "uvicorn", "SERVO_MAX_REQUEST_BYTES": "100000"},
+    )
+    try:
+        before = requests_counted(running, "digits", "rest", "413")
+        reply = httpx.post(f"{running.url}/v2/models/digits/infer", content=b"x" * 200_000)
+        assert reply.status_code == 413
+        assert reply.json()["error"] == "request body of 200000 bytes exceeds 100000 bytes"
+        assert requests_counted(running, "digits", "rest", "413") == before + 1
+        row = digits_holdout()[0][0].astype(np.float32).tolist()
+        good = rest_json(running, "digits", [{"name": "input", "datatype": "FP32",
+                                              "shape": [1, 64], "data": row}])  # fmt: skip
+        assert good.status_code == 200
+    finally:
+        assert running.stop() == 0, running.log()
