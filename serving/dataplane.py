@@ -19,13 +19,7 @@ import orjson
 
 from monitors.payload_log import FEEDBACK, PREDICTIONS
 from serving import feedback as feedback_mod
-from serving.errors import (
-    InferenceFailed,
-    InvalidInput,
-    ModelNotFound,
-    ModelNotReady,
-    ServingError,
-)
+from serving.errors import InferenceFailed, InvalidInput, ModelNotFound, ModelNotReady, ServingError
 from serving.feedback import FeedbackIndex, Label
 from serving.model_folder import valid_name
 from serving.offloop import OffloopDecoder
