@@ -12,8 +12,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from serving import rest_codec, v1
 from serving.dataplane import DataPlane
+from serving.errors import ServingError
 from serving.feedback import Caller, parse_feedback
-from serving.http import AsgiApp, Request, Response, Route, error_response, json_response
+from serving.http import (
+    AsgiApp,
+    Handler,
+    Request,
+    Response,
+    Route,
+    error_response,
+    json_response,
+)
 
 HEADER_LENGTH = b"inference-header-content-length"
 OCTET_STREAM = b"application/octet-stream"
@@ -135,7 +144,20 @@ def route_table(endpoints: Endpoints) -> list[Route]:
 
 
 def build_app(dataplane: DataPlane, registry: CollectorRegistry, max_body_bytes: int) -> AsgiApp:
-    return AsgiApp(route_table(Endpoints(dataplane, registry)), max_body_bytes)
+    endpoints = Endpoints(dataplane, registry)
+    app = AsgiApp(route_table(endpoints), max_body_bytes)
+    protocols: dict[Handler, str] = {endpoints.infer: "rest", endpoints.v1_predict: "rest-v1"}
+
+    def refused(method: str, path: str, error: ServingError) -> None:
+        """An infer request refused before its endpoint ran is counted like the others."""
+        handler, params = app.match(method, path)
+        protocol = protocols.get(handler) if handler is not None else None
+        if protocol is not None:
+            version = params.get("version")
+            dataplane.failed(params["model"], version, protocol, error, time.perf_counter())
+
+    app.on_refused = refused
+    return app
 
 
 __all__ = ["build_app", "error_response"]

@@ -40,6 +40,25 @@ def _parameter(value: Any) -> Any:
     return getattr(value, kind) if kind else None
 
 
+def payload_bytes(message: Any) -> int:
+    """About how many bytes a request's inputs carry (raw contents exactly, typed contents
+    4 per element), without walking them: what decides whether it is decoded off the loop."""
+    raw = message.raw_input_contents
+    if raw:
+        return sum(len(item) for item in raw)
+    total = 0
+    for item in message.inputs:
+        field = TYPED_FIELD.get(item.datatype)
+        if field is not None:
+            total += 4 * len(getattr(item.contents, field))
+    return total
+
+
+def decode_serialized(data: bytes) -> InferRequest:
+    """decode_request of a serialized ModelInferRequest (in the decoding worker process)."""
+    return decode_request(pb.ModelInferRequest.FromString(data))
+
+
 def decode_request(message: Any) -> InferRequest:
     raw = message.raw_input_contents
     if raw and len(raw) != len(message.inputs):

@@ -74,7 +74,14 @@ class InferenceServicer(_Servicer):  # type: ignore[misc]
         try:
             if not name:
                 raise InvalidInput("model_name is required")
-            infer_request = grpc_codec.decode_request(request)
+            offloop = self.dataplane.offloop
+            if grpc_codec.payload_bytes(request) > offloop.threshold:
+                # serialized again here (fast), parsed and decoded (slow) in the worker
+                infer_request = await offloop.run(
+                    grpc_codec.decode_serialized, request.SerializeToString()
+                )
+            else:
+                infer_request = grpc_codec.decode_request(request)
             key = None
             for item in context.invocation_metadata() or ():
                 if item.key == ROUTING_KEY:

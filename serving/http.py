@@ -107,9 +107,15 @@ class _Pattern:
         return params
 
 
+#: told of an answer given before any handler ran (a 413 before the body is read), with the
+#: request's method and path, so that it is counted like every other answer
+Refused = Callable[[str, str, ServingError], None]
+
+
 class AsgiApp:
     def __init__(self, routes: list[Route], max_body_bytes: int):
         self.max_body_bytes = max_body_bytes
+        self.on_refused: Refused | None = None
         self._exact: dict[str, dict[str, Handler]] = {}
         by_pattern: dict[str, dict[str, Handler]] = {}
         for route in routes:
@@ -127,6 +133,20 @@ class AsgiApp:
             if params is not None:
                 return pattern.methods, params
         raise RouteNotFound(f"no route for {path}")
+
+    def match(self, method: str, path: str) -> tuple[Handler | None, dict[str, str]]:
+        """The handler of a route and its parameters (None: no such route or method)."""
+        try:
+            methods, params = self._match(path)
+        except RouteNotFound:
+            return None, {}
+        return methods.get(method), params
+
+    def refuse(self, method: str, path: str, error: ServingError) -> Response:
+        """The answer to a request refused before its handler ran (HTTP servers call it)."""
+        if self.on_refused is not None:
+            self.on_refused(method, path, error)
+        return error_response(error.status, error.message)
 
     async def dispatch(self, request: Request) -> Response:
         """Route one request (its body already read) to its handler; errors become OIP
@@ -156,7 +176,7 @@ class AsgiApp:
                 request.body = await self._read_body(request, receive)
             response = await self.dispatch(request)
         except ServingError as exc:
-            response = error_response(exc.status, exc.message)
+            response = self.refuse(request.method, request.path, exc)
         headers = [
             (b"content-type", response.content_type),
             (b"content-length", str(len(response.body)).encode()),

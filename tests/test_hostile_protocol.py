@@ -1,4 +1,5 @@
-"""Hostile OIP requests against a real server (issue 9, points 8, 10 and 11).
+"""Hostile OIP requests against a real server (issue 9, points 10 and 11; point 8 is in
+test_offloop_decode.py).
 
 Each case goes over REST JSON, REST binary and gRPC (typed and raw contents) where it
 applies, and checks four things: the status, that the message names the problem, that
@@ -7,8 +8,6 @@ applies, and checks four things: the status, that the message names the problem,
 
 from __future__ import annotations
 
-import socket
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -366,140 +365,26 @@ def test_inference_ids_are_limited_to_256_characters(
     )  # fmt: skip
 
 
-# point 8: big bodies are decoded off the event loop
-
-
-def _unsent(server_port: int, client: socket.socket) -> int:
-    """Bytes of `client`'s connection that the server has not read yet: the client's send
-    queue plus the server socket's receive queue (/proc/net/tcp, both ends on this host)."""
-    client_port = client.getsockname()[1]
-    ends = {(server_port, client_port): 1, (client_port, server_port): 0}
-    total = 0
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local, remote = (int(f.split(":")[1], 16) for f in fields[1:3])
-        queue = ends.get((local, remote))
-        if queue is not None:  # tx_queue:rx_queue; the server end reads, the client sends
-            total += int(fields[4].split(":")[queue], 16)
-    return total
-
-
-def _http_request(path: str, body: bytes) -> bytes:
-    return (
-        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
-
-
-def _read_reply(sock: socket.socket) -> tuple[int, bytes]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, "connection closed before an answer"
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    length = next(
-        int(v) for k, _, v in (x.partition(b": ") for x in lines[1:]) if k == b"content-length"
-    )
-    while len(rest) < length:
-        rest += sock.recv(65536)
-    return int(lines[0].split()[1]), rest[:length]
-
-
-@pytest.mark.parametrize("ends", ["400", "200"])
-def test_a_big_body_costs_its_sender_not_everyone(hostile: RunningServer, ends: str) -> None:
-    """A ~40 MB JSON body: every byte but the last is sent and read by the server, then the
-    last byte starts its decode. Small requests sent after that byte are answered while the
-    big one is decoded (on the event loop, none was: the loop was busy decoding)."""
-    rows = 700_000
-    data = np.random.default_rng(0).random((rows, 3)).tolist()
-    shape = [rows + 1 if ends == "400" else rows, 3]
-    body = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": shape,
-                                     "data": data}]})  # fmt: skip
-    assert len(body) > 30 * 1024 * 1024
-    big_request = _http_request("/v2/models/identity_fp32/infer", body)
-    small_request = _http_request(
-        "/v2/models/digits/infer",
-        orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
-                                  "data": [0.5] * 64}]}),
-    )  # fmt: skip
-    answered: list[int] = []
-    done = threading.Event()
-
-    def small_requests() -> None:
-        with socket.create_connection(("127.0.0.1", hostile.http_port), timeout=60) as sock:
-            while not done.is_set():
-                sock.sendall(small_request)
-                answered.append(_read_reply(sock)[0])
-
-    with socket.create_connection(("127.0.0.1", hostile.http_port), timeout=120) as big:
-        big.sendall(big_request[:-1])
-        for _ in range(2000):  # the server has read everything but the last byte
-            if _unsent(hostile.http_port, big) == 0:
-                break
-            threading.Event().wait(0.01)
-        assert _unsent(hostile.http_port, big) == 0
-        big.sendall(big_request[-1:])
-        worker = threading.Thread(target=small_requests)
-        worker.start()
-        try:
-            status, reply = _read_reply(big)
-            during = len(answered)
-        finally:
-            done.set()
-            worker.join(timeout=60)
-    assert status == int(ends), reply[:300]
-    if ends == "400":
-        assert orjson.loads(reply)["error"] == (
-            f"input 'x': shape [{rows + 1}, 3] needs {3 * rows + 3} elements, data has {3 * rows}"
-        )
-    else:
-        out = orjson.loads(reply)["outputs"][0]
-        assert out["shape"] == [rows, 3]
-        assert np.array_equal(np.asarray(out["data"], np.float32),
-                              np.asarray(data, np.float32).reshape(-1))  # fmt: skip
-    assert set(answered) == {200}
-    assert during >= 10, f"only {during} small requests answered during the big decode"
-
-
-@pytest.mark.parametrize("kind", ["binary", "bytes", "v1"])
-def test_bodies_over_the_threshold_decode_like_small_ones(
-    hostile: RunningServer, stub: Any, kind: str
+def test_a_413_before_the_endpoint_is_counted_over_uvicorn(
+    model_root: Path, tmp_path: Path
 ) -> None:
-    """Binary, BYTES and V1 bodies over SERVO_OFFLOOP_DECODE_BYTES (1 MiB) give the same
-    answers and the same errors as small ones."""
-    rows = 200_000
-    x = np.arange(rows * 3, dtype=np.float32).reshape(rows, 3)
-    if kind == "binary":
-        entry = {"name": "x", "datatype": "FP32", "shape": [rows, 3]}
-        reply = rest_binary(hostile, "identity_fp32", [(entry, x.tobytes())], id="big")
-        assert reply.status_code == 200, reply.text[:300]
-        assert reply.json()["id"] == "big"
-        out = reply.json()["outputs"][0]
-        assert np.array_equal(np.asarray(out["data"], np.float32), x.reshape(-1))
-        bad = rest_binary(hostile, "identity_fp32", [(entry, x.tobytes()[:-4])])
-        assert bad.status_code == 400
-        assert bad.json()["error"] == (
-            f"input 'x': shape [{rows}, 3] of FP32 needs {rows * 12} bytes, got {rows * 12 - 4}"
-        )
-    elif kind == "bytes":
-        words = [f"w{i}" for i in range(rows * 3)]
-        entry = {"name": "x", "datatype": "BYTES", "shape": [rows, 3], "data": words}
-        reply = rest_json(hostile, "identity_bytes", [entry])
-        assert reply.status_code == 200, reply.text[:300]
-        assert reply.json()["outputs"][0]["data"] == words
-    else:
-        body = orjson.dumps({"instances": x.tolist()})
-        assert len(body) > 1024 * 1024
-        reply = httpx.post(
-            f"{hostile.url}/v1/models/identity_fp32:predict", content=body, timeout=60
-        )
-        assert reply.status_code == 200, reply.text[:300]
-        assert np.array_equal(np.asarray(reply.json()["predictions"], np.float32), x)
-        ragged = orjson.dumps({"instances": [*x.tolist(), [1.0]]})
-        bad = httpx.post(
-            f"{hostile.url}/v1/models/identity_fp32:predict", content=ragged, timeout=60
-        )
-        assert bad.status_code == 400
-        assert "instances are not a rectangular array" in bad.json()["error"]
+    """uvicorn hands Servo's app a body it refuses before the endpoint runs (413): counted
+    through AsgiApp.refuse, like the endpoint's own answers."""
+    running = start_server(
+        [model_root / "digits" / "1"],
+        tmp_path / "server.log",
+        wait_for=["digits"],
+        env={"SERVO_HTTP_SERVER": "uvicorn", "SERVO_MAX_REQUEST_BYTES": "100000"},
+    )
+    try:
+        before = requests_counted(running, "digits", "rest", "413")
+        reply = httpx.post(f"{running.url}/v2/models/digits/infer", content=b"x" * 200_000)
+        assert reply.status_code == 413
+        assert reply.json()["error"] == "request body of 200000 bytes exceeds 100000 bytes"
+        assert requests_counted(running, "digits", "rest", "413") == before + 1
+        row = digits_holdout()[0][0].astype(np.float32).tolist()
+        good = rest_json(running, "digits", [{"name": "input", "datatype": "FP32",
+                                              "shape": [1, 64], "data": row}])  # fmt: skip
+        assert good.status_code == 200
+    finally:
+        assert running.stop() == 0, running.log()
