@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import shutil
 import urllib.parse
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Any
 
 import onnx
 
-from registry.store import RegistryStore
+from registry.store import NotFound, RegistryStore
 from retrain.artifacts import open_store
 from retrain.atomic import fsync_tree, rename_into_place
 from retrain.digits import digits_pipeline
@@ -95,6 +96,41 @@ def register(result: RunResult, store: RegistryStore, model_root: Path, name: st
     return Trained(version, folder, result, evaluation)
 
 
+LEGACY_STEP_TMP = re.compile(r"^\.[0-9a-f]{64}\.(\d+)\.tmp$")
+LEGACY_VERSION_TMP = re.compile(r"^\.(\d+)\.tmp$")
+
+
+def sweep_legacy(store: RegistryStore, work: Path) -> list[Path]:
+    """Remove the temporary folders that servo before run leases left when it was killed
+    (`.KEY.RUN.tmp` beside step outputs, `.VERSION.tmp` beside version folders), once
+    the recovery check has found their run dead or their version failed."""
+    store.recover_runs()
+    removed: list[Path] = []
+    for path in (work / "pipeline" / "artifacts").glob("*/.*.tmp"):
+        match = LEGACY_STEP_TMP.match(path.name)
+        if match is None:
+            continue
+        try:
+            status = store.run(int(match[1]), recover=False)["status"]
+        except NotFound:
+            status = None
+        if status != "running":
+            removed.append(path)
+    for path in (work / "models").glob("*/.*.tmp"):
+        match = LEGACY_VERSION_TMP.match(path.name)
+        if match is None:
+            continue
+        try:
+            failed = store.version(path.parent.name, int(match[1])).status == "failed"
+        except NotFound:
+            failed = True
+        if failed:
+            removed.append(path)
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
 def train(
     store: RegistryStore,
     *, work: Path, name: str = "digits", params: dict[str, Any] | None = None,
@@ -103,6 +139,7 @@ def train(
     """Run the pipeline and register its model (within the run: a run that dies while
     registering is found by the recovery check); `artifacts` is the artifact store's URL
     (any fsspec URL; default: the work folder only)."""
+    sweep_legacy(store, work)
     runner = Runner(work / "pipeline", store, open_store(artifacts))
     champion = None
     champion_version = store.alias(name, "champion")

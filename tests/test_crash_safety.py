@@ -7,14 +7,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,9 +23,11 @@ from tests.crash import (
     ROOT,
     check_invariants,
     kill,
+    kill_at,
     leftovers,
     query,
     run_cli,
+    timed,
     train,
     wait_for,
 )
@@ -161,6 +159,28 @@ def test_servo_train_killed_mid_pipeline_is_recovered_by_runs_list(tmp_path: Pat
     assert leftovers(work) == []
     again = train(url, work, log=tmp_path / "train.log")
     assert again.wait(timeout=300) == 0, (tmp_path / "train.log").read_text()
+
+
+def test_leftovers_of_servo_before_leases_are_swept(store: RegistryStore, tmp_path: Path) -> None:
+    from servo.train import sweep_legacy
+
+    old, live = store.start_run("digits", "manual", {}), store.start_run("digits", "manual", {})
+    store.register_version("digits", "", {}, run_id=old, servable=False)
+    with store.engine.begin() as connection:  # as the 0002 migration leaves an old run
+        connection.exec_driver_sql(
+            "UPDATE pipeline_runs SET lease_host = NULL, lease_pid = NULL,"
+            " started_at = '2026-01-01 00:00:00' WHERE id = ?",
+            (old,),
+        )
+    work = tmp_path / "w"
+    dead_step = work / "pipeline" / "artifacts" / "train" / f".{'a' * 64}.{old}.tmp"
+    live_step = work / "pipeline" / "artifacts" / "train" / f".{'b' * 64}.{live}.tmp"
+    dead_version = work / "models" / "digits" / ".1.tmp"
+    for folder in (dead_step, live_step, dead_version):
+        folder.mkdir(parents=True)
+    assert sorted(sweep_legacy(store, work)) == sorted([dead_step, dead_version])
+    assert live_step.is_dir() and not dead_step.exists() and not dead_version.exists()
+    assert store.version("digits", 1).status == "failed"
 
 
 # 19: a version is servable only once its folder is complete
@@ -312,120 +332,6 @@ def test_two_servo_train_at_once_on_one_work_folder(tmp_path: Path) -> None:
 KILLS, PARALLEL, SEED = 25, 3, 21
 
 
-def run_of(db: Path, pid: int) -> dict[str, object] | None:
-    """The run a `servo train` process started (its lease names the pid)."""
-    rows = query(db, "SELECT * FROM pipeline_runs WHERE lease_pid = ? ORDER BY id DESC", pid)
-    return dict(rows[0]) if rows else None
-
-
-def version_of(db: Path, run_id: object) -> dict[str, object] | None:
-    rows = query(db, "SELECT * FROM model_versions WHERE run_id = ?", run_id)
-    return dict(rows[0]) if rows else None
-
-
-def phase(db: Path, work: Path, pid: int, exited: int | None) -> str:
-    """Where a kill landed, read from what the killed run left behind."""
-    if exited is not None:
-        return f"exited {exited} before the kill"
-    run = run_of(db, pid)
-    if run is None:
-        return "1 startup: no run yet"
-    if run["status"] == "succeeded":
-        return "7 after the run finished (interpreter exit)"
-    version = version_of(db, run["id"])
-    if version is None:
-        steps = query(db, "SELECT step, status FROM step_runs WHERE run_id = ?", run["id"])
-        if len(steps) < 4:
-            return f"2 pipeline: {len(steps)} of 4 steps recorded"
-        return "3 register: before the version was reserved"
-    if version["servable"]:
-        return "6 register: published, run not finished"
-    if (work / "models" / str(version["model"]) / str(version["version"])).is_dir():
-        return "5 register: folder in place, not published"
-    return "4 register: reserved, folder not complete"
-
-
-@dataclass
-class Victim:
-    mode: str  # "after run start" or "after reserve"
-    delay: float
-    process: subprocess.Popen[bytes]
-    since: float | None = None  # when its run started, or reserved its version
-
-
-def kill_at(
-    plans: list[tuple[str, float]], url: str, db: Path, work: Path, log: Path
-) -> Counter[str]:
-    """Start `servo train` for each plan, PARALLEL at a time on one work folder, and kill -9
-    each at its point: `delay` seconds after its run started (a new seed: every step but
-    ingest runs) or after it reserved its version (a new model name: the steps are cache
-    hits and registering is most of the run); returns where the kills landed."""
-    landed: Counter[str] = Counter()
-    pending = list(enumerate(plans))
-    active: list[Victim] = []
-    try:
-        while pending or active:
-            while pending and len(active) < PARALLEL:
-                i, (mode, delay) = pending.pop(0)
-                args = (
-                    ["--seed", str(i)] if mode == "after run start" else ["--name", f"digits-{i}"]
-                )
-                active.append(Victim(mode, delay, train(url, work, *args, log=log)))
-            for victim in list(active):
-                exited = victim.process.poll()
-                now = time.monotonic()
-                if victim.since is None and exited is None:
-                    run = run_of(db, victim.process.pid)
-                    if run is not None and (
-                        victim.mode == "after run start" or version_of(db, run["id"])
-                    ):
-                        victim.since = now
-                if exited is None and (victim.since is None or now < victim.since + victim.delay):
-                    continue
-                kill(victim.process)
-                landed[phase(db, work, victim.process.pid, exited)] += 1
-                active.remove(victim)
-            time.sleep(0.002)
-    finally:  # a failed check must not leave processes behind
-        for victim in active:
-            kill(victim.process)
-    return landed
-
-
-def reached(db: Path, pid: int, moment: str) -> bool:
-    try:
-        run = run_of(db, pid)
-    except sqlite3.OperationalError:  # no tables yet
-        return False
-    if run is None or moment == "started":
-        return run is not None
-    if moment == "reserved":
-        return version_of(db, run["id"]) is not None
-    return run["status"] == "succeeded"
-
-
-def timed(processes: list[subprocess.Popen[bytes]], db: Path, start: str, end: str) -> float:
-    """The longest time between two moments ("started": its run started; "reserved": it
-    reserved its version; "finished") of `servo train` processes that are not killed."""
-    moments = ("started", "reserved", "finished")
-    marks: dict[tuple[int, str], float] = {}
-    deadline = time.monotonic() + 300
-    try:
-        while len(marks) < len(processes) * len(moments):
-            assert time.monotonic() < deadline, marks
-            for process in processes:
-                for moment in moments:
-                    if (process.pid, moment) not in marks and reached(db, process.pid, moment):
-                        marks[process.pid, moment] = time.monotonic()
-            assert all(p.poll() in (None, 0) for p in processes)
-            time.sleep(0.002)
-        assert [process.wait(timeout=60) for process in processes] == [0] * len(processes)
-    finally:
-        for process in processes:
-            kill(process)
-    return max(marks[p.pid, end] - marks[p.pid, start] for p in processes)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # bounded: 25 kills, each process killed or waited for
 def test_kill_9_at_random_points_keeps_the_registry_true(tmp_path: Path) -> None:
@@ -450,7 +356,7 @@ def test_kill_9_at_random_points_keeps_the_registry_true(tmp_path: Path) -> None
         ("after reserve", rng.uniform(0.0, register_s))
         for i in range(KILLS)
     ]  # fmt: skip
-    landed = kill_at(plans, url, db, work, log)
+    landed = kill_at(plans, url, db, work, log, PARALLEL)
     figures: dict[str, object] = {
         "windows_s": {"run_start_to_reserve": round(pipeline_s, 2),
                       "reserve_to_finish": round(register_s, 3)},
