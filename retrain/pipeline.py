@@ -233,23 +233,23 @@ class Runner:
         scratch = (self.root / "tmp").resolve() / f"run-{uuid.uuid4().hex[:16]}.tmp"
         parameters = dict(parameters or {})
         run_id = self.sink.start_run(pipeline.name, trigger, parameters, scratch=[str(scratch)])
-        scratch.mkdir(parents=True)
-        heartbeat = _Heartbeat(self.sink, run_id, self.heartbeat_s)
         results: dict[str, StepResult] = {}
         try:
-            for step in order:
-                results[step.name] = self._run_step(run_id, step, results, cache, scratch)
-            result = RunResult(run_id, "succeeded", results)
-            if finalize is not None:
-                finalize(result, scratch)
+            scratch.mkdir(parents=True)
+            heartbeat = _Heartbeat(self.sink, run_id, self.heartbeat_s)
+            try:
+                for step in order:
+                    results[step.name] = self._run_step(run_id, step, results, cache, scratch)
+                result = RunResult(run_id, "succeeded", results)
+                if finalize is not None:
+                    finalize(result, scratch)
+            finally:
+                heartbeat.stop()
+                shutil.rmtree(scratch, ignore_errors=True)
         except BaseException as exc:
-            heartbeat.stop()
-            shutil.rmtree(scratch, ignore_errors=True)
             error = str(exc) if isinstance(exc, StepFailed) else f"{type(exc).__name__}: {exc}"
             self.sink.finish_run(run_id, "failed", error)
             raise
-        heartbeat.stop()
-        shutil.rmtree(scratch, ignore_errors=True)
         self.sink.finish_run(run_id, "succeeded")
         return result
 
