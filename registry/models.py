@@ -5,10 +5,24 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-VERSION_STATUSES = ("registered", "shadow", "canary", "production", "archived", "rejected")
+#: "failed": the version's folder was never completed (its run died or failed first)
+VERSION_STATUSES = (
+    "registered", "shadow", "canary", "production", "archived", "rejected", "failed",
+)  # fmt: skip
 
 
 def utcnow() -> dt.datetime:
@@ -41,6 +55,13 @@ class ModelVersion(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     run_id: Mapped[int | None] = mapped_column(ForeignKey("pipeline_runs.id"), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    #: set last, once the version's folder is complete and in place: only servable versions
+    #: can be deployed, aliased or routed
+    servable: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    #: sha256 of every file of the version's folder, recorded when it was published
+    artifact_hashes: Mapped[dict[str, Any]] = mapped_column(
+        default=dict, server_default=text("'{}'")
+    )
 
 
 class Alias(Base):
@@ -82,11 +103,20 @@ class PipelineRun(Base):
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
     pipeline: Mapped[str] = mapped_column(String(128))
     trigger: Mapped[str] = mapped_column(String(32), default="manual")
-    status: Mapped[str] = mapped_column(String(16), default="running")
+    status: Mapped[str] = mapped_column(String(16), default="running", index=True)
     parameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    # the lease of the process that runs it (registry.lease): a running run whose process
+    # is gone (same machine) or whose heartbeat is older than the lease (elsewhere) failed
+    lease_host: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    lease_pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: boot id, pid namespace and start time of the process: survives pid reuse
+    lease_process: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    #: temporary folders the run owns while it may exist (removed when it is found dead)
+    scratch: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
 
 
 class StepRun(Base):

@@ -10,8 +10,6 @@ reuses what was computed).
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,7 +19,9 @@ MANIFEST = "manifest.json"
 class ArtifactStore(Protocol):
     def has(self, step: str, key: str) -> bool: ...
 
-    def fetch(self, step: str, key: str, into: Path) -> None: ...
+    def fetch(self, step: str, key: str, into: Path) -> None:
+        """Download (step, key)'s files into the new folder `into`."""
+        ...
 
     def push(self, step: str, key: str, folder: Path) -> None: ...
 
@@ -45,14 +45,12 @@ class FsspecStore:
         return bool(self.fs.exists(self._path(step, key, MANIFEST)))
 
     def fetch(self, step: str, key: str, into: Path) -> None:
-        partial = into.with_name(f".{into.name}.fetch-{os.getpid()}")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        """Download the folder into `into`, a new folder in the run's scratch space (the
+        runner renames it into place: nothing that another run reads is replaced)."""
+        into.mkdir(parents=True)
         for remote in self.fs.ls(self._path(step, key), detail=False):
             name = remote.rstrip("/").rsplit("/", 1)[-1]
-            self.fs.get_file(remote, str(partial / name))
-        shutil.rmtree(into, ignore_errors=True)
-        partial.rename(into)
+            self.fs.get_file(remote, str(into / name))
 
     def push(self, step: str, key: str, folder: Path) -> None:
         self.fs.makedirs(self._path(step, key), exist_ok=True)

@@ -7,23 +7,36 @@ with nothing changed reuses every output, and changing one input byte re-runs ex
 steps downstream of it. Every run, step, artifact (content hash and size), parameter,
 metric, duration and log is recorded in the registry. A step that raises (after its
 retries) fails the run: nothing downstream runs.
+
+Crashes and concurrent runs: a run works in its own scratch folder
+(`<root>/tmp/run-<token>.tmp`, declared in the registry before it exists, removed when the
+run ends or is found dead) and publishes each step's outputs with one atomic rename into
+`<root>/artifacts/<step>/<key>/`. A published folder is complete (outputs and manifest
+fsynced first) and is never removed or replaced while it is complete, so two runs on one
+folder never delete what the other reads: when both computed a key, the first rename wins
+and the other uses it (or, with different bytes, keeps its own beside it). While it runs,
+a thread renews the run's lease in the registry every `heartbeat_s`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
 import logging
 import shutil
+import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from retrain.artifacts import ArtifactStore
+from retrain.atomic import fsync_tree, rename_into_place
 
 log = logging.getLogger("servo.retrain")
 
@@ -31,7 +44,15 @@ log = logging.getLogger("servo.retrain")
 class LineageSink(Protocol):
     """Where runs are recorded (the registry store)."""
 
-    def start_run(self, pipeline: str, trigger: str, parameters: dict[str, Any]) -> int: ...
+    def start_run(
+        self,
+        pipeline: str,
+        trigger: str,
+        parameters: dict[str, Any],
+        scratch: list[str] | None = None,
+    ) -> int: ...
+
+    def heartbeat(self, run_id: int) -> bool: ...
 
     def finish_run(self, run_id: int, status: str, error: str | None = None) -> None: ...
 
@@ -152,15 +173,51 @@ class RunResult:
         return self.steps[step].outputs[name]
 
 
+#: how often a running run renews its lease in the registry (registry.runs: LEASE_S)
+HEARTBEAT_S = 15.0
+
+
+class _Heartbeat:
+    """Renews a run's lease from a daemon thread until stopped."""
+
+    def __init__(self, sink: LineageSink, run_id: int, every_s: float):
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(
+            target=self._beat, args=(sink, run_id, every_s), name=f"heartbeat-{run_id}",
+            daemon=True,
+        )  # fmt: skip
+        self._thread.start()
+
+    def _beat(self, sink: LineageSink, run_id: int, every_s: float) -> None:
+        while not self._stopped.wait(every_s):
+            try:
+                if not sink.heartbeat(run_id):
+                    log.error("pipeline run %d is no longer running in the registry", run_id)
+                    return
+            except Exception as exc:  # the registry is away: the next beat may get through
+                log.warning("heartbeat of pipeline run %d not recorded: %s", run_id, exc)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+
 class Runner:
     """Runs pipelines against a local artifact folder, recording lineage in `sink`; with a
     `store` (retrain.artifacts: any fsspec URL) outputs are also pushed there, cache hits
     are looked up there too, and lineage names the store's URIs."""
 
-    def __init__(self, root: Path, sink: LineageSink, store: ArtifactStore | None = None):
+    def __init__(
+        self,
+        root: Path,
+        sink: LineageSink,
+        store: ArtifactStore | None = None,
+        heartbeat_s: float = HEARTBEAT_S,
+    ):
         self.root = Path(root)
         self.sink = sink
         self.store = store
+        self.heartbeat_s = heartbeat_s
 
     def run(
         self,
@@ -168,18 +225,33 @@ class Runner:
         trigger: str = "manual",
         cache: bool = True,
         parameters: dict[str, Any] | None = None,
+        finalize: Callable[[RunResult, Path], None] | None = None,
     ) -> RunResult:
+        """Run every step, then `finalize(result, scratch)` (e.g. registering the model)
+        while the run still holds its lease; anything raised fails the run."""
         order = pipeline.order()
-        run_id = self.sink.start_run(pipeline.name, trigger, dict(parameters or {}))
+        scratch = (self.root / "tmp").resolve() / f"run-{uuid.uuid4().hex[:16]}.tmp"
+        parameters = dict(parameters or {})
+        run_id = self.sink.start_run(pipeline.name, trigger, parameters, scratch=[str(scratch)])
         results: dict[str, StepResult] = {}
         try:
-            for step in order:
-                results[step.name] = self._run_step(run_id, step, results, cache)
-        except StepFailed as exc:
-            self.sink.finish_run(run_id, "failed", str(exc))
+            scratch.mkdir(parents=True)
+            heartbeat = _Heartbeat(self.sink, run_id, self.heartbeat_s)
+            try:
+                for step in order:
+                    results[step.name] = self._run_step(run_id, step, results, cache, scratch)
+                result = RunResult(run_id, "succeeded", results)
+                if finalize is not None:
+                    finalize(result, scratch)
+            finally:
+                heartbeat.stop()
+                shutil.rmtree(scratch, ignore_errors=True)
+        except BaseException as exc:
+            error = str(exc) if isinstance(exc, StepFailed) else f"{type(exc).__name__}: {exc}"
+            self.sink.finish_run(run_id, "failed", error)
             raise
         self.sink.finish_run(run_id, "succeeded")
-        return RunResult(run_id, "succeeded", results)
+        return result
 
     def _inputs(
         self, step: Step, results: dict[str, StepResult]
@@ -199,7 +271,7 @@ class Runner:
         return paths, hashes
 
     def _run_step(self, run_id: int, step: Step, results: dict[str, StepResult],
-                  cache: bool) -> StepResult:  # fmt: skip
+                  cache: bool, scratch: Path) -> StepResult:  # fmt: skip
         inputs, input_hashes = self._inputs(step, results)
         key_doc = {"code": step.code_version(), "params": step.params, "inputs": input_hashes,
                    "outputs": list(step.outputs)}  # fmt: skip
@@ -209,7 +281,11 @@ class Runner:
         started = time.perf_counter()
         remote = self.store
         if cache and step.cache and not manifest.exists() and remote and remote.has(step.name, key):
-            remote.fetch(step.name, key, final)
+            fetched = scratch / f"fetch-{step.name}-{key[:16]}"
+            remote.fetch(step.name, key, fetched)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if not rename_into_place(fetched, final):
+                shutil.rmtree(fetched, ignore_errors=True)  # another run placed it first
         if cache and step.cache and manifest.exists():
             cached = self._cached(final, manifest, step)
             if cached is not None:
@@ -227,7 +303,7 @@ class Runner:
                 return result
         log_path = self.root / "logs" / f"run-{run_id}" / f"{step.name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        work = final.with_name(f".{key}.{run_id}.tmp")
+        work = scratch / f"{step.name}-{key[:16]}"
         attempts = 0
         error = ""
         while attempts <= step.retries:
@@ -249,11 +325,10 @@ class Runner:
             (work / "manifest.json").write_text(
                 json.dumps({"hashes": hashes, "metrics": context.metrics}, sort_keys=True)
             )
-            shutil.rmtree(final, ignore_errors=True)
-            work.rename(final)
-            if self.store is not None:
+            placed = self._place(work, final, hashes, step, scratch)
+            if self.store is not None and placed == final:
                 self.store.push(step.name, key, final)
-            outputs = {o: final / o for o in step.outputs}
+            outputs = {o: placed / o for o in step.outputs}
             result = StepResult("succeeded", outputs, hashes, key, time.perf_counter() - started,
                                 attempts)  # fmt: skip
             self._record(
@@ -274,9 +349,37 @@ class Runner:
         )  # fmt: skip
         raise StepFailed(step.name, error)
 
+    def _place(
+        self, work: Path, final: Path, hashes: dict[str, str], step: Step, scratch: Path
+    ) -> Path:
+        """Publish the complete folder `work` as `final` with one rename; returns the folder
+        whose outputs this run uses. A complete `final` is never removed or replaced (other
+        runs may be reading it): if it holds the same bytes it is used; if not (a step that
+        is not deterministic, re-run without the cache) this run's outputs go beside it,
+        named by their hashes. Only a broken `final` (no manifest or missing outputs: left
+        by an older version, or damaged) is moved aside into this run's scratch folder."""
+        fsync_tree(work)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            if rename_into_place(work, final):
+                return final
+            theirs = _complete(final, step)
+            if theirs is None:
+                with contextlib.suppress(FileNotFoundError):
+                    final.rename(scratch / f"broken-{uuid.uuid4().hex[:8]}")
+                continue
+            if theirs == hashes:
+                return final  # ours is removed with the scratch folder
+            digest = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
+            variant = final.with_name(f"{final.name}.{digest[:16]}")
+            if rename_into_place(work, variant) or _complete(variant, step) == hashes:
+                return variant
+        raise PipelineError(f"could not publish the outputs of step '{step.name}' at {final}")
+
     def _cached(
         self, final: Path, manifest: Path, step: Step
     ) -> tuple[dict[str, Path], dict[str, str], dict[str, float]] | None:
+        # a published folder is complete (renamed in after its manifest was written)
         try:
             doc = json.loads(manifest.read_text())
         except (OSError, json.JSONDecodeError):
@@ -315,3 +418,15 @@ class Runner:
                 run_id, step.name, name=name, direction="output", uri=uri,
                 content_hash=result.hashes[name], size=path.stat().st_size,
             )  # fmt: skip
+
+
+def _complete(folder: Path, step: Step) -> dict[str, str] | None:
+    """The output hashes of a published folder, or None if it is not complete."""
+    try:
+        doc = json.loads((folder / "manifest.json").read_text())
+        hashes = {o: str(doc["hashes"][o]) for o in step.outputs}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not all((folder / o).is_file() for o in step.outputs):
+        return None
+    return hashes

@@ -27,12 +27,17 @@ def table_from_deployments(deployments: dict[str, list[dict[str, Any]]]) -> Rout
     for name, rows in deployments.items():
         by_role: dict[str, list[Deployment]] = {}
         for row in rows:
+            if not row.get("servable", True) or not row["artifact_uri"]:
+                # deployed before versions had the flag, and its folder was never completed
+                log.error("model %s version %s is not servable; its %s route is skipped",
+                          name, row["version"], row["role"])  # fmt: skip
+                continue
             by_role.setdefault(row["role"], []).append(
                 Deployment(str(row["version"]), _path(row["artifact_uri"]), float(row["percent"]))
             )
         champion = by_role.get("champion")
         if not champion:
-            log.error("model %s has deployments but no champion; skipped", name)
+            log.error("model %s has deployments but no servable champion; skipped", name)
             continue
         canary = by_role.get("canary")
         models[name] = ModelRoute(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import shutil
 import urllib.parse
 from dataclasses import dataclass
@@ -12,8 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retrain.artifacts import open_store
+from retrain.atomic import fsync_tree, rename_into_place
 from retrain.digits import digits_pipeline
-from retrain.pipeline import Runner, RunResult
+from retrain.pipeline import Runner, RunResult, file_hash
 from serving.model_folder import MODEL_FILE, NAME_RULE, ModelCard, valid_name, write_card
 
 if TYPE_CHECKING:
@@ -31,15 +33,15 @@ class Trained:
 
 
 def _same_model(store: RegistryStore, name: str, result: RunResult) -> int | None:
-    """The registered version whose training run produced byte-identical model.onnx and
+    """The servable version whose training run produced byte-identical model.onnx and
     profile.json, if any (a cached re-run must not register a copy)."""
     wanted = {o: result.steps["train"].hashes[o] for o in ("model.onnx", "profile.json")}
     for info in reversed(store.versions(name)):
-        if info.run_id is None or info.run_id == result.run_id or not info.artifact_uri:
+        if info.run_id is None or info.run_id == result.run_id or not info.servable:
             continue
         outputs = {
             a["name"]: a["content_hash"]
-            for a in store.run(info.run_id)["artifacts"]
+            for a in store.run(info.run_id, recover=False)["artifacts"]
             if a["step"] == "train" and a["direction"] == "output"
         }
         if all(outputs.get(o) == h for o, h in wanted.items()):
@@ -48,6 +50,11 @@ def _same_model(store: RegistryStore, name: str, result: RunResult) -> int | Non
 
 
 def register(result: RunResult, store: RegistryStore, model_root: Path, name: str) -> Trained:
+    """Register the run's model as a new version of `name`: the number is reserved first
+    (not servable), the folder is written under a temporary name the run declares as its
+    scratch, fsynced and renamed into place, and only then is the version published
+    (URI, file hashes, servable) in one transaction. A kill at any point leaves either no
+    version, or one the recovery check marks failed; never a servable half."""
     if not valid_name(name):
         raise ValueError(f"invalid model name {name!r} ({NAME_RULE})")
     evaluation = json.loads(result.output("evaluate", "evaluation.json").read_text())
@@ -62,10 +69,11 @@ def register(result: RunResult, store: RegistryStore, model_root: Path, name: st
     from serving import signature
 
     version = store.register_version(
-        name, artifact_uri="", metrics=evaluation, run_id=result.run_id
+        name, artifact_uri="", metrics=evaluation, run_id=result.run_id, servable=False
     )
-    folder = model_root / name / str(version)
-    tmp = folder.with_name(f".{version}.tmp")
+    folder = (model_root / name / str(version)).resolve()
+    tmp = folder.with_name(f".{version}.run-{result.run_id}.tmp")
+    store.add_scratch(result.run_id, str(tmp))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     shutil.copyfile(model_path, tmp / MODEL_FILE)
@@ -83,9 +91,49 @@ def register(result: RunResult, store: RegistryStore, model_root: Path, name: st
             reference_profile=extra["profile"],
         ),
     )
-    tmp.rename(folder)
-    store.set_artifact_uri(name, version, folder.resolve().as_uri())
+    hashes = {p.name: file_hash(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    fsync_tree(tmp)
+    if not rename_into_place(tmp, folder):
+        raise RuntimeError(f"{folder} already exists: it belongs to no registered version")
+    store.publish_version(name, version, folder.as_uri(), hashes)
     return Trained(version, folder, result, evaluation)
+
+
+LEGACY_STEP_TMP = re.compile(r"^\.[0-9a-f]{64}\.(\d+)\.tmp$")
+LEGACY_VERSION_TMP = re.compile(r"^\.(\d+)\.tmp$")
+
+
+def sweep_legacy(store: RegistryStore, work: Path) -> list[Path]:
+    """Remove the temporary folders that servo before run leases left when it was killed
+    (`.KEY.RUN.tmp` beside step outputs, `.VERSION.tmp` beside version folders), once
+    the recovery check has found their run dead or their version failed."""
+    from registry.store import NotFound
+
+    store.recover_runs()
+    removed: list[Path] = []
+    for path in (work / "pipeline" / "artifacts").glob("*/.*.tmp"):
+        match = LEGACY_STEP_TMP.match(path.name)
+        if match is None:
+            continue
+        try:
+            status = store.run(int(match[1]), recover=False)["status"]
+        except NotFound:
+            status = None
+        if status != "running":
+            removed.append(path)
+    for path in (work / "models").glob("*/.*.tmp"):
+        match = LEGACY_VERSION_TMP.match(path.name)
+        if match is None:
+            continue
+        try:
+            failed = store.version(path.parent.name, int(match[1])).status == "failed"
+        except NotFound:
+            failed = True
+        if failed:
+            removed.append(path)
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
 
 
 def train(
@@ -93,10 +141,12 @@ def train(
     *, work: Path, name: str = "digits", params: dict[str, Any] | None = None,
     cache: bool = True, trigger: str = "manual", artifacts: str | None = None,
 ) -> Trained:  # fmt: skip
-    """Run the pipeline and register its model; `artifacts` is the artifact store's URL
+    """Run the pipeline and register its model (within the run: a run that dies while
+    registering is found by the recovery check); `artifacts` is the artifact store's URL
     (any fsspec URL; default: the work folder only)."""
     if not valid_name(name):  # before any work: a bad name must not cost (or record) a run
         raise ValueError(f"invalid model name {name!r} ({NAME_RULE})")
+    sweep_legacy(store, work)
     runner = Runner(work / "pipeline", store, open_store(artifacts))
     champion = None
     champion_version = store.alias(name, "champion")
@@ -105,5 +155,12 @@ def train(
         if uri.startswith("file://"):
             champion = Path(uri.removeprefix("file://")) / MODEL_FILE
     pipeline = digits_pipeline(params, champion if champion and champion.exists() else None)
-    result = runner.run(pipeline, trigger=trigger, cache=cache, parameters=dict(params or {}))
-    return register(result, store, work / "models", name)
+    trained: list[Trained] = []
+
+    def finalize(result: RunResult, scratch: Path) -> None:
+        trained.append(register(result, store, work / "models", name))
+
+    runner.run(
+        pipeline, trigger=trigger, cache=cache, parameters=dict(params or {}), finalize=finalize
+    )
+    return trained[0]

@@ -1,0 +1,200 @@
+"""The registry store's plumbing: engines, transactions with retries, the audit helper,
+the Alembic migrations. `registry.store.RegistryStore` is the door; this is its frame."""
+
+from __future__ import annotations
+
+import ast
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import text as sql_text
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from registry.models import AuditEntry, Model, ModelVersion, utcnow
+
+T = TypeVar("T")
+
+
+class RegistryError(Exception):
+    pass
+
+
+class NotFound(RegistryError):
+    pass
+
+
+class PermissionDenied(RegistryError):
+    pass
+
+
+def _sqlite_engine(url: str) -> Engine:
+    engine = create_engine(url, connect_args={"timeout": 30, "isolation_level": None})
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(connection: Any, _: Any) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        # take the write lock up front: two writers queue instead of deadlocking
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+#: a run elsewhere whose heartbeat is older than this is dead (registry.runs)
+LEASE_S = 60.0
+
+
+class StoreBase:
+    def __init__(self, url: str, *, lease_s: float = LEASE_S):
+        self.url = url
+        self.lease_s = lease_s
+        self.engine = (
+            _sqlite_engine(url)
+            if url.startswith("sqlite")
+            else create_engine(url, pool_pre_ping=True)
+        )
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def create_schema(self) -> None:
+        """Bring the database to the latest schema with the Alembic migrations."""
+        upgrade(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    def _retry(self, work: Callable[[Session], T], attempts: int = 20) -> T:
+        for attempt in range(attempts):
+            try:
+                with self._session() as session:
+                    return work(session)
+            except (IntegrityError, OperationalError, DBAPIError) as exc:
+                if attempt == attempts - 1 or not _retryable(exc):
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _locked_model(self, session: Session, name: str) -> Model:
+        row = session.execute(
+            select(Model).where(Model.name == name).with_for_update()
+        ).scalar_one_or_none()
+        if row is None:
+            row = Model(name=name, last_version=0, created_at=utcnow())
+            session.add(row)
+            session.flush()  # a concurrent insert of the same name fails here -> retry
+        return row
+
+    def _audit(
+        self,
+        session: Session,
+        *,
+        actor: str,
+        action: str,
+        subject: str,
+        detail: dict[str, Any],
+        rollback: dict[str, Any] | None = None,
+    ) -> None:
+        session.add(
+            AuditEntry(
+                actor=actor,
+                action=action,
+                subject=subject,
+                detail=detail,
+                rollback=rollback,
+                at=utcnow(),
+            )
+        )
+
+
+def version_row(session: Session, model: str, version: int, lock: bool = False) -> ModelVersion:
+    query = select(ModelVersion).where(ModelVersion.model == model, ModelVersion.version == version)
+    row = session.execute(query.with_for_update() if lock else query).scalar_one_or_none()
+    if row is None:
+        raise NotFound(f"model '{model}' has no version {version}")
+    return row
+
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def alembic_config(engine: Engine) -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    return config
+
+
+def _migration_heads() -> set[str] | None:
+    """The newest revision(s) of the migrations, read from their files without importing
+    Alembic (a CLI command that finds the schema current skips Alembic altogether); None
+    when a file does not read as expected (then Alembic decides)."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in (MIGRATIONS / "versions").glob("*.py"):
+        found: dict[str, Any] = {}
+        for line in path.read_text().splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key.strip() in ("revision", "down_revision") and line[0] != " ":
+                try:
+                    found[key.strip()] = ast.literal_eval(value.strip())
+                except (ValueError, SyntaxError):
+                    return None
+        revision, down = found.get("revision"), found.get("down_revision")
+        if not isinstance(revision, str):
+            return None
+        revisions.add(revision)
+        parents.update([down] if isinstance(down, str) else (down or ()))
+    heads = revisions - parents
+    return heads or None
+
+
+def _at_head(engine: Engine) -> bool:
+    heads = _migration_heads()
+    if heads is None:
+        return False
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(sql_text("SELECT version_num FROM alembic_version"))
+            current = {str(row[0]) for row in rows}
+    except DBAPIError:  # no version table yet: a new database
+        return False
+    return current == heads
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    if revision == "head" and _at_head(engine):
+        return
+    from alembic import command
+
+    config = alembic_config(engine)
+    with engine.connect() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+        if connection.in_transaction():
+            connection.commit()
+
+
+def _retryable(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, IntegrityError) or any(
+        marker in text
+        for marker in ("database is locked", "could not serialize", "deadlock", "busy")
+    )

@@ -1,0 +1,249 @@
+"""Helpers for the crash-safety tests: real `servo train` processes, a read-only look at
+the registry's tables (sqlite3, so that looking does not run the recovery check), and the
+registry's invariants."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from retrain.pipeline import file_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def servo(*args: str, log: Path | None = None) -> subprocess.Popen[bytes]:
+    """`servo ARGS` as a real process (stdout and stderr to `log`)."""
+    out = log.open("ab") if log is not None else subprocess.DEVNULL
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "servo.cli", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    finally:
+        if log is not None and not isinstance(out, int):
+            out.close()
+
+
+def train(url: str, work: Path, *args: str, log: Path | None = None) -> subprocess.Popen[bytes]:
+    return servo("train", "--registry", url, "--work-dir", str(work), *args, log=log)
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "servo.cli", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def kill(process: subprocess.Popen[Any]) -> None:
+    """kill -9 a process we started, and reap it."""
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=30)
+    if process.stdout is not None:
+        process.stdout.close()
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 120, every: float = 0.002) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"not reached in {timeout} s")
+
+
+def query(db: Path, sql: str, *params: Any) -> list[sqlite3.Row]:
+    """Read the registry's tables directly (no recovery check)."""
+    connection = sqlite3.connect(db, timeout=30)
+    connection.row_factory = sqlite3.Row
+    try:
+        return list(connection.execute(sql, params))
+    finally:
+        connection.close()
+
+
+def folder_of(uri: str) -> Path:
+    return Path(unquote(urlparse(uri).path))
+
+
+def leftovers(work: Path) -> list[Path]:
+    """Temporary folders and files left anywhere in a work folder."""
+    found = [p for p in work.rglob("*") if p.name.endswith(".tmp")]
+    scratch = work / "pipeline" / "tmp"
+    return found + (list(scratch.iterdir()) if scratch.is_dir() else [])
+
+
+def check_invariants(db: Path, work: Path) -> dict[str, int]:
+    """The registry's invariants after a crash and the recovery check; returns counts."""
+    running = query(db, "SELECT id FROM pipeline_runs WHERE status = 'running'")
+    assert running == [], f"runs left running: {[r['id'] for r in running]}"
+    versions = query(db, "SELECT * FROM model_versions ORDER BY model, version")
+    servable = {(v["model"], v["version"]) for v in versions if v["servable"]}
+    for v in versions:
+        assert v["servable"] or v["status"] == "failed", dict(v)
+        if not v["servable"]:
+            continue
+        folder = folder_of(v["artifact_uri"])
+        hashes = json.loads(v["artifact_hashes"])
+        assert sorted(hashes) == sorted(p.name for p in folder.iterdir()), folder
+        for name, digest in hashes.items():
+            assert file_hash(folder / name) == digest, folder / name
+        assert json.loads((folder / "servo.json").read_text())["version"] == str(v["version"])
+    for alias in query(db, "SELECT * FROM aliases"):
+        assert (alias["model"], alias["version"]) in servable, dict(alias)
+    for deployment in query(db, "SELECT * FROM deployments"):
+        assert (deployment["model"], deployment["version"]) in servable, dict(deployment)
+    # every published step folder is complete and holds what its manifest says
+    cached = 0
+    for manifest in (work / "pipeline" / "artifacts").glob("*/*/manifest.json"):
+        doc = json.loads(manifest.read_text())
+        for name, digest in doc["hashes"].items():
+            assert file_hash(manifest.parent / name) == digest, manifest.parent / name
+        cached += 1
+    # and every output the lineage recorded is still there, with its recorded hash
+    outputs = query(db, "SELECT uri, content_hash FROM artifacts WHERE direction = 'output'")
+    for artifact in outputs:
+        assert file_hash(Path(artifact["uri"])) == artifact["content_hash"], artifact["uri"]
+    assert leftovers(work) == []
+    return {
+        "versions": len(versions),
+        "servable": len(servable),
+        "failed": len(versions) - len(servable),
+        "step_folders": cached,
+        "recorded_outputs": len(outputs),
+    }
+
+
+def run_of(db: Path, pid: int) -> dict[str, object] | None:
+    """The run a `servo train` process started (its lease names the pid)."""
+    rows = query(db, "SELECT * FROM pipeline_runs WHERE lease_pid = ? ORDER BY id DESC", pid)
+    return dict(rows[0]) if rows else None
+
+
+def version_of(db: Path, run_id: object) -> dict[str, object] | None:
+    rows = query(db, "SELECT * FROM model_versions WHERE run_id = ?", run_id)
+    return dict(rows[0]) if rows else None
+
+
+def phase(db: Path, work: Path, pid: int, exited: int | None) -> str:
+    """Where a kill landed, read from what the killed run left behind."""
+    if exited is not None:
+        return f"exited {exited} before the kill"
+    run = run_of(db, pid)
+    if run is None:
+        return "1 startup: no run yet"
+    if run["status"] == "succeeded":
+        return "7 after the run finished (interpreter exit)"
+    version = version_of(db, run["id"])
+    if version is None:
+        steps = query(db, "SELECT step, status FROM step_runs WHERE run_id = ?", run["id"])
+        if len(steps) < 4:
+            return f"2 pipeline: {len(steps)} of 4 steps recorded"
+        return "3 register: before the version was reserved"
+    if version["servable"]:
+        return "6 register: published, run not finished"
+    if (work / "models" / str(version["model"]) / str(version["version"])).is_dir():
+        return "5 register: folder in place, not published"
+    return "4 register: reserved, folder not complete"
+
+
+@dataclass
+class Victim:
+    mode: str  # "after run start" or "after reserve"
+    delay: float
+    process: subprocess.Popen[bytes]
+    since: float | None = None  # when its run started, or reserved its version
+
+
+def kill_at(
+    plans: list[tuple[str, float]], url: str, db: Path, work: Path, log: Path, parallel: int
+) -> Counter[str]:
+    """Start `servo train` for each plan, `parallel` at a time on one work folder, and kill -9
+    each at its point: `delay` seconds after its run started (a new seed: every step but
+    ingest runs) or after it reserved its version (a new model name: the steps are cache
+    hits and registering is most of the run); returns where the kills landed."""
+    landed: Counter[str] = Counter()
+    pending = list(enumerate(plans))
+    active: list[Victim] = []
+    try:
+        while pending or active:
+            while pending and len(active) < parallel:
+                i, (mode, delay) = pending.pop(0)
+                args = (
+                    ["--seed", str(i)] if mode == "after run start" else ["--name", f"digits-{i}"]
+                )
+                active.append(Victim(mode, delay, train(url, work, *args, log=log)))
+            for victim in list(active):
+                exited = victim.process.poll()
+                now = time.monotonic()
+                if victim.since is None and exited is None:
+                    run = run_of(db, victim.process.pid)
+                    if run is not None and (
+                        victim.mode == "after run start" or version_of(db, run["id"])
+                    ):
+                        victim.since = now
+                if exited is None and (victim.since is None or now < victim.since + victim.delay):
+                    continue
+                kill(victim.process)
+                landed[phase(db, work, victim.process.pid, exited)] += 1
+                active.remove(victim)
+            time.sleep(0.002)
+    finally:  # a failed check must not leave processes behind
+        for victim in active:
+            kill(victim.process)
+    return landed
+
+
+def reached(db: Path, pid: int, moment: str) -> bool:
+    try:
+        run = run_of(db, pid)
+    except sqlite3.OperationalError:  # no tables yet
+        return False
+    if run is None or moment == "started":
+        return run is not None
+    if moment == "reserved":
+        return version_of(db, run["id"]) is not None
+    return run["status"] == "succeeded"
+
+
+def timed(processes: list[subprocess.Popen[bytes]], db: Path, start: str, end: str) -> float:
+    """The longest time between two moments ("started": its run started; "reserved": it
+    reserved its version; "finished") of `servo train` processes that are not killed."""
+    moments = ("started", "reserved", "finished")
+    marks: dict[tuple[int, str], float] = {}
+    deadline = time.monotonic() + 300
+    try:
+        while len(marks) < len(processes) * len(moments):
+            assert time.monotonic() < deadline, marks
+            for process in processes:
+                for moment in moments:
+                    if (process.pid, moment) not in marks and reached(db, process.pid, moment):
+                        marks[process.pid, moment] = time.monotonic()
+            assert all(p.poll() in (None, 0) for p in processes)
+            time.sleep(0.002)
+        assert [process.wait(timeout=60) for process in processes] == [0] * len(processes)
+    finally:
+        for process in processes:
+            kill(process)
+    return max(marks[p.pid, end] - marks[p.pid, start] for p in processes)
