@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from retrain import steps
-from retrain.images import folder_digest
 from retrain.pipeline import Pipeline, Step
 
 #: pipeline parameters handed to the trainer (retrain.frameworks)
@@ -27,6 +26,8 @@ def digits_pipeline(params: dict[str, Any] | None = None, champion: Path | None 
     seed = int(p.get("seed", 0))
     ingest_params: dict[str, Any] = {"dataset": "digits"}
     if p.get("images"):
+        from retrain.images import folder_digest
+
         ingest_params = {
             "dataset": "images", "root": str(p["images"]), "size": str(p.get("size", "28x28")),
             "mode": str(p.get("mode", "L")),

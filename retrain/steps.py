@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import numpy.typing as npt
-
-from monitors.profile import fit as fit_profile
+from retrain.lazy import LazyModule
 from retrain.pipeline import StepContext
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+else:  # imported by the first step that runs: a fully cached run never needs it
+    np = LazyModule("numpy")
 
 
 def _load(path: Any) -> dict[str, npt.NDArray[Any]]:
@@ -184,6 +187,7 @@ def train(ctx: StepContext) -> None:
     the reference profile (bins from the training rows; output references from the
     holdout: live traffic is unseen data, and on its training rows a model is more
     confident than it will be live)."""
+    from monitors.profile import fit as fit_profile
     from retrain import frameworks
 
     data, holdout = _load(ctx.inputs["train"]), _load(ctx.inputs["holdout"])
