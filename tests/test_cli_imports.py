@@ -154,3 +154,21 @@ def test_monitor_on_a_model_served_from_folders_says_to_pass_model_dir(
                              cwd=tmp_path)  # fmt: skip
     assert codes == [2], output
     assert output.startswith("digits version 1: UNAVAILABLE"), output
+
+
+@pytest.mark.slow
+def test_startup_benchmark_runs(tmp_path: Path) -> None:
+    """benchmarks/cli_startup.py still runs end to end (a smoke run, not a measurement)."""
+    out = tmp_path / "startup.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "cli_startup.py"), "--repeat", "1",
+         "--train-repeat", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    commands = ["floor (python -c pass)", "--version", "--help", "models list", "train, first",
+                "train, cached"]  # fmt: skip
+    assert [r["command"] for r in rows] == commands
+    assert all(len(r["runs_s"]) == 1 and r["median_s"] > 0 for r in rows)
+    assert "cached train re-run:" in run.stdout
