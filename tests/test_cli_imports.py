@@ -60,6 +60,23 @@ def test_importing_the_cli_imports_no_serving_stack_nor_trainers(tmp_path: Path)
     assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
 
 
+def test_settings_import_the_serving_stack_only_to_build_its_config(tmp_path: Path) -> None:
+    code = (
+        "import json, sys; from servo.settings import Settings; Settings(); "
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    serving_stack = {"onnxruntime", "grpc", "kserve", "onnx", "uvloop", "pyarrow"}
+    assert not set(json.loads(run.stdout)) & serving_stack
+    # and serving_config() still builds the server's config
+    code = "from servo.settings import Settings; print(type(Settings().serving_config()).__name__)"
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    assert run.stdout.strip() == "ServingConfig"
+
+
 @pytest.mark.parametrize("args", [["--version"], ["--help"]])
 def test_version_and_help_import_nothing_heavy(tmp_path: Path, args: list[str]) -> None:
     modules, output, codes = probe(args, cwd=tmp_path)
