@@ -189,3 +189,28 @@ def test_startup_benchmark_runs(tmp_path: Path) -> None:
     assert [r["command"] for r in rows] == commands
     assert all(len(r["runs_s"]) == 1 and r["median_s"] > 0 for r in rows)
     assert "cached train re-run:" in run.stdout
+
+
+def test_migration_heads_read_without_alembic_agree_with_alembic(tmp_path: Path) -> None:
+    from alembic.script import ScriptDirectory
+
+    from registry.store import MIGRATIONS, RegistryStore, _migration_heads, alembic_config
+
+    store = RegistryStore(f"sqlite:///{tmp_path / 'r.db'}")
+    try:
+        script = ScriptDirectory.from_config(alembic_config(store.engine))
+        assert _migration_heads() == set(script.get_heads())
+    finally:
+        store.close()
+    assert (MIGRATIONS / "versions").is_dir()
+    # the forms Alembic's templates write, a merge, and a file that does not read: None
+    versions = tmp_path / "versions"
+    versions.mkdir()
+    (versions / "a.py").write_text('revision = "a"\ndown_revision = None\n')
+    (versions / "b.py").write_text('revision: str = "b"\ndown_revision: str | None = "a"\n')
+    (versions / "c.py").write_text("revision = 'c'\ndown_revision = 'a'\n")
+    assert _migration_heads(versions) == {"b", "c"}
+    (versions / "d.py").write_text('revision = "d"\ndown_revision = ("b", "c")\n')
+    assert _migration_heads(versions) == {"d"}
+    (versions / "e.py").write_text("revision = make_id()\ndown_revision = 'd'\n")
+    assert _migration_heads(versions) is None  # then Alembic decides
