@@ -142,19 +142,20 @@ def alembic_config(engine: Engine) -> Any:
     return config
 
 
-def _migration_heads() -> set[str] | None:
+def _migration_heads(folder: Path = MIGRATIONS / "versions") -> set[str] | None:
     """The newest revision(s) of the migrations, read from their files without importing
     Alembic (a CLI command that finds the schema current skips Alembic altogether); None
     when a file does not read as expected (then Alembic decides)."""
     revisions: set[str] = set()
     parents: set[str] = set()
-    for path in (MIGRATIONS / "versions").glob("*.py"):
+    for path in folder.glob("*.py"):
         found: dict[str, Any] = {}
         for line in path.read_text().splitlines():
             key, sep, value = line.partition("=")
-            if sep and key.strip() in ("revision", "down_revision") and line[0] != " ":
+            key = key.split(":", 1)[0].strip()  # `revision: str = "0002"` too
+            if sep and key in ("revision", "down_revision") and line[0] != " ":
                 try:
-                    found[key.strip()] = ast.literal_eval(value.strip())
+                    found[key] = ast.literal_eval(value.strip())
                 except (ValueError, SyntaxError):
                     return None
         revision, down = found.get("revision"), found.get("down_revision")

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from retrain import steps
-from retrain.images import folder_digest
 from retrain.pipeline import Pipeline, Step
 
 #: pipeline parameters handed to the trainer (retrain.frameworks)
@@ -29,6 +28,8 @@ def digits_pipeline(params: dict[str, Any] | None = None, champion: Path | None 
     if p.get("images"):
         # a folder (resized to size, default 28x28, in mode, default L), or a .npz (used as
         # it is; a size or mode given must match it)
+        from retrain.images import folder_digest
+
         ingest_params = {
             "dataset": "images", "root": str(p["images"]),
             **{k: str(p[k]) for k in ("size", "mode") if p.get(k)},

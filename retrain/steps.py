@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import numpy.typing as npt
-
-from monitors.profile import fit as fit_profile
-from retrain.labelled import Labelled, labelled_rows, read_labelled
+from retrain.lazy import LazyModule
 from retrain.pipeline import StepContext
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+else:  # imported by the first step that runs: a fully cached run never needs it
+    np = LazyModule("numpy")
 
 
 def _load(path: Any) -> dict[str, npt.NDArray[Any]]:
@@ -43,6 +45,8 @@ def ingest(ctx: StepContext) -> None:
         classes: Any = ctx.params.get("classes")
         if classes is None and y.size:  # the digits' classes, 0..9
             classes = int(y.max()) + 1
+        from retrain.labelled import read_labelled
+
         found = read_labelled(ctx.params["root"], ctx.params["model"],
                               ctx.params.get("input", "input"), **window, classes=classes,
                               width=x.shape[1] if x.size else None)  # fmt: skip
@@ -178,6 +182,7 @@ def train(ctx: StepContext) -> None:
     the reference profile (bins from the training rows; output references from the
     holdout: live traffic is unseen data, and on its training rows a model is more
     confident than it will be live)."""
+    from monitors.profile import fit as fit_profile
     from retrain import frameworks
 
     data, holdout = _load(ctx.inputs["train"]), _load(ctx.inputs["holdout"])
@@ -263,6 +268,8 @@ def production(ctx: StepContext) -> None:
     its feedback over the last `window_s` seconds before `end` (ISO; default now). Not
     cached (the log grows): downstream steps are cached by this output's content."""
     import datetime as dt
+
+    from retrain.labelled import read_labelled
 
     end = dt.datetime.fromisoformat(ctx.params["end"]) if ctx.params.get("end") else None
     end = end or dt.datetime.now(dt.UTC)
@@ -367,5 +374,4 @@ def compare(candidate: npt.NDArray[Any], champion: npt.NDArray[Any], seed: int =
 #: the step functions a container may run by name (`servo step --function NAME`)
 STEP_FUNCTIONS = {fn.__name__: fn for fn in (ingest, split, train, evaluate, production)}
 
-__all__ = ["STEP_FUNCTIONS", "Labelled", "compare", "evaluate", "ingest", "labelled_rows",
-           "production", "read_labelled", "split", "train"]  # fmt: skip
+__all__ = ["STEP_FUNCTIONS", "compare", "evaluate", "ingest", "production", "split", "train"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -37,7 +38,6 @@ def _serve(
     from_registry: bool = False,
 ) -> None:
     import asyncio
-    import gc
     import signal
     import threading
 
@@ -97,6 +97,13 @@ def _serve(
 @click.version_option(__version__, prog_name="servo")
 def main() -> None:
     """Servo: serve ONNX models over the Open Inference Protocol (REST and gRPC)."""
+    # A command's imports (SQLAlchemy's, the trainers') create many objects that live as
+    # long as the process: collect the young generation less often (a cached `servo train`:
+    # about -10% CPU), until the command ends (in-process callers get theirs back).
+    # `servo serve` sets its own.
+    before = gc.get_threshold()
+    gc.set_threshold(50_000, 50, 100)
+    click.get_current_context().call_on_close(lambda: gc.set_threshold(*before))
 
 
 @main.command()

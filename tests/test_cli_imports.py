@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 #: never imported by `import servo.cli` nor by --help, --version and the registry commands
 HEAVY = ("onnxruntime", "grpc", "sklearn", "onnx", "skl2onnx", "kserve", "numpy", "pyarrow",
          "sqlalchemy", "alembic", "pydantic_settings", "uvloop", "torch", "tensorflow")  # fmt: skip
-#: never imported by a cached `servo train` re-run (the registry's SQLAlchemy and numpy are)
-TRAINERS = ("onnxruntime", "grpc", "sklearn", "onnx", "skl2onnx", "kserve", "pyarrow", "torch",
-            "tensorflow", "xgboost", "alembic")  # fmt: skip
+#: never imported by a cached `servo train` re-run (it imports the registry's SQLAlchemy)
+TRAINERS = ("onnxruntime", "grpc", "sklearn", "onnx", "skl2onnx", "kserve", "numpy", "pyarrow",
+            "torch", "tensorflow", "xgboost", "alembic", "scipy")  # fmt: skip
 
 PROBE = """
 import json, sys
@@ -58,6 +58,23 @@ def test_importing_the_cli_imports_no_serving_stack_nor_trainers(tmp_path: Path)
     assert codes == []
     assert "click" in modules and "servo" in modules  # the probe sees what was imported
     assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
+
+
+def test_settings_import_the_serving_stack_only_to_build_its_config(tmp_path: Path) -> None:
+    code = (
+        "import json, sys; from servo.settings import Settings; Settings(); "
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    serving_stack = {"onnxruntime", "grpc", "kserve", "onnx", "uvloop", "pyarrow"}
+    assert not set(json.loads(run.stdout)) & serving_stack
+    # and serving_config() still builds the server's config
+    code = "from servo.settings import Settings; print(type(Settings().serving_config()).__name__)"
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    assert run.stdout.strip() == "ServingConfig"
 
 
 @pytest.mark.parametrize("args", [["--version"], ["--help"]])
@@ -124,14 +141,14 @@ def test_help_lists_every_command_and_each_help_works(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_cached_train_rerun_needs_only_hashes_and_manifests(tmp_path: Path) -> None:
-    """The re-run reuses every step and registers nothing new, without importing the
-    trainers, ONNX or ONNX Runtime (the first run imports them: the check can fail)."""
+    """The re-run reuses every step and registers nothing new, without importing numpy,
+    the trainers, ONNX or ONNX Runtime (the first run imports them: the check can fail)."""
     args = ["train", "--work-dir", str(tmp_path / "w"),
             "--registry", f"sqlite:///{tmp_path / 'registry.db'}"]  # fmt: skip
     first_modules, first, codes = probe(args, cwd=tmp_path)
     assert codes == [0], first
     assert "registered digits version 1" in first
-    assert {"sklearn", "onnx", "onnxruntime"} <= first_modules
+    assert {"numpy", "sklearn", "onnx", "onnxruntime"} <= first_modules
     modules, again, codes = probe(args, cwd=tmp_path)
     assert codes == [0], again
     assert "unchanged: already registered as digits version 1" in again
@@ -154,3 +171,47 @@ def test_monitor_on_a_model_served_from_folders_says_to_pass_model_dir(
                              cwd=tmp_path)  # fmt: skip
     assert codes == [2], output
     assert output.startswith("digits version 1: UNAVAILABLE"), output
+
+
+@pytest.mark.slow
+def test_startup_benchmark_runs(tmp_path: Path) -> None:
+    """benchmarks/cli_startup.py still runs end to end (a smoke run, not a measurement)."""
+    out = tmp_path / "startup.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "cli_startup.py"), "--repeat", "1",
+         "--train-repeat", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    commands = ["floor (python -c pass)", "--version", "--help", "models list", "train, first",
+                "train, cached"]  # fmt: skip
+    assert [r["command"] for r in rows] == commands
+    assert all(len(r["runs_s"]) == 1 and r["median_s"] > 0 for r in rows)
+    assert "cached train re-run:" in run.stdout
+
+
+def test_migration_heads_read_without_alembic_agree_with_alembic(tmp_path: Path) -> None:
+    from alembic.script import ScriptDirectory
+
+    from registry.base import MIGRATIONS, _migration_heads, alembic_config
+    from registry.store import RegistryStore
+
+    store = RegistryStore(f"sqlite:///{tmp_path / 'r.db'}")
+    try:
+        script = ScriptDirectory.from_config(alembic_config(store.engine))
+        assert _migration_heads() == set(script.get_heads())
+    finally:
+        store.close()
+    assert (MIGRATIONS / "versions").is_dir()
+    # the forms Alembic's templates write, a merge, and a file that does not read: None
+    versions = tmp_path / "versions"
+    versions.mkdir()
+    (versions / "a.py").write_text('revision = "a"\ndown_revision = None\n')
+    (versions / "b.py").write_text('revision: str = "b"\ndown_revision: str | None = "a"\n')
+    (versions / "c.py").write_text("revision = 'c'\ndown_revision = 'a'\n")
+    assert _migration_heads(versions) == {"b", "c"}
+    (versions / "d.py").write_text('revision = "d"\ndown_revision = ("b", "c")\n')
+    assert _migration_heads(versions) == {"d"}
+    (versions / "e.py").write_text("revision = make_id()\ndown_revision = 'd'\n")
+    assert _migration_heads(versions) is None  # then Alembic decides

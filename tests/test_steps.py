@@ -12,8 +12,9 @@ import pytest
 
 from monitors.payload_log import FEEDBACK, PREDICTIONS
 from registry.store import RegistryStore
+from retrain.labelled import labelled_rows
 from retrain.pipeline import Pipeline, Runner, Step, StepFailed
-from retrain.steps import compare, evaluate, ingest, labelled_rows, split, train
+from retrain.steps import compare, evaluate, ingest, split, train
 from serving.payload_log import PayloadLog, PayloadLogConfig
 from servo.demo import digits_holdout
 
