@@ -120,6 +120,9 @@ class HttpProtocol(asyncio.Protocol):
         server.refused.discard(self)
         server.stats.connections = len(server.connections)
         self.pending.clear()
+        # the parser refers back to this protocol: a cycle only the cyclic GC frees, late;
+        # a half-received body must not wait for it
+        self._reset()
 
     def eof_received(self) -> bool:
         if self.busy or self.pending:
