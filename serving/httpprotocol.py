@@ -199,6 +199,9 @@ class HttpProtocol(asyncio.Protocol):
         if method == b"CONNECT":
             self._refuse(405, "CONNECT is not supported", ((b"allow", b"GET, POST"),))
             raise httptools.HttpParserCallbackError("CONNECT")
+        if self.parser.should_upgrade():
+            self._refuse(400, "protocol upgrades are not supported")
+            raise httptools.HttpParserCallbackError("upgrade")
         self.method = method.decode("latin-1")
         try:
             raw_path = httptools.parse_url(self.url).path or b"/"

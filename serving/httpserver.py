@@ -56,11 +56,11 @@ class NativeHttpServer:
     async def _sweep(self) -> None:
         """Enforce the timeouts: a pass over the connections a few times per shortest one."""
         limits = self.limits
-        shortest = min(
+        timeouts = (
             limits.header_timeout_s, limits.body_rate_window_s, limits.keepalive_s,
             limits.stall_timeout_s, limits.linger_s,
         )  # fmt: skip
-        tick = min(1.0, max(0.02, shortest / 4))
+        tick = min(1.0, max(0.05, min(t for t in timeouts if t > 0) / 4))
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(tick)

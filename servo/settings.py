@@ -79,7 +79,7 @@ class Settings(BaseSettings):
         5.0, ge=0, description="after an error and close, read and drop the rest this long"
     )
     http_linger_bytes: int = Field(
-        128 * 1024 * 1024, ge=0, description="... and this many bytes at most"
+        128 * 1024 * 1024, ge=0, description="the most bytes read and dropped in a lingering close"
     )
     http_trim_after_bytes: int = Field(
         4 * 1024 * 1024, ge=0, description="trim the heap after bodies this large (0: never)"
