@@ -1,14 +1,16 @@
 """Hostile clients against `servo serve`, each for a bounded time, and what good clients see
 meanwhile (a script, not a timed test).
 
-For each attack, one attacker process runs it against a local server (127.0.0.1 only) for
+The server runs with its default limits under `ulimit -n 1024` (so at most 512
+connections). For each attack, one attacker process runs it against it (127.0.0.1 only) for
 `--seconds`, while this process sends good inference requests on a keep-alive connection
 (latency median and p99) and on fresh connections (how many succeed). The baseline is the
 same measurement with no attack. Prints a Markdown table, and JSON with `--json`.
 
   slowloris     200 connections trickling a header a byte every 0.5 s (reconnecting when cut)
+  slowloris-1100  the same with 1,100 connections, past the cap
   slow-body     100 connections trickling a declared 1 MB body at 20 bytes/s
-  conn-flood    600 idle connections against a 256-connection cap (reconnecting when cut)
+  conn-flood    600 connections, each served once then idle on keep-alive (reconnecting)
   big-headers   1 MB headers, one connection after another
   unread        4 connections pipelining 20,000 GET /metrics each, never reading
   oversize      64 MiB bodies without Expect: 100-continue (answered 413 early)
@@ -22,6 +24,7 @@ import argparse
 import contextlib
 import json
 import multiprocessing
+import resource
 import socket
 import statistics
 import sys
@@ -39,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from servo.demo import digits_holdout, export_digits  # noqa: E402
 from tests.servers import start_server  # noqa: E402
 
-CAP = 256
+FILES = 1024
 BODY = orjson.dumps(
     {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
                  "data": digits_holdout()[0][0].tolist()}]}
@@ -104,13 +107,39 @@ def slowloris(port: int, until: float) -> None:
     _trickle(port, until, 200, head, piece=b"a", every=0.5)
 
 
+def slowloris_1100(port: int, until: float) -> None:
+    head = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-a: "
+    _trickle(port, until, 1100, head, piece=b"a", every=0.5)
+
+
 def slow_body(port: int, until: float) -> None:
     head = b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
     _trickle(port, until, 100, head, piece=b" " * 10, every=0.5)
 
 
 def conn_flood(port: int, until: float) -> None:
-    _trickle(port, until, 600, b"", piece=b"", every=0.2)
+    """Idle keep-alive connections (served once each), which the cap does not evict."""
+    socks: list[socket.socket | None] = [None] * 600
+    while time.monotonic() < until:
+        for i, held in enumerate(socks):
+            if held is not None and _alive(held):
+                continue
+            if held is not None:
+                held.close()
+            fresh = _connect(port)
+            socks[i] = None
+            if fresh is not None:
+                with contextlib.suppress(OSError):
+                    fresh.settimeout(5)
+                    fresh.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+                    fresh.recv(65536)
+                    socks[i] = fresh
+            if time.monotonic() >= until:
+                break
+        time.sleep(0.2)
+    for sock in socks:
+        if sock is not None:
+            sock.close()
 
 
 def big_headers(port: int, until: float) -> None:
@@ -167,6 +196,7 @@ def oversize(port: int, until: float) -> None:
 
 ATTACKS: dict[str, Callable[[int, float], None]] = {
     "slowloris": slowloris,
+    "slowloris-1100": slowloris_1100,
     "slow-body": slow_body,
     "conn-flood": conn_flood,
     "big-headers": big_headers,
@@ -242,16 +272,22 @@ def run(seconds: float, names: list[str]) -> dict[str, dict[str, float]]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "digits" / "1"
         export_digits(folder, version="1", seed=0)
-        server = start_server(
-            [folder], Path(tmp) / "server.log", wait_for=["digits"],
-            env={"SERVO_MAX_CONNECTIONS": str(CAP), "SERVO_GRPC_ENABLED": "false",
-                 "SERVO_MAX_REQUEST_BYTES": str(8 * 1024 * 1024)},
-        )  # fmt: skip
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(FILES, hard), hard))  # the server's
+        try:
+            server = start_server(
+                [folder], Path(tmp) / "server.log", wait_for=["digits"],
+                env={"SERVO_GRPC_ENABLED": "false", "SERVO_MAX_REQUEST_BYTES": str(8 << 20)},
+            )  # fmt: skip
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         try:
             measure(server.http_port, 0.5)  # warm-up
             results["baseline"] = measure(server.http_port, seconds)
             for name in names:
                 keep = socket.create_connection(("127.0.0.1", server.http_port), timeout=5)
+                keep.sendall(GOOD)  # a client already served when the attack begins
+                _read_answer(keep)
                 attacker = multiprocessing.Process(
                     target=ATTACKS[name], args=(server.http_port, time.monotonic() + seconds + 1)
                 )

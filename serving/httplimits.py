@@ -31,8 +31,9 @@ class HttpLimits:
     #: (0: no minimum rate)
     min_body_rate: float = 1024.0
     body_rate_window_s: float = 5.0
-    #: open connections at most (0: half the open-file limit, RLIMIT_NOFILE); past it a
-    #: new connection gets 503 and is closed, the open ones keep being served
+    #: open connections at most (0: half the open-file limit, RLIMIT_NOFILE). At the cap a
+    #: new connection closes the one that has waited longest for a request head; if none
+    #: is waiting for one, it gets 503 and is closed. Open ones keep being served.
     max_connections: int = 0
     #: the request line (its target) and any one header line, in bytes: 414 / 431
     max_line_bytes: int = 16 * 1024
@@ -76,7 +77,13 @@ class HttpStats:
         self.connections = 0
         self.refused_connections = 0
         self.backpressure_pauses = 0
-        self.timeouts: dict[str, int] = {"header": 0, "body": 0, "write": 0, "idle": 0}
+        self.timeouts: dict[str, int] = {
+            "header": 0,
+            "body": 0,
+            "write": 0,
+            "idle": 0,
+            "evicted": 0,
+        }
         self.rejected: dict[int, int] = {}  # status -> count, answered by the server itself
         self.trims = 0
 
@@ -100,7 +107,7 @@ class HttpStats:
         timeouts = CounterMetricFamily(
             "servo_http_timeouts",
             "Connections closed by a timeout (header deadline, body rate, stalled write, "
-            "idle keep-alive).",
+            "idle keep-alive), or evicted at the cap while waiting for a request head.",
             labels=["reason"],
         )
         for reason, count in self.timeouts.items():

@@ -84,7 +84,7 @@ class HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         server = self.server
-        if len(server.connections) >= server.cap:
+        if len(server.connections) >= server.cap and not server.evict_one():
             server.stats.refused_connections += 1
             if len(server.refused) >= MAX_REFUSED_LINGERING:
                 transport.abort()
@@ -98,6 +98,7 @@ class HttpProtocol(asyncio.Protocol):
             self._linger(min(self.limits.linger_s, 1.0))
             return
         server.connections.add(self)
+        server.waiting[self] = None
         server.stats.connections = len(server.connections)
         transport.set_write_buffer_limits(high=self.limits.write_high_water)
 
@@ -105,6 +106,7 @@ class HttpProtocol(asyncio.Protocol):
         server = self.server
         server.connections.discard(self)
         server.refused.discard(self)
+        server.waiting.pop(self, None)
         server.stats.connections = len(server.connections)
         self.pending.clear()
         # the parser refers back to this protocol: a cycle only the cyclic GC frees, late;
@@ -177,6 +179,7 @@ class HttpProtocol(asyncio.Protocol):
         self._reset()
         if self.head_deadline is None:
             self.head_deadline = self.loop.time() + self.limits.header_timeout_s
+            self.server.waiting[self] = None
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -194,6 +197,7 @@ class HttpProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.in_head = False
         self.head_deadline = None
+        self.server.waiting.pop(self, None)
         self.mark_time = self.loop.time()
         method = self.parser.get_method()
         if method == b"CONNECT":
@@ -360,27 +364,34 @@ class HttpProtocol(asyncio.Protocol):
             return
         if self.write_paused_since is not None:
             if now - self.write_paused_since > limits.stall_timeout_s:
-                self._timeout("write", None)
+                self.timeout("write", None)
             return
         if self.busy or self.pending or self.read_paused or self.closing:
             return
         if self.head_deadline is not None:
             if now > self.head_deadline:
                 message = f"request headers not complete within {limits.header_timeout_s:g} s"
-                self._timeout("header", message if self.in_message else None)
+                self.timeout("header", message if self.in_message else None)
         elif self.in_message:
             elapsed = now - self.mark_time
             rate = limits.min_body_rate
             if elapsed >= (limits.body_rate_window_s if rate > 0 else limits.stall_timeout_s):
                 if self.size - self.mark_size < max(1.0, rate * elapsed):
-                    self._timeout("body", f"request body slower than {rate:g} bytes/s")
+                    self.timeout("body", f"request body slower than {rate:g} bytes/s")
                 else:
                     self.mark_time, self.mark_size = now, self.size
         elif now - self.idle_since > limits.keepalive_s:
             self.server.stats.timeouts["idle"] += 1
             transport.close()
 
-    def _timeout(self, reason: str, message: str | None) -> None:
+    def evictable(self) -> bool | None:
+        """Whether this connection, waiting for a request head, may be closed to let a new
+        one in: None if it is not waiting (any more), False while it cannot send."""
+        if self.head_deadline is None or self.closing or self.transport is None:
+            return None
+        return not (self.busy or self.pending or self.read_paused)
+
+    def timeout(self, reason: str, message: str | None) -> None:
         """Close a connection whose client is too slow (408 when it had begun a request)."""
         self.server.stats.timeouts[reason] += 1
         self.closing = True

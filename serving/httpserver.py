@@ -45,8 +45,34 @@ class NativeHttpServer:
         self.trimmer = MemoryTrimmer(self.stats)
         self.connections: set[HttpProtocol] = set()
         self.refused: set[HttpProtocol] = set()  # past the cap, lingering over their 503
+        #: connections waiting for a request head, oldest first (a dict as an ordered set)
+        self.waiting: dict[HttpProtocol, None] = {}
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+
+    def evict_one(self) -> bool:
+        """At the cap: close the connection that has waited longest for a request head
+        (slowloris first), so a new one can come in. A new connection is the youngest, so
+        it is the last to go: flooding to evict it takes a cap's worth of connections
+        within the time its head takes to arrive."""
+        gone: list[HttpProtocol] = []
+        victim: HttpProtocol | None = None
+        for connection in self.waiting:
+            state = connection.evictable()
+            if state is None:
+                gone.append(connection)
+            elif state:
+                victim = connection
+                break
+        for connection in gone:
+            del self.waiting[connection]
+        if victim is None:
+            return False
+        del self.waiting[victim]
+        self.connections.discard(victim)
+        message = "request headers not complete; closed to make room for a new connection"
+        victim.timeout("evicted", message if victim.in_message else None)
+        return True
 
     async def start(self, sock: Any) -> None:
         loop = asyncio.get_running_loop()

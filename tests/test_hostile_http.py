@@ -85,6 +85,14 @@ def read_all(sock: socket.socket, timeout: float = 10.0) -> bytes:
     return data
 
 
+def read_available(sock: socket.socket, timeout: float) -> bytes:
+    """What the server sends until it closes or goes quiet for `timeout` seconds."""
+    data = b""
+    with contextlib.suppress(TimeoutError):
+        data = read_all(sock, timeout)
+    return data
+
+
 def closed_by_server(sock: socket.socket, timeout: float = 10.0) -> bool:
     """True once the server has closed (EOF or reset), reading and dropping what it sent."""
     sock.settimeout(timeout)
@@ -238,37 +246,34 @@ def capped(
 
 
 def test_past_the_connection_cap_new_connections_get_503(capped: RunningServer) -> None:
+    """Connections that are served (idle keep-alive) are not evicted: past the cap a new
+    connection gets 503 and a close, and the open ones keep being served."""
     keeper = connect(capped)  # a good keep-alive client, there before the flood
     keeper.sendall(post(INFER, BODY))
     assert read_response(keeper)[0] == 200
     held: list[socket.socket] = []
     refused: tuple[int, dict[str, str], bytes] | None = None
-    for _ in range(20):
-        sock = connect(capped)
-        sock.settimeout(0.3)
-        try:
-            first = sock.recv(65536)
-        except TimeoutError:
-            held.append(sock)  # accepted: waits for a request
-            continue
-        refused = read_response(sock, data=first)
-        assert closed_by_server(sock)
-        sock.close()
-        break
     try:
+        for _ in range(20):
+            sock = connect(capped)
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = read_response(sock)
+            if answer[0] == 200:
+                held.append(sock)  # served, now idle on keep-alive
+                continue
+            refused = answer
+            assert closed_by_server(sock)
+            sock.close()
+            break
         assert refused is not None, "no connection was refused past the cap"
         status, headers, body = refused
         assert status == 503 and headers["connection"] == "close"
         assert orjson.loads(body) == {"error": "too many connections (at most 8); retry later"}
         assert len(held) <= 7  # the keeper and the held ones fill the cap
-        # a connection past the cap that sends its request at once still reads the 503
-        with connect(capped) as late:
-            late.sendall(post(INFER, BODY))
-            assert read_response(late)[0] == 503
         # the connections already open keep being served
-        for _ in range(3):
-            keeper.sendall(post(INFER, BODY))
-            assert read_response(keeper)[0] == 200
+        for sock in [keeper, *held]:
+            sock.sendall(post(INFER, BODY))
+            assert read_response(sock)[0] == 200
         keeper.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         text = read_response(keeper)[2].decode()
         assert re.search(r"^servo_http_connections_refused_total [1-9]", text, re.MULTILINE)
@@ -284,6 +289,39 @@ def test_past_the_connection_cap_new_connections_get_503(capped: RunningServer) 
             time.sleep(0.05)
     else:
         pytest.fail("new connections still refused after the others closed")
+
+
+def test_at_the_cap_a_new_connection_evicts_the_oldest_slow_head(capped: RunningServer) -> None:
+    """Slowloris past the cap: twelve connections send half a head and stall (the cap is
+    8): each new connection closes the oldest of them (408), and good ones are served."""
+    slow = [connect(capped) for _ in range(12)]
+    for sock in slow:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    try:
+        for _ in range(3):
+            good_request(capped)
+        answers = [read_available(sock, 0.5) for sock in slow]
+        evicted = [a for a in answers if a.startswith(b"HTTP/1.1 408 ")]
+        assert evicted, [a[:40] for a in answers]
+        assert orjson.loads(parse(evicted[0])[2]) == {
+            "error": "request headers not complete; closed to make room for a new connection"
+        }
+        after = metric_when_served(capped, 'servo_http_timeouts_total{reason="evicted"}')
+        assert after >= len(evicted)
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def metric_when_served(server: RunningServer, name: str) -> float:
+    """`metric`, on a new connection (that may itself evict a slow one)."""
+    with connect(server) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body = read_response(sock)
+    assert status == 200
+    match = re.search(rf"^{re.escape(name)} (\S+)$", body.decode(), re.MULTILINE)
+    assert match is not None, name
+    return float(match.group(1))
 
 
 # 5. and 6. heads too large, unparseable requests
