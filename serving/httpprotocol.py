@@ -398,7 +398,10 @@ class HttpProtocol(asyncio.Protocol):
         self.pending.clear()
         transport = self.transport
         if message is None:
-            transport.abort() if reason == "write" else transport.close()
+            if reason == "write":
+                transport.abort()  # its unread answers would never drain
+            else:
+                transport.close()
             return
         answer = error_response(408, message)
         transport.write(_head(answer, False) + answer.body)
