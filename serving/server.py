@@ -17,6 +17,8 @@ from serving.batcher import BatchingConfig
 from serving.dataplane import DataPlane
 from serving.gateway import Gateway
 from serving.grpc_server import build_server, build_threaded_server
+from serving.http import AsgiApp
+from serving.httplimits import HttpLimits, HttpStats
 from serving.httpserver import NativeHttpServer
 from serving.offloop import OffloopDecoder
 from serving.payload_log import PayloadLog, PayloadLogConfig
@@ -56,6 +58,8 @@ class ServingConfig:
     feedback_index_size: int = 100_000
     #: "native" (serving.httpserver, the default) or "uvicorn" (the same app over ASGI)
     http_server: str = "native"
+    #: the native server's limits and timeouts against slow, huge or hostile clients
+    http_limits: HttpLimits = field(default_factory=HttpLimits)
     grpc_server: str = "threaded"
     grpc_workers: int = 128
 
@@ -122,6 +126,14 @@ class Server:
                 log.exception("route table not applied")
             log.info("routes applied (%d); ready: %s", self.gateway.applied, self.dataplane.ready())
 
+    async def _start_native(self, app: AsgiApp, sock: socket.socket) -> NativeHttpServer:
+        stats = HttpStats()
+        self.registry.register(stats)  # servo_http_* on /metrics
+        config = self.config
+        native = NativeHttpServer(app, config.max_request_bytes, config.http_limits, stats)
+        await native.start(sock)
+        return native
+
     async def run(self) -> None:
         """Start both servers, load the models (health answers while they load), serve
         until `stop()`, then drain and close."""
@@ -135,8 +147,7 @@ class Server:
         http: _Uvicorn | None = None
         http_task: asyncio.Task[None] | None = None
         if config.http_server == "native":
-            native = NativeHttpServer(app, config.max_request_bytes)
-            await native.start(sock)
+            native = await self._start_native(app, sock)
         else:
             http = _Uvicorn(
                 uvicorn.Config(
@@ -146,7 +157,7 @@ class Server:
                     lifespan="off",
                     access_log=False,
                     log_config=None,
-                    timeout_keep_alive=65,
+                    timeout_keep_alive=int(config.http_limits.keepalive_s),
                     proxy_headers=False,
                 )
             )

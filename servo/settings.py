@@ -60,6 +60,37 @@ class Settings(BaseSettings):
     http_server: Literal["native", "uvicorn"] = Field(
         "native", description="the REST server: Servo's own HTTP/1.1 server, or uvicorn"
     )
+    http_header_timeout_s: float = Field(
+        10.0, gt=0, description="complete request headers must arrive within this time"
+    )
+    http_min_body_rate: float = Field(
+        1024.0, ge=0, description="bytes/s a request body must keep up (0: no minimum)"
+    )
+    http_body_rate_window_s: float = Field(
+        5.0, gt=0, description="the window the minimum body rate is measured over"
+    )
+    max_connections: int = Field(
+        0, ge=0, description="open REST connections at most, 503 past it (0: RLIMIT_NOFILE/2)"
+    )
+    http_max_line_bytes: int = Field(
+        16 * 1024, ge=256, description="longest request line or header line (414 / 431)"
+    )
+    http_max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="longest request head in all (431)"
+    )
+    http_keepalive_s: float = Field(65.0, gt=0, description="idle keep-alive connections close")
+    http_stall_timeout_s: float = Field(
+        30.0, gt=0, description="a body or an unread answer making no progress this long closes"
+    )
+    http_linger_s: float = Field(
+        5.0, ge=0, description="after an error and close, read and drop the rest this long"
+    )
+    http_linger_bytes: int = Field(
+        128 * 1024 * 1024, ge=0, description="the most bytes read and dropped in a lingering close"
+    )
+    http_trim_after_bytes: int = Field(
+        4 * 1024 * 1024, ge=0, description="trim the heap after bodies this large (0: never)"
+    )
     grpc_server: Literal["threaded", "aio"] = Field(
         "threaded", description="grpcio's threaded server (faster) or its asyncio server"
     )
@@ -80,6 +111,7 @@ class Settings(BaseSettings):
 
     def serving_config(self) -> ServingConfig:
         from serving.batcher import BatchingConfig
+        from serving.httplimits import HttpLimits
         from serving.payload_log import PayloadLogConfig
         from serving.runtime import RuntimeOptions
         from serving.server import ServingConfig
@@ -102,6 +134,19 @@ class Settings(BaseSettings):
             drain_timeout_s=self.drain_timeout_s,
             recording=self.metrics,
             http_server=self.http_server,
+            http_limits=HttpLimits(
+                header_timeout_s=self.http_header_timeout_s,
+                min_body_rate=self.http_min_body_rate,
+                body_rate_window_s=self.http_body_rate_window_s,
+                max_connections=self.max_connections,
+                max_line_bytes=self.http_max_line_bytes,
+                max_header_bytes=self.http_max_header_bytes,
+                keepalive_s=self.http_keepalive_s,
+                stall_timeout_s=self.http_stall_timeout_s,
+                linger_s=self.http_linger_s,
+                linger_bytes=self.http_linger_bytes,
+                trim_after_bytes=self.http_trim_after_bytes,
+            ),
             grpc_server=self.grpc_server,
             grpc_workers=self.grpc_workers,
             payload_log=(
