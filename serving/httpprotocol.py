@@ -13,6 +13,7 @@ from urllib.parse import unquote
 
 import httptools
 
+from serving.errors import PayloadTooLarge
 from serving.http import Request, Response, error_response
 
 log = logging.getLogger("servo.serving")
@@ -220,7 +221,7 @@ class HttpProtocol(asyncio.Protocol):
                 if len(value) > 18 or int(value) > self.limit:
                     # answer now, without reading the body, and close the connection
                     declared = f"of {int(value)} bytes " if len(value) <= 18 else ""
-                    self._refuse(413, f"request body {declared}exceeds {self.limit} bytes")
+                    self._too_large(f"request body {declared}exceeds {self.limit} bytes")
                     raise httptools.HttpParserCallbackError("body too large")
             elif name == b"transfer-encoding":
                 if value.strip().lower() != b"chunked":
@@ -237,7 +238,7 @@ class HttpProtocol(asyncio.Protocol):
         self.size += len(body)
         if self.size > self.limit:
             self.chunks = []
-            self._refuse(413, f"request body exceeds {self.limit} bytes")
+            self._too_large(f"request body exceeds {self.limit} bytes")
             raise httptools.HttpParserCallbackError("body too large")
         self.chunks.append(body)
 
@@ -304,14 +305,25 @@ class HttpProtocol(asyncio.Protocol):
             else:
                 transport.close()
 
+    def _too_large(self, message: str) -> None:
+        """413 before the endpoint ran, counted like the endpoint's answers (an infer
+        route's servo_requests_total) through the app's refusal hook."""
+        response = self.app.refuse(self.method, self.path, PayloadTooLarge(message))
+        self._refuse(413, message, response=response)
+
     def _refuse(
-        self, status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()
+        self,
+        status: int,
+        message: str,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+        response: Response | None = None,
     ) -> None:
         """Answer `status` after what was asked before, then close with a lingering close;
         the rest of the input is dropped."""
         self.server.stats.reject(status)
         self.closing = self.linger_after = True
-        response = error_response(status, message)
+        if response is None:
+            response = error_response(status, message)
         response.headers.extend(headers)
         self.pending.append((response, False))
         self._next()

@@ -365,16 +365,17 @@ def test_inference_ids_are_limited_to_256_characters(
     )  # fmt: skip
 
 
-def test_a_413_before_the_endpoint_is_counted_over_uvicorn(
-    model_root: Path, tmp_path: Path
+@pytest.mark.parametrize("server", ["uvicorn", "native"])
+def test_a_413_before_the_endpoint_is_counted(
+    model_root: Path, tmp_path: Path, server: str
 ) -> None:
-    """uvicorn hands Servo's app a body it refuses before the endpoint runs (413): counted
+    """Both HTTP servers refuse an oversize body before the endpoint runs (413): counted
     through AsgiApp.refuse, like the endpoint's own answers."""
     running = start_server(
         [model_root / "digits" / "1"],
         tmp_path / "server.log",
         wait_for=["digits"],
-        env={"SERVO_HTTP_SERVER": "uvicorn", "SERVO_MAX_REQUEST_BYTES": "100000"},
+        env={"SERVO_HTTP_SERVER": server, "SERVO_MAX_REQUEST_BYTES": "100000"},
     )
     try:
         before = requests_counted(running, "digits", "rest", "413")
