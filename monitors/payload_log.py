@@ -153,7 +153,7 @@ class StagedPart:
                     os.fsync(handle.fileno())
             pq.write_table(table, str(self._tmp[1]))
             if fsync:
-                _fsync_file(self._tmp[1])
+                fsync_path(self._tmp[1])
         except BaseException:
             self.discard()
             raise
@@ -163,7 +163,7 @@ class StagedPart:
             os.replace(self._tmp[0], self.index)
             os.replace(self._tmp[1], self.part)
             if self.fsync:
-                _fsync_file(self.folder)
+                fsync_path(self.folder)
         finally:
             self.discard()
         return self.part
@@ -173,7 +173,8 @@ class StagedPart:
             tmp.unlink(missing_ok=True)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder: so a rename in it is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

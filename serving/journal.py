@@ -32,7 +32,7 @@ from typing import IO, Any
 import orjson
 import pyarrow as pa
 
-from monitors.payload_log import FEEDBACK, SCHEMAS, StagedPart, partition_dir
+from monitors.payload_log import FEEDBACK, SCHEMAS, StagedPart, fsync_path, partition_dir
 from serving.log_index import LogIndex
 
 log = logging.getLogger("servo.serving")
@@ -40,14 +40,6 @@ log = logging.getLogger("servo.serving")
 JOURNAL_DIR = "_journal"
 Records = list[dict[str, Any]]
 _Commit = tuple[Records, "Future[None]"]
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_grouped(
@@ -193,7 +185,7 @@ class FeedbackStore:
             self._journal = path.open("ab")
             self._journal_path = path
             if self.fsync:
-                _fsync_dir(self.folder)
+                fsync_path(self.folder)
         return self._journal
 
     def _reset_journal(self) -> None:
@@ -260,7 +252,7 @@ class FeedbackStore:
             write_grouped(self.root, FEEDBACK, list(records.values()), self._name, fsync=True)
         for path in journals:
             path.unlink()
-        _fsync_dir(self.folder)
+        fsync_path(self.folder)
         log.info("feedback journal replayed: %d label(s) recovered", len(records))
         return len(records)
 
