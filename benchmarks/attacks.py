@@ -40,7 +40,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from servo.demo import digits_holdout, export_digits  # noqa: E402
-from tests.servers import start_server  # noqa: E402
+from tests.servers import read_http_reply, start_server  # noqa: E402
 
 FILES = 1024
 BODY = orjson.dumps(
@@ -205,23 +205,6 @@ ATTACKS: dict[str, Callable[[int, float], None]] = {
 }
 
 
-def _read_answer(sock: socket.socket) -> int:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-    while len(rest) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed")
-        rest += chunk
-    return int(head.split()[1])
-
-
 def measure(port: int, seconds: float, keep: socket.socket | None = None) -> dict[str, float]:
     """Good requests for `seconds`: latencies on a keep-alive connection (`keep`, opened
     before the attack; opened again if the server closes it), and every 10th request on a
@@ -238,14 +221,14 @@ def measure(port: int, seconds: float, keep: socket.socket | None = None) -> dic
             if sock is not None:
                 with sock, contextlib.suppress(OSError):
                     sock.sendall(GOOD)
-                    fresh_ok += _read_answer(sock) == 200
+                    fresh_ok += read_http_reply(sock)[0] == 200
             continue
         try:
             if keep is None:
                 keep = socket.create_connection(("127.0.0.1", port), timeout=5)
             started = time.perf_counter()
             keep.sendall(GOOD)
-            status = _read_answer(keep)
+            status = read_http_reply(keep)[0]
             if status != 200:
                 raise ConnectionError(f"status {status}")
             latencies.append(time.perf_counter() - started)
@@ -287,7 +270,7 @@ def run(seconds: float, names: list[str]) -> dict[str, dict[str, float]]:
             for name in names:
                 keep = socket.create_connection(("127.0.0.1", server.http_port), timeout=5)
                 keep.sendall(GOOD)  # a client already served when the attack begins
-                _read_answer(keep)
+                read_http_reply(keep)[0]
                 attacker = multiprocessing.Process(
                     target=ATTACKS[name], args=(server.http_port, time.monotonic() + seconds + 1)
                 )

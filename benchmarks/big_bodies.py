@@ -30,13 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the packages, before this folder's serving.py and monitors.py
 
 from servo.demo import export_digits  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from tests.servers import free_port, read_http_reply  # noqa: E402
 
 
 def _request(path: str, body: bytes) -> bytes:
@@ -44,26 +38,10 @@ def _request(path: str, body: bytes) -> bytes:
     return head.encode() + body
 
 
-def _reply(sock: socket.socket) -> int:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    length = next(int(v) for k, _, v in (x.partition(b": ") for x in lines[1:])
-                  if k == b"content-length")  # fmt: skip
-    while len(rest) < length:
-        rest += sock.recv(65536)
-    return int(lines[0].split()[1])
-
-
 def _start(folder: Path, env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "servo.cli", "serve", str(folder), "--http-port", str(port),
-               "--grpc-port", str(_free_port()), "--log-level", "WARNING"]  # fmt: skip
+               "--grpc-port", str(free_port()), "--log-level", "WARNING"]  # fmt: skip
     with log.open("wb") as handle:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
                                    env={**os.environ, "PYTHONPATH": str(ROOT), **env})  # fmt: skip
@@ -92,7 +70,7 @@ def _measure(port: int, big: bytes, bodies: int, baseline_s: float) -> dict[str,
             while not stop.is_set():
                 start = time.perf_counter()
                 sock.sendall(small)
-                _reply(sock)
+                read_http_reply(sock)[0]
                 latencies.append((start, time.perf_counter() - start))
 
     thread = threading.Thread(target=smalls)
@@ -104,7 +82,7 @@ def _measure(port: int, big: bytes, bodies: int, baseline_s: float) -> dict[str,
         for _ in range(bodies):
             start = time.perf_counter()
             sock.sendall(big)
-            status = _reply(sock)
+            status = read_http_reply(sock)[0]
             assert status == 400, status
             big_seconds.append(time.perf_counter() - start)
     stop.set()

@@ -232,10 +232,10 @@ def timed(processes: list[subprocess.Popen[bytes]], db: Path, start: str, end: s
     reserved its version; "finished") of `servo train` processes that are not killed."""
     moments = ("started", "reserved", "finished")
     marks: dict[tuple[int, str], float] = {}
-    deadline = time.monotonic() + 300
     try:
+        # no deadline here: a process that fails ends the loop below, and a hang is cut by
+        # the test's pytest-timeout
         while len(marks) < len(processes) * len(moments):
-            assert time.monotonic() < deadline, marks
             for process in processes:
                 for moment in moments:
                     if (process.pid, moment) not in marks and reached(db, process.pid, moment):

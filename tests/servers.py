@@ -21,6 +21,30 @@ def free_port() -> int:
         return port
 
 
+def read_http_reply(sock: socket.socket) -> tuple[int, bytes]:
+    """Read one HTTP/1.1 answer with a Content-Length from a raw socket: (status, body).
+    ConnectionError if the server closes before the whole answer arrived."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("connection closed before an answer")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    length = next(
+        int(v)
+        for k, _, v in (x.partition(b": ") for x in lines[1:])
+        if k.lower() == b"content-length"
+    )
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("connection closed inside an answer")
+        rest += chunk
+    return int(lines[0].split()[1]), rest[:length]
+
+
 def stop_process(process: subprocess.Popen[bytes]) -> int:
     """SIGTERM a process we started, SIGKILL it if it is still there after 20 s."""
     if process.poll() is None:

@@ -24,7 +24,7 @@ import orjson
 import pytest
 
 from serving.grpc_stubs import pb, pb_grpc
-from tests.servers import RunningServer
+from tests.servers import RunningServer, read_http_reply
 
 SMALL = orjson.dumps(
     {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}]}
@@ -38,22 +38,6 @@ def _http_request(path: str, body: bytes) -> bytes:
     ).encode() + body
 
 
-def _read_reply(sock: socket.socket) -> tuple[int, bytes]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, "connection closed before an answer"
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    length = next(
-        int(v) for k, _, v in (x.partition(b": ") for x in lines[1:]) if k == b"content-length"
-    )
-    while len(rest) < length:
-        rest += sock.recv(65536)
-    return int(lines[0].split()[1]), rest[:length]
-
-
 def small_requests_answered_during(server: RunningServer, wait: Callable[[], Any]) -> int:
     """Small digits requests, back to back on their own connection, from now until `wait()`
     returns: how many were answered (each one a 200) by then."""
@@ -65,7 +49,7 @@ def small_requests_answered_during(server: RunningServer, wait: Callable[[], Any
         with socket.create_connection(("127.0.0.1", server.http_port), timeout=60) as sock:
             while not done.is_set():
                 sock.sendall(request)
-                answered.append(_read_reply(sock)[0])
+                answered.append(read_http_reply(sock)[0])
 
     worker = threading.Thread(target=loop)
     worker.start()
@@ -116,7 +100,9 @@ def test_a_big_json_body_costs_its_sender_not_everyone(server: RunningServer, en
         assert _unsent(server.http_port, big) == 0
         big.sendall(big_request[-1:])
         replies: list[tuple[int, bytes]] = []
-        during = small_requests_answered_during(server, lambda: replies.append(_read_reply(big)))
+        during = small_requests_answered_during(
+            server, lambda: replies.append(read_http_reply(big))
+        )
     status, reply = replies[0]
     assert status == int(ends), reply[:300]
     if ends == "400":
