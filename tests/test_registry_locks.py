@@ -17,16 +17,9 @@ import sqlalchemy as sa
 
 from registry.models import ModelLock
 from registry.store import Invalid, NotFound, RegistryStore
-from tests.postgres import postgres_cluster
-from tests.registry_backends import backend_store
+from tests.registry_backends import backend_store, pg_url  # noqa: F401
 
 ROUNDS = 8
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    with postgres_cluster() as url:
-        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
