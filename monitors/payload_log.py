@@ -7,9 +7,10 @@ folders organise the files; each file carries all its columns), with two tables:
 - `predictions`: one row per request: id, time (UTC, microseconds), model, version,
   variant, inputs, outputs, and `latency_s`: the seconds this variant took to compute
   the answer (the answering variant's predict call, queueing for a batch included; a
-  shadow's own run on its thread); null in files written before the column existed. A tensor is a struct of name, datatype (OIP), shape and its
-  data in the binary tensor format (little-endian, row-major; BYTES length-prefixed), so
-  every datatype round-trips exactly.
+  shadow's own run on its thread); null in files written before the column existed. A
+  tensor is a struct of name, datatype (OIP), shape and its data in the binary tensor
+  format (little-endian, row-major; BYTES length-prefixed), so every datatype
+  round-trips exactly.
 - `feedback`: one row per label: id, time, model, version (of the prediction it joined, or
   null when unmatched), label (as text), outcome (correct, incorrect, unmatched).
 
