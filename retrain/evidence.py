@@ -169,7 +169,9 @@ def live_from_payload_log(
     champion_rows = answers(champion_version, "champion")
     candidate_rows = answers(candidate_version, "shadow")
     labels: dict[str, str] = {}
-    feedback = read_window(root, table=FEEDBACK, model=model, columns=["id", "label", "outcome"])
+    # a label comes after its prediction: none of a prediction since `since` is older
+    feedback = read_window(root, table=FEEDBACK, model=model, start=since,
+                           columns=["id", "label", "outcome"])  # fmt: skip
     for row in feedback.to_pylist():
         if row["outcome"] != "unmatched" and row["id"] not in labels:
             labels[row["id"]] = row["label"] or ""
