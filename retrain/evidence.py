@@ -300,6 +300,16 @@ def signature_diff(
     }
 
 
+def _with_intervals(doc: Any) -> Any:
+    if not isinstance(doc, Mapping):
+        return doc
+    out = {key: _with_intervals(value) for key, value in doc.items()}
+    comparison = {"candidate_accuracy", "champion_accuracy", "rows"} <= set(doc)
+    if comparison and "candidate_accuracy_ci95" not in doc:
+        return offline_from_comparison(out)
+    return out
+
+
 def _finite(value: Any, where: str) -> Any:
     """JSON values only; NaN and infinities become null (the evidence is hashed with
     allow_nan=False)."""
@@ -333,7 +343,9 @@ def build_evidence(
 ) -> dict[str, Any]:
     """The evidence document of a promotion request: JSON values only, finite numbers
     (NaN, inf -> null), ready for `registry.promotions.evidence_hash`. `insufficient`:
-    filed at the shadow timeout, before `min_labelled` labelled pairs were seen."""
+    filed at the shadow timeout, before `min_labelled` labelled pairs were seen. Every
+    paired comparison in `offline` (`retrain.steps.compare`'s form, at any depth) gets
+    the Wilson interval of each accuracy."""
     doc = _finite(
         {
             "format": FORMAT,
@@ -341,7 +353,7 @@ def build_evidence(
             "trigger": trigger,
             "policy": policy,
             "lineage": lineage,
-            "offline": offline,
+            "offline": _with_intervals(offline),
             "live": live,
             "signature": signature,
         },

@@ -6,7 +6,8 @@
   difference (candidate - champion) is at least `-live_margin`;
 - `live_min_gain` (only with `min_gain` set): the difference is at least `min_gain`;
 - `offline_non_inferiority`: the same as live on the offline held-out rows, with
-  `offline_margin`;
+  `offline_margin` (the held-out recent production rows when the evaluation had some,
+  else the reference holdout: `offline_comparison`);
 - `latency`: the candidate's live p99 is at most `latency_p99_ratio` times the champion's
   (off when the ratio is null).
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from retrain.policy import Approval, Gates
 
@@ -135,12 +136,36 @@ def _latency_gate(live: Mapping[str, Any], gates: Gates) -> GateResult:
     return GateResult("latency", passed, detail)
 
 
+def _is_comparison(doc: Any) -> TypeGuard[Mapping[str, Any]]:
+    return isinstance(doc, Mapping) and "difference" in doc and "rows" in doc
+
+
+def offline_comparison(offline: Any) -> tuple[dict[str, Any] | None, str]:
+    """The paired comparison the offline gate judges, and which rows it is on: the
+    section itself when it is one (`retrain.steps.compare`'s form), else the evaluation's
+    comparison on the held-out recent production rows (the traffic the candidate was
+    retrained for, never trained on) when it has rows, else the one on the reference
+    holdout."""
+    if not isinstance(offline, Mapping):
+        return None, "held-out"
+    production = offline.get("production")
+    candidates = [
+        (offline, "held-out"),
+        (production.get("comparison") if isinstance(production, Mapping) else None,
+         "held-out production"),
+        (offline.get("comparison"), "reference holdout"),
+    ]  # fmt: skip
+    for doc, rows in candidates:
+        if _is_comparison(doc) and (doc["rows"] or rows == "reference holdout"):
+            return {**doc, "n": doc["rows"]}, rows
+    return None, "held-out"
+
+
 def evaluate(evidence: Mapping[str, Any], gates: Gates) -> list[GateResult]:
     """Every gate of `gates` on an evidence document (`retrain.evidence.build_evidence`)."""
     live = dict(evidence.get("live") or {})
     live["n"] = live.get("n_labelled", 0)
-    offline = evidence.get("offline")
-    offline = {**offline, "n": offline.get("rows", 0)} if isinstance(offline, Mapping) else None
+    offline, held_out = offline_comparison(evidence.get("offline"))
     live_unit = "labelled live rows answered by both"
     results = [
         _signature_gate(evidence.get("signature"), gates),
@@ -148,11 +173,11 @@ def evaluate(evidence: Mapping[str, Any], gates: Gates) -> list[GateResult]:
     ]
     if gates.min_gain is not None:
         results.append(_difference_gate("live_min_gain", live, gates, gates.min_gain, live_unit))
-    results.append(
-        _difference_gate(
-            "offline_non_inferiority", offline, gates, -gates.offline_margin, "held-out rows"
-        )
+    offline_gate = _difference_gate(
+        "offline_non_inferiority", offline, gates, -gates.offline_margin, f"{held_out} rows"
     )
+    offline_gate.detail["rows"] = held_out
+    results.append(offline_gate)
     results.append(_latency_gate(live, gates))
     return results
 
@@ -182,4 +207,4 @@ def outcome(
     return "pending"
 
 
-__all__ = ["GateResult", "evaluate", "outcome", "reason", "verdict"]
+__all__ = ["GateResult", "evaluate", "offline_comparison", "outcome", "reason", "verdict"]

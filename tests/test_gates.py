@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from retrain.evidence import build_evidence, offline_from_comparison, paired_live
+from retrain.evidence import build_evidence, offline_from_comparison, paired_live, wilson
 from retrain.gates import GateResult, evaluate, outcome, reason, verdict
 from retrain.policy import Approval, Gates, Policy, to_json
 from retrain.steps import compare
@@ -164,3 +164,29 @@ def test_signature_gate() -> None:
     no_diff = evidence(live, offline)
     no_diff["signature"] = {}
     assert not by_name(evaluate(no_diff, Gates()))["signature"].passed
+
+
+def test_the_offline_gate_reads_an_evaluation_document() -> None:
+    """The evaluate step's evaluation.json form: the reference holdout's comparison, and
+    the held-out production rows' (judged first: the traffic the candidate is for)."""
+    live = live_pairs(600, 0.8, 0.95, 19)
+    holdout = compare(*(np.random.default_rng(20).random((2, 450)) < 0.95), seed=0)
+    production = compare(*(np.random.default_rng(21).random((2, 300)) < [[0.9], [0.6]]))
+    evaluation = {"accuracy": 0.95, "holdout_rows": 450, "comparison": holdout,
+                  "production": {"rows": 300, "comparison": production}}  # fmt: skip
+    doc = evidence(live, evaluation)
+    for part in (doc["offline"]["comparison"], doc["offline"]["production"]["comparison"]):
+        assert part["candidate_accuracy_ci95"] == pytest.approx(
+            list(wilson(round(part["candidate_accuracy"] * part["rows"]), part["rows"]))
+        )
+    gate = by_name(evaluate(doc, Gates()))["offline_non_inferiority"]
+    assert gate.detail["rows"] == "held-out production" and gate.passed
+    assert "on 300 held-out production rows" in gate.detail["summary"]
+    worse = compare(*(np.random.default_rng(22).random((2, 300)) < [[0.6], [0.9]]))
+    evaluation["production"] = {"rows": 300, "comparison": worse}
+    gate = by_name(evaluate(evidence(live, evaluation), Gates()))["offline_non_inferiority"]
+    assert not gate.passed and gate.detail["difference"] == pytest.approx(worse["difference"])
+    evaluation["production"] = {"rows": 0}  # no labelled production rows yet
+    gate = by_name(evaluate(evidence(live, evaluation), Gates()))["offline_non_inferiority"]
+    assert gate.detail["rows"] == "reference holdout"
+    assert gate.detail["n"] == 450
