@@ -10,7 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from servo import __version__
+from servo import __version__, cli_loop
+from servo.cli_common import echo_json as _echo_json
+from servo.cli_common import open_store as _store
+from servo.cli_common import registry_option
 
 if TYPE_CHECKING:
     from servo.settings import Settings
@@ -143,30 +146,6 @@ def serve(
     settings = Settings(host=host, http_port=http_port, grpc_port=grpc_port, log_level=log_level)
     _configure_logging(settings.log_level)
     _serve(settings, list(folders), routes, from_registry=from_registry)
-
-
-def _store(url: str) -> Any:
-    from registry.store import RegistryStore
-
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    store = RegistryStore(url)
-    store.create_schema()
-    return store
-
-
-registry_option = click.option(
-    "--registry",
-    "registry_url",
-    envvar="SERVO_REGISTRY_URL",
-    default="sqlite:///.servo/registry.db",
-    show_default=True,
-    help="SQLAlchemy URL of the registry (SQLite file or PostgreSQL)",
-)
-
-
-def _echo_json(doc: Any) -> None:
-    click.echo(json.dumps(doc, indent=2, default=str))
 
 
 @main.group()
@@ -575,6 +554,8 @@ def demo(work_dir: Path, http_port: int, grpc_port: int) -> None:
 
     _serve(settings, [folder], on_ready=on_ready)
 
+
+cli_loop.add_commands(main)
 
 if __name__ == "__main__":
     main()
