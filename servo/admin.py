@@ -157,8 +157,15 @@ class AdminApi:
             return
         request = Request(method, path, {}, [])
         loop = asyncio.get_running_loop()
-        loop.run_in_executor(None, self._attempt, "(not read)", f"POST {path[:128]}", request,
-                             error.status, error.message)  # fmt: skip
+        loop.run_in_executor(
+            None,
+            self._attempt,
+            "(not read)",
+            f"POST {path[:128]}",
+            request,
+            error.status,
+            error.message,
+        )
 
     # reads
 
@@ -193,8 +200,7 @@ class AdminApi:
 
     def whoami(self, call: Call) -> tuple[int, Any]:
         identity = call.identity
-        return 200, {"name": identity.name, "role": identity.role,
-                     "roles": sorted(identity.roles)}  # fmt: skip
+        return 200, {"name": identity.name, "role": identity.role, "roles": sorted(identity.roles)}
 
     # decisions
 
@@ -209,10 +215,14 @@ class AdminApi:
         body = parse_body(call.request.body, DecisionBody)
         store, identity = self.store, call.identity
         doc = store.decide(
-            request_id, decision, identity.name, set(identity.roles), body.reason,
+            request_id,
+            decision,
+            identity.name,
+            set(identity.roles),
+            body.reason,
             evidence_hash=body.evidence_hash,
             separation_of_duties=self._separation_of_duties(request_id),
-        )  # fmt: skip
+        )
         if decision == "approved":
             status = self.rollout.start(doc, identity.name)
             log.info("promotion request %s approved by %s: %s", request_id, identity.name, status)
@@ -272,7 +282,7 @@ class AdminApi:
             Route("POST", "/admin/models/{model}/retrain", e(self.retrain, "retrain", "operator")),
             Route(
                 "POST", "/admin/models/{model}/rollback", e(self.rollback, "rollback", "operator")
-            ),  # fmt: skip
+            ),
             Route("POST", "/admin/models/{model}/pause", e(self.pause, "pause", "operator")),
             Route("POST", "/admin/models/{model}/resume", e(self.resume, "resume", "operator")),
             Route("GET", "/admin/audit", e(self.audit)),
@@ -337,7 +347,7 @@ class AdminServer:
             asyncio.set_event_loop(loop)
             try:
                 loop.run_until_complete(server.start(sock))
-            except BaseException as exc:  # noqa: BLE001 - handed to start()'s caller
+            except BaseException as exc:
                 started.set_exception(exc)
                 loop.close()
                 return

@@ -112,8 +112,9 @@ def parse_query(query: bytes, allowed: tuple[str, ...]) -> dict[str, str]:
     for key, value in pairs:
         if key not in allowed:
             takes = ", ".join(allowed) or "no parameters"
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown query parameter {shown(key)} "
-                                                   f"(takes {takes})")  # fmt: skip
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST, f"unknown query parameter {shown(key)} (takes {takes})"
+            )
         if key in params:
             raise ApiError(HTTPStatus.BAD_REQUEST, f"query parameter '{key}' given twice")
         params[key] = value
@@ -123,8 +124,9 @@ def parse_query(query: bytes, allowed: tuple[str, ...]) -> dict[str, str]:
 def positive_int(text: str, what: str) -> int:
     """A positive integer from a path or query (no sign, no spaces, bounded)."""
     if not text.isascii() or not text.isdigit() or len(text) > MAX_DIGITS or int(text) < 1:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"{what} must be a positive integer, "
-                                               f"got {shown(text)}")  # fmt: skip
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST, f"{what} must be a positive integer, got {shown(text)}"
+        )
     return int(text)
 
 

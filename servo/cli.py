@@ -50,15 +50,20 @@ def _serve(
     from serving.server import Server
 
     source: RouteSource
+    authenticate = None
     if from_registry:
+        from servo.auth import Authenticator
         from servo.routes import RegistryRouteSource
 
-        source = RegistryRouteSource(_store(settings.registry_url), settings.routes_poll_s)
+        store = _store(settings.registry_url)
+        source = RegistryRouteSource(store, settings.routes_poll_s)
+        # once the registry holds any token, feedback needs a labeler's
+        authenticate = Authenticator(store).feedback_caller
     elif routes:
         source = FileRouteSource(routes, settings.routes_poll_s)
     else:
         source = StaticRouteSource(folders)
-    server = Server(settings.serving_config(), source)
+    server = Server(settings.serving_config(), source, authenticate=authenticate)
 
     async def main() -> None:
         # The hot path allocates many short-lived objects: collect the young generation
@@ -120,7 +125,8 @@ def main() -> None:
 @click.option(
     "--from-registry",
     is_flag=True,
-    help="serve the registry's deployments (SERVO_REGISTRY_URL), following their changes",
+    help="serve the registry's deployments (SERVO_REGISTRY_URL), following their changes; "
+    "once the registry holds a token, feedback needs a labeler's",
 )
 @click.option("--host", envvar="SERVO_HOST", default="127.0.0.1", show_default=True)
 @click.option("--http-port", envvar="SERVO_HTTP_PORT", default=8080, show_default=True)

@@ -60,8 +60,11 @@ class Session:
         """Refuse (audited) unless the actor holds `role`."""
         if role not in self.actor.roles:
             roles = ", ".join(sorted(self.actor.roles))
-            self.refuse(action, subject, f"{self.actor.name} (roles: {roles}) may not {action} "
-                                         f"(needs role {role})")  # fmt: skip
+            self.refuse(
+                action,
+                subject,
+                f"{self.actor.name} (roles: {roles}) may not {action} (needs role {role})",
+            )
 
     def refuse(self, action: str, subject: str, message: str, **detail: Any) -> NoReturn:
         self.store.audit_attempt(self.actor.name, action, subject, {"error": message, **detail})
@@ -138,23 +141,31 @@ def tokens() -> None:
 
 @tokens.command("create")
 @click.argument("name")
-@click.option("--role", required=True,
-              type=click.Choice(["viewer", "labeler", "operator", "approver"]))  # fmt: skip
+@click.option(
+    "--role", required=True, type=click.Choice(["viewer", "labeler", "operator", "approver"])
+)
 @loop_options
-def tokens_create(name: str, role: str, registry_url: str, token: str | None,
-                  as_json: bool) -> None:  # fmt: skip
+def tokens_create(
+    *, name: str, role: str, registry_url: str, token: str | None, as_json: bool
+) -> None:
     """Create a token and print it, once (it cannot be shown again)."""
     with session(registry_url, token, as_json) as run:
         run.need("approver", "create tokens", f"token/{name[:64]}")
-        secret = acting(run, "create token", f"token/{name[:64]}",
-                        lambda: run.store.create_token(name, role, run.actor.name))  # fmt: skip
-        run.out({"name": name, "role": role, "token": secret},
-                f"token '{name}' (role {role}); shown only now, keep it safe:\n{secret}")  # fmt: skip
+        secret = acting(
+            run,
+            "create token",
+            f"token/{name[:64]}",
+            lambda: run.store.create_token(name, role, run.actor.name),
+        )
+        run.out(
+            {"name": name, "role": role, "token": secret},
+            f"token '{name}' (role {role}); shown only now, keep it safe:\n{secret}",
+        )
 
 
 @tokens.command("list")
 @loop_options
-def tokens_list(registry_url: str, token: str | None, as_json: bool) -> None:
+def tokens_list(*, registry_url: str, token: str | None, as_json: bool) -> None:
     """Every token: name, role, who created it and when, revoked, last used."""
     with session(registry_url, token, as_json) as run:
         rows = run.store.tokens()
@@ -170,13 +181,17 @@ def tokens_list(registry_url: str, token: str | None, as_json: bool) -> None:
 @tokens.command("revoke")
 @click.argument("name")
 @loop_options
-def tokens_revoke(name: str, registry_url: str, token: str | None, as_json: bool) -> None:
+def tokens_revoke(*, name: str, registry_url: str, token: str | None, as_json: bool) -> None:
     """Revoke a token: it stops working at once for the admin API, within seconds for
     feedback (its cache)."""
     with session(registry_url, token, as_json) as run:
         run.need("approver", "revoke tokens", f"token/{name[:64]}")
-        acting(run, "revoke token", f"token/{name[:64]}",
-               lambda: run.store.revoke_token(name, run.actor.name))  # fmt: skip
+        acting(
+            run,
+            "revoke token",
+            f"token/{name[:64]}",
+            lambda: run.store.revoke_token(name, run.actor.name),
+        )
         run.out({"name": name, "revoked": True}, f"token '{name}' revoked")
 
 
@@ -191,16 +206,19 @@ def promotions() -> None:
 def _summary(request: dict[str, Any]) -> str:
     decision = request.get("decision") or {}
     decided = f"\t{decision.get('decision')} by {decision.get('actor')}" if decision else ""
-    return (f"{request['id']}\t{request['model']}\tversion {request['version']}"
-            f"\t{request['status']}\tfiled {request['created_at']}{decided}")  # fmt: skip
+    return (
+        f"{request['id']}\t{request['model']}\tversion {request['version']}"
+        f"\t{request['status']}\tfiled {request['created_at']}{decided}"
+    )
 
 
 @promotions.command("list")
 @click.option("--status", help="only requests in this status (e.g. pending)")
 @click.option("--model", help="only this model's requests")
 @loop_options
-def promotions_list(status: str | None, model: str | None, registry_url: str,
-                    token: str | None, as_json: bool) -> None:  # fmt: skip
+def promotions_list(
+    *, status: str | None, model: str | None, registry_url: str, token: str | None, as_json: bool
+) -> None:
     """Requests, pending first, then newest first."""
     with session(registry_url, token, as_json) as run:
         rows = run.store.promotions(model=model, status=status)
@@ -210,43 +228,65 @@ def promotions_list(status: str | None, model: str | None, registry_url: str,
 @promotions.command("show")
 @click.argument("request_id", type=int)
 @loop_options
-def promotions_show(request_id: int, registry_url: str, token: str | None,
-                    as_json: bool) -> None:  # fmt: skip
+def promotions_show(
+    *, request_id: int, registry_url: str, token: str | None, as_json: bool
+) -> None:
     """A request: status, evidence (and its hash), decision, audit trail."""
     with session(registry_url, token, as_json) as run:
         request = run.store.promotion(request_id)
         evidence = json.dumps(request.get("evidence"), indent=2, default=str)
-        text = (f"{_summary(request)}\nreason: {request.get('status_reason') or '-'}\n"
-                f"evidence sha256: {request.get('evidence_hash')}\n"
-                f"expires: {request.get('expires_at')}\nevidence:\n{evidence}")  # fmt: skip
+        text = (
+            f"{_summary(request)}\nreason: {request.get('status_reason') or '-'}\n"
+            f"evidence sha256: {request.get('evidence_hash')}\n"
+            f"expires: {request.get('expires_at')}\nevidence:\n{evidence}"
+        )
         run.out(request, text)
 
 
-def _decide(run: Session, request_id: int, decision: str, reason: str,
-            evidence_hash: str | None) -> dict[str, Any]:  # fmt: skip
+def _decide(
+    run: Session, request_id: int, decision: str, reason: str, evidence_hash: str | None
+) -> dict[str, Any]:
     action = "approve" if decision == "approved" else "reject"
     subject = f"promotion/{request_id}"
     run.need("approver", action, subject)
     doc: dict[str, Any] = acting(
-        run, action, subject,
-        lambda: run.store.decide(request_id, decision, run.actor.name, set(run.actor.roles),
-                                 reason, evidence_hash=evidence_hash),
+        run,
+        action,
+        subject,
+        lambda: run.store.decide(
+            request_id,
+            decision,
+            run.actor.name,
+            set(run.actor.roles),
+            reason,
+            evidence_hash=evidence_hash,
+        ),
         request=request_id,
-    )  # fmt: skip
+    )
     return doc
 
 
 @promotions.command("approve")
 @click.argument("request_id", type=int)
 @click.option("--reason", required=True, help="why (recorded with the decision)")
-@click.option("--evidence-hash", help="the sha256 of the evidence you read (`show`): another "
-                                      "one refuses the approval")  # fmt: skip
-@click.option("--no-rollout", is_flag=True,
-              help="only decide: leave the rollout to the running `servo up`")  # fmt: skip
+@click.option(
+    "--evidence-hash",
+    help="the sha256 of the evidence you read (`show`): another one refuses the approval",
+)
+@click.option(
+    "--no-rollout", is_flag=True, help="only decide: leave the rollout to the running `servo up`"
+)
 @loop_options
-def promotions_approve(request_id: int, reason: str, evidence_hash: str | None,
-                       no_rollout: bool, registry_url: str, token: str | None,
-                       as_json: bool) -> None:  # fmt: skip
+def promotions_approve(
+    *,
+    request_id: int,
+    reason: str,
+    evidence_hash: str | None,
+    no_rollout: bool,
+    registry_url: str,
+    token: str | None,
+    as_json: bool,
+) -> None:
     """Approve a pending request; its candidate then becomes champion at once."""
     from retrain.rollout import ImmediateRollout
 
@@ -256,21 +296,27 @@ def promotions_approve(request_id: int, reason: str, evidence_hash: str | None,
         if not no_rollout:
             status = ImmediateRollout(run.store).start(doc, run.actor.name)
             doc = run.store.promotion(request_id)
-        run.out(doc, f"promotion request {request_id} ({doc['model']} version {doc['version']}) "
-                     f"approved: {status}")  # fmt: skip
+        run.out(
+            doc,
+            f"promotion request {request_id} ({doc['model']} version {doc['version']}) "
+            f"approved: {status}",
+        )
 
 
 @promotions.command("reject")
 @click.argument("request_id", type=int)
 @click.option("--reason", required=True, help="why (recorded with the decision)")
 @loop_options
-def promotions_reject(request_id: int, reason: str, registry_url: str, token: str | None,
-                      as_json: bool) -> None:  # fmt: skip
+def promotions_reject(
+    *, request_id: int, reason: str, registry_url: str, token: str | None, as_json: bool
+) -> None:
     """Reject a pending request; the champion stays."""
     with session(registry_url, token, as_json) as run:
         doc = _decide(run, request_id, "rejected", reason, None)
-        run.out(doc, f"promotion request {request_id} ({doc['model']} version {doc['version']}) "
-                     "rejected")  # fmt: skip
+        run.out(
+            doc,
+            f"promotion request {request_id} ({doc['model']} version {doc['version']}) rejected",
+        )
 
 
 # rollback and retrain
@@ -295,33 +341,41 @@ def _registered(run: Session, model: str, action: str) -> None:
 )
 @click.option("--reason", default="", help="recorded in the audit log")
 @loop_options
-def rollback(model: str, to: int | None, reason: str, registry_url: str, token: str | None,
-             as_json: bool) -> None:  # fmt: skip
+def rollback(
+    *, model: str, to: int | None, reason: str, registry_url: str, token: str | None, as_json: bool
+) -> None:
     """Make the previous champion (or --to V) the champion again, at once."""
     with session(registry_url, token, as_json) as run:
         run.need("operator", "rollback", model[:64])
         _registered(run, model, "rollback")
         was = run.store.aliases(model).get("champion")
-        champion = acting(run, "rollback", model,
-                          lambda: run.store.rollback(model, run.actor.name, reason, to=to))  # fmt: skip
-        run.out({"model": model, "champion": champion, "was": was},
-                f"{model}: version {champion} is champion (was {was})")  # fmt: skip
+        champion = acting(
+            run, "rollback", model, lambda: run.store.rollback(model, run.actor.name, reason, to=to)
+        )
+        run.out(
+            {"model": model, "champion": champion, "was": was},
+            f"{model}: version {champion} is champion (was {was})",
+        )
 
 
 @click.command("retrain")
 @click.argument("model")
 @click.option("--reason", default="", help="recorded with the request")
 @loop_options
-def retrain(model: str, reason: str, registry_url: str, token: str | None,
-            as_json: bool) -> None:  # fmt: skip
+def retrain(
+    *, model: str, reason: str, registry_url: str, token: str | None, as_json: bool
+) -> None:
     """Ask the loop (`servo up`) to retrain MODEL now; it runs when the loop takes it."""
     with session(registry_url, token, as_json) as run:
         run.need("operator", "retrain", model[:64])
         _registered(run, model, "retrain")
-        request = acting(run, "retrain", model,
-                         lambda: run.store.request_retrain(model, run.actor.name, reason))  # fmt: skip
-        run.out({"model": model, "request": request, "status": "queued"},
-                f"{model}: retrain request {request} queued")  # fmt: skip
+        request = acting(
+            run, "retrain", model, lambda: run.store.request_retrain(model, run.actor.name, reason)
+        )
+        run.out(
+            {"model": model, "request": request, "status": "queued"},
+            f"{model}: retrain request {request} queued",
+        )
 
 
 def add_commands(main: click.Group) -> None:
