@@ -239,7 +239,8 @@ def test_a_one_megabyte_reason_is_413_and_a_long_one_400(admin: Admin) -> None:
         while not attempts(admin, since):
             time.sleep(0.05)
         (entry,) = attempts(admin, since)
-        assert entry["detail"]["status"] == 413 and "approve" in entry["action"]
+        assert (entry["actor"], entry["action"]) == ("(unread request)", "approve")
+        assert entry["detail"]["status"] == 413 and entry["detail"]["request"] == request_id
         entries = refused(
             admin,
             client,
