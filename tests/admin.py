@@ -50,6 +50,7 @@ class Admin:
 
 
 def make_registry(root: Path) -> RegistryStore:
+    root.mkdir(parents=True, exist_ok=True)
     store = RegistryStore(f"sqlite:///{root / 'registry.db'}")
     store.create_schema()
     return store

@@ -55,7 +55,7 @@ def refused(
 def assert_attempt(entries: list[dict[str, Any]], actor: str, status: int) -> dict[str, Any]:
     assert len(entries) == 1, entries
     (entry,) = entries
-    assert entry["actor"] == actor, entry
+    assert entry["actor"] == actor and entry["action"] == "attempt", entry
     assert entry["detail"]["status"] == status, entry
     return entry
 
@@ -239,7 +239,7 @@ def test_a_one_megabyte_reason_is_413_and_a_long_one_400(admin: Admin) -> None:
         while not attempts(admin, since):
             time.sleep(0.05)
         (entry,) = attempts(admin, since)
-        assert (entry["actor"], entry["action"]) == ("(unread request)", "approve")
+        assert (entry["actor"], entry["detail"]["action"]) == ("(unread request)", "approve")
         assert entry["detail"]["status"] == 413 and entry["detail"]["request"] == request_id
         entries = refused(
             admin,
