@@ -49,7 +49,7 @@ class ImmediateRollout:
             current = store.promotion(request_id)["status"]
             if current != "approved":  # another rollout of it finished first
                 return str(current)
-            if store.aliases(model).get("champion") == version:
+            if _swapped(store.promotion(request_id)):
                 return "promoted"  # another rollout of it swapped first, and finishes it
             log.error(
                 "promotion request %s: %s version %s not promoted: %s",
@@ -74,3 +74,8 @@ class ImmediateRollout:
             old,
         )
         return "promoted"
+
+
+def _swapped(request: dict[str, Any]) -> bool:
+    """Whether a route swap carried this request out (its audit has the promote)."""
+    return any(entry["action"] == "promote" for entry in request.get("audit", ()))
