@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-from registry.store import RegistryError
+from registry.store import PROMOTION_STATUSES, RegistryError
 from retrain.rollout import Rollout
 from serving.errors import ServingError
 from serving.http import (
@@ -49,6 +49,7 @@ from servo.admin_wire import (
     ReasonBody,
     RollbackBody,
     model_name,
+    one_of,
     parse_body,
     parse_query,
     positive_int,
@@ -180,7 +181,8 @@ class AdminApi:
         model = query.get("model")
         if model is not None:
             model_name(model)
-        requests = self.store.promotions(model=model, status=query.get("status"))
+        status = one_of(query.get("status"), PROMOTION_STATUSES, "status")
+        requests = self.store.promotions(model=model, status=status)
         return 200, {"promotions": requests}
 
     def promotion(self, call: Call) -> tuple[int, Any]:
@@ -192,7 +194,7 @@ class AdminApi:
         since = query.get("since_id")
         entries = self.store.audit(
             limit=min(limit, 1000),
-            since_id=None if since is None else positive_int(since, "since_id"),
+            since_id=None if since is None else positive_int(since, "since_id", minimum=0),
             subject=query.get("subject"),
             action=query.get("action"),
         )

@@ -149,6 +149,8 @@ def test_audit_filters(admin: Admin) -> None:
         since = max(e["id"] for e in everything) - 1
         after = client.get("/admin/audit", params={"since_id": str(since)}).json()["entries"]
         assert [e["id"] for e in after] == [since + 1]
+        from_start = client.get("/admin/audit", params={"since_id": "0", "limit": "3"}).json()
+        assert [e["id"] for e in from_start["entries"]] == [e["id"] for e in everything[:3]]
 
 
 def test_tokens_list_names_and_roles_never_secrets(admin: Admin) -> None:

@@ -380,7 +380,8 @@ def test_a_rollback_without_a_previous_champion_is_409(admin: Admin) -> None:
         ("/admin/promotions?model=../x", "invalid model name"),
         ("/admin/audit?limit=abc", "limit must be a positive integer"),
         ("/admin/audit?limit=0", "limit must be a positive integer"),
-        ("/admin/audit?since_id=-4", "since_id must be a positive integer"),
+        ("/admin/audit?since_id=-4", "since_id must be an integer >= 0"),
+        ("/admin/promotions?status=bogus", "unknown status 'bogus' (known: pending, approved"),
         (f"/admin/audit?action={'a' * 3000}", "longer than 2048 bytes"),
     ],
 )
