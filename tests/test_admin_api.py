@@ -14,10 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from registry.promotions import evidence_hash
 from retrain.rollout import ImmediateRollout
+from servo.admin import AdminServer
 from tests.admin import EVIDENCE, Admin, running_admin
 
 
@@ -292,3 +294,14 @@ def test_two_rollouts_of_one_request_swap_once(admin: Admin) -> None:
     assert champion(admin) == candidate
     # and a rollout of a request finished already leaves it as it is
     assert ImmediateRollout(admin.store).start(doc, "late") == "promoted"
+
+
+def test_a_taken_port_fails_start_and_stop_is_idempotent(admin: Admin) -> None:
+    other = AdminServer(admin.server.app)
+    with pytest.raises(OSError):
+        other.start(port=admin.server.port or 0)
+    other.stop()  # never started: nothing to do
+    admin.server.stop()
+    admin.server.stop()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{admin.url}/admin/whoami", timeout=5)
