@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from registry.lite import LiteRegistry
     from registry.store import RegistryStore
 
-log = logging.getLogger("servo.train")
+log = logging.getLogger("servo")
 
 
 @dataclass(frozen=True)
