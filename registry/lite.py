@@ -21,7 +21,7 @@ import datetime as dt
 import json
 import sqlite3
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -99,7 +99,9 @@ class FinishedRun:
     parameters: dict[str, Any]
     started_at: dt.datetime
     status: str = "succeeded"
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: the model it retrains and who triggered it by hand (registry.runs.start_run)
+    model: str | None = None
+    triggered_by: str | None = None
 
 
 class StepLineage(Protocol):
@@ -248,7 +250,8 @@ class LiteRegistry:
             "pipeline": run.pipeline, "trigger": run.trigger, "status": run.status,
             "parameters": _json(run.parameters), "error": None, "started_at": started,
             "lease_host": lease.host, "lease_pid": lease.pid, "lease_process": lease.process,
-            "heartbeat_at": started, "scratch": None, **run.extra,
+            "heartbeat_at": started, "scratch": None, "model": run.model,
+            "triggered_by": run.triggered_by,
         }  # fmt: skip
         return self._insert("pipeline_runs", row)
 

@@ -265,6 +265,7 @@ def _record_cached(
             _same_model(lite, name, train, None) == existing
         )
 
+    # model and triggered_by: None, as the normal path's Runner.run -> start_run records them
     run = FinishedRun(plan.pipeline, trigger, dict(params or {}), started)
     run_id = lite.record_finished_run(run, plan.records, unchanged)
     if run_id is None:
