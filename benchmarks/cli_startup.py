@@ -9,6 +9,7 @@ the median of N runs each:
   models list      `servo models list` on a registry holding one trained model
   train, first     `servo train` in a fresh work folder and registry (trains the model)
   train, cached    the same `servo train` again: every step a cache hit, nothing registered
+                   (the fast path: its run recorded with sqlite3, no SQLAlchemy import)
 
 Goals (issue 9): --help and --version under 0.3 s, models list under 0.6 s, the cached
 train re-run at least 10x faster than the first run. A warm-up round runs first and is

@@ -3,7 +3,6 @@ the Alembic migrations. `registry.store.RegistryStore` is the door; this is its 
 
 from __future__ import annotations
 
-import ast
 import datetime as dt
 import json
 import time
@@ -17,6 +16,7 @@ from sqlalchemy import text as sql_text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from registry.lite import migration_heads as _migration_heads
 from registry.models import AuditEntry, Model, ModelVersion, utcnow
 
 T = TypeVar("T")
@@ -203,31 +203,6 @@ def alembic_config(engine: Engine) -> Any:
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
     return config
-
-
-def _migration_heads(folder: Path = MIGRATIONS / "versions") -> set[str] | None:
-    """The newest revision(s) of the migrations, read from their files without importing
-    Alembic (a CLI command that finds the schema current skips Alembic altogether); None
-    when a file does not read as expected (then Alembic decides)."""
-    revisions: set[str] = set()
-    parents: set[str] = set()
-    for path in folder.glob("*.py"):
-        found: dict[str, Any] = {}
-        for line in path.read_text().splitlines():
-            key, sep, value = line.partition("=")
-            key = key.split(":", 1)[0].strip()  # `revision: str = "0002"` too
-            if sep and key in ("revision", "down_revision") and line[0] != " ":
-                try:
-                    found[key] = ast.literal_eval(value.strip())
-                except (ValueError, SyntaxError):
-                    return None
-        revision, down = found.get("revision"), found.get("down_revision")
-        if not isinstance(revision, str):
-            return None
-        revisions.add(revision)
-        parents.update([down] if isinstance(down, str) else (down or ()))
-    heads = revisions - parents
-    return heads or None
 
 
 def _at_head(engine: Engine) -> bool:

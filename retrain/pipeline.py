@@ -173,6 +173,36 @@ class RunResult:
         return self.steps[step].outputs[name]
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    """What a run records of one step: the `LineageSink.record_step` fields, then one
+    `record_artifact` field set per input and output, in that order."""
+
+    step: str
+    fields: dict[str, Any]
+    artifacts: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A dry run (`Runner.plan`) in which every step is a cache hit: the results a run
+    would return and the records it would write, in order."""
+
+    pipeline: str
+    results: dict[str, StepResult]
+    records: list[StepRecord]
+
+
+@dataclass(frozen=True)
+class _Lookup:
+    inputs: dict[str, Path]
+    input_hashes: dict[str, str]
+    key: str
+    final: Path
+    #: outputs, their hashes and the metrics of a complete published folder for the key
+    hit: tuple[dict[str, Path], dict[str, str], dict[str, float]] | None
+
+
 #: how often a running run renews its lease in the registry (registry.runs: LEASE_S)
 HEARTBEAT_S = 15.0
 
@@ -205,12 +235,13 @@ class _Heartbeat:
 class Runner:
     """Runs pipelines against a local artifact folder, recording lineage in `sink`; with a
     `store` (retrain.artifacts: any fsspec URL) outputs are also pushed there, cache hits
-    are looked up there too, and lineage names the store's URIs."""
+    are looked up there too, and lineage names the store's URIs. Without a sink a runner
+    can only `plan`."""
 
     def __init__(
         self,
         root: Path,
-        sink: LineageSink,
+        sink: LineageSink | None,
         store: ArtifactStore | None = None,
         heartbeat_s: float = HEARTBEAT_S,
     ):
@@ -218,6 +249,37 @@ class Runner:
         self.sink = sink
         self.store = store
         self.heartbeat_s = heartbeat_s
+
+    @property
+    def lineage(self) -> LineageSink:
+        if self.sink is None:
+            raise PipelineError("this runner has no lineage sink: it can only plan")
+        return self.sink
+
+    def plan(self, pipeline: Pipeline, cache: bool = True) -> Plan | None:
+        """A dry run: without running, fetching or recording anything, the results and
+        records of a run in which every step is a cache hit in the local folder (the same
+        cache keys and lookup as `run`), or None if any step would run (not cached, a
+        step that is never cached, only in the remote store, a missing input)."""
+        if not cache:
+            return None
+        results: dict[str, StepResult] = {}
+        records: list[StepRecord] = []
+        try:
+            for step in pipeline.order():
+                started = time.perf_counter()
+                found = self._lookup(step, results, cache, scratch=None)
+                if found.hit is None:
+                    return None
+                outputs, hashes, metrics = found.hit
+                result = StepResult(
+                    "cached", outputs, hashes, found.key, time.perf_counter() - started
+                )
+                records.append(self._records(step, result, found, metrics))
+                results[step.name] = result
+        except (PipelineError, OSError):
+            return None
+        return Plan(pipeline.name, results, records)
 
     def run(
         self,
@@ -232,11 +294,11 @@ class Runner:
         order = pipeline.order()
         scratch = (self.root / "tmp").resolve() / f"run-{uuid.uuid4().hex[:16]}.tmp"
         parameters = dict(parameters or {})
-        run_id = self.sink.start_run(pipeline.name, trigger, parameters, scratch=[str(scratch)])
+        run_id = self.lineage.start_run(pipeline.name, trigger, parameters, scratch=[str(scratch)])
         results: dict[str, StepResult] = {}
         try:
             scratch.mkdir(parents=True)
-            heartbeat = _Heartbeat(self.sink, run_id, self.heartbeat_s)
+            heartbeat = _Heartbeat(self.lineage, run_id, self.heartbeat_s)
             try:
                 for step in order:
                     results[step.name] = self._run_step(run_id, step, results, cache, scratch)
@@ -248,9 +310,9 @@ class Runner:
                 shutil.rmtree(scratch, ignore_errors=True)
         except BaseException as exc:
             error = str(exc) if isinstance(exc, StepFailed) else f"{type(exc).__name__}: {exc}"
-            self.sink.finish_run(run_id, "failed", error)
+            self.lineage.finish_run(run_id, "failed", error)
             raise
-        self.sink.finish_run(run_id, "succeeded")
+        self.lineage.finish_run(run_id, "succeeded")
         return result
 
     def _inputs(
@@ -270,37 +332,40 @@ class Runner:
                 hashes[name] = results[upstream].hashes[output]
         return paths, hashes
 
-    def _run_step(self, run_id: int, step: Step, results: dict[str, StepResult],
-                  cache: bool, scratch: Path) -> StepResult:  # fmt: skip
+    def _lookup(
+        self, step: Step, results: dict[str, StepResult], cache: bool, scratch: Path | None
+    ) -> _Lookup:
+        """The step's inputs, cache key and, if its outputs are published for that key, the
+        hit; with a `scratch` folder a hit in the remote store is fetched first."""
         inputs, input_hashes = self._inputs(step, results)
         key_doc = {"code": step.code_version(), "params": step.params, "inputs": input_hashes,
                    "outputs": list(step.outputs)}  # fmt: skip
         key = hashlib.sha256(json.dumps(key_doc, sort_keys=True, default=str).encode()).hexdigest()
         final = self.root / "artifacts" / step.name / key
         manifest = final / "manifest.json"
-        started = time.perf_counter()
         remote = self.store
-        if cache and step.cache and not manifest.exists() and remote and remote.has(step.name, key):
-            fetched = scratch / f"fetch-{step.name}-{key[:16]}"
-            remote.fetch(step.name, key, fetched)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if not rename_into_place(fetched, final):
-                shutil.rmtree(fetched, ignore_errors=True)  # another run placed it first
-        if cache and step.cache and manifest.exists():
-            cached = self._cached(final, manifest, step)
-            if cached is not None:
-                result = StepResult(
-                    "cached", cached[0], cached[1], key, time.perf_counter() - started
-                )
-                self._record(
-                    run_id,
-                    step,
-                    result,
-                    inputs=inputs,
-                    input_hashes=input_hashes,
-                    metrics=cached[2],
-                )
-                return result
+        hit = None
+        if cache and step.cache:
+            if scratch and not manifest.exists() and remote and remote.has(step.name, key):
+                fetched = scratch / f"fetch-{step.name}-{key[:16]}"
+                remote.fetch(step.name, key, fetched)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                if not rename_into_place(fetched, final):
+                    shutil.rmtree(fetched, ignore_errors=True)  # another run placed it first
+            if manifest.exists():
+                hit = self._cached(final, manifest, step)
+        return _Lookup(inputs, input_hashes, key, final, hit)
+
+    def _run_step(self, run_id: int, step: Step, results: dict[str, StepResult],
+                  cache: bool, scratch: Path) -> StepResult:  # fmt: skip
+        started = time.perf_counter()
+        found = self._lookup(step, results, cache, scratch)
+        inputs, key, final = found.inputs, found.key, found.final
+        if found.hit is not None:
+            outputs, hashes, metrics = found.hit
+            result = StepResult("cached", outputs, hashes, key, time.perf_counter() - started)
+            self._record(run_id, self._records(step, result, found, metrics))
+            return result
         log_path = self.root / "logs" / f"run-{run_id}" / f"{step.name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         work = scratch / f"{step.name}-{key[:16]}"
@@ -331,18 +396,10 @@ class Runner:
             outputs = {o: placed / o for o in step.outputs}
             result = StepResult("succeeded", outputs, hashes, key, time.perf_counter() - started,
                                 attempts)  # fmt: skip
-            self._record(
-                run_id,
-                step,
-                result,
-                inputs=inputs,
-                input_hashes=input_hashes,
-                metrics=context.metrics,
-                log_path=log_path,
-            )
+            self._record(run_id, self._records(step, result, found, context.metrics, log_path))
             return result
         shutil.rmtree(work, ignore_errors=True)
-        self.sink.record_step(
+        self.lineage.record_step(
             run_id, step.name, status="failed", cache_key=key, attempts=attempts,
             parameters=dict(step.params), duration_s=time.perf_counter() - started,
             log_uri=str(log_path), error=error,
@@ -389,35 +446,39 @@ class Runner:
             return None
         return outputs, dict(doc["hashes"]), dict(doc.get("metrics") or {})
 
-    def _record(
+    def _records(
         self,
-        run_id: int,
         step: Step,
         result: StepResult,
-        *,
-        inputs: dict[str, Path],
-        input_hashes: dict[str, str],
+        found: _Lookup,
         metrics: dict[str, float],
         log_path: Path | None = None,
-    ) -> None:  # fmt: skip
-        self.sink.record_step(
-            run_id, step.name, status=result.status, cache_key=result.cache_key,
-            attempts=result.attempts, parameters=dict(step.params), metrics=dict(metrics),
-            duration_s=result.duration_s, log_uri=str(log_path) if log_path else None,
+    ) -> StepRecord:
+        """The lineage of a step that succeeded or was a cache hit (a run and a plan)."""
+        fields: dict[str, Any] = dict(
+            status=result.status, cache_key=result.cache_key, attempts=result.attempts,
+            parameters=dict(step.params), metrics=dict(metrics), duration_s=result.duration_s,
+            log_uri=str(log_path) if log_path else None,
         )  # fmt: skip
-        for name, path in inputs.items():
-            self.sink.record_artifact(
-                run_id, step.name, name=name, direction="input", uri=str(path),
-                content_hash=input_hashes[name], size=path.stat().st_size,
-            )  # fmt: skip
+        artifacts = [
+            dict(name=name, direction="input", uri=str(path),
+                 content_hash=found.input_hashes[name], size=path.stat().st_size)
+            for name, path in found.inputs.items()
+        ]  # fmt: skip
         for name, path in result.outputs.items():
             uri = str(path)
             if self.store is not None:
                 uri = self.store.uri(step.name, result.cache_key, name)
-            self.sink.record_artifact(
-                run_id, step.name, name=name, direction="output", uri=uri,
-                content_hash=result.hashes[name], size=path.stat().st_size,
+            artifacts.append(
+                dict(name=name, direction="output", uri=uri, content_hash=result.hashes[name],
+                     size=path.stat().st_size)
             )  # fmt: skip
+        return StepRecord(step.name, fields, artifacts)
+
+    def _record(self, run_id: int, record: StepRecord) -> None:
+        self.lineage.record_step(run_id, record.step, **record.fields)
+        for artifact in record.artifacts:
+            self.lineage.record_artifact(run_id, record.step, **artifact)
 
 
 def _complete(folder: Path, step: Step) -> dict[str, str] | None:

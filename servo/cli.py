@@ -281,7 +281,7 @@ def train_command(
     """Run the pipeline (ingest, split, train, evaluate) and register the new version."""
     from retrain.pipeline import StepFailed
     from serving.model_folder import NAME_RULE, valid_name
-    from servo.train import train
+    from servo.train import train, train_cached
 
     if not valid_name(name):
         raise click.BadParameter(f"invalid model name {name!r} ({NAME_RULE})", param_hint="--name")
@@ -293,16 +293,24 @@ def train_command(
         params.update({k: v for k, v in (("size", size), ("mode", mode)) if v is not None})
     if epochs is not None:
         params["epochs"] = epochs
-    store = _store(registry_url)
-    try:
-        trained = train(
-            store, work=work_dir, name=name, params=params, cache=not no_cache,
-            artifacts=artifacts,
-        )  # fmt: skip
-    except (StepFailed, ModuleNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from None
-    finally:
-        store.close()
+    # a fully cached re-run on a SQLite registry is recorded without SQLAlchemy (None: the
+    # fast path does not apply, nothing was written)
+    cached = None if no_cache else train_cached(
+        registry_url, work=work_dir, name=name, params=params, artifacts=artifacts
+    )  # fmt: skip
+    if cached is not None:
+        trained = cached
+    else:
+        store = _store(registry_url)
+        try:
+            trained = train(
+                store, work=work_dir, name=name, params=params, cache=not no_cache,
+                artifacts=artifacts,
+            )  # fmt: skip
+        except (StepFailed, ModuleNotFoundError) as exc:
+            raise click.ClickException(str(exc)) from None
+        finally:
+            store.close()
     statuses = ", ".join(f"{k}={v.status}" for k, v in trained.run.steps.items())
     verb = "unchanged: already registered as" if trained.reused else "registered"
     click.echo(

@@ -5,21 +5,26 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import re
 import shutil
 import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from retrain.artifacts import open_store
 from retrain.atomic import fsync_tree, rename_into_place
 from retrain.digits import digits_pipeline
-from retrain.pipeline import Runner, RunResult, file_hash
+from retrain.pipeline import Runner, RunResult, StepResult, file_hash
 from serving.model_folder import MODEL_FILE, NAME_RULE, ModelCard, valid_name, write_card
 
 if TYPE_CHECKING:
+    from registry.lite import LiteRegistry
     from registry.store import RegistryStore
+
+log = logging.getLogger("servo")
 
 
 @dataclass(frozen=True)
@@ -32,12 +37,33 @@ class Trained:
     reused: bool = False
 
 
-def _same_model(store: RegistryStore, name: str, result: RunResult) -> int | None:
+class _Version(Protocol):
+    @property
+    def version(self) -> int: ...
+    @property
+    def run_id(self) -> int | None: ...
+    @property
+    def servable(self) -> bool: ...
+    @property
+    def artifact_uri(self) -> str: ...
+
+
+class _Registry(Protocol):
+    """What registering a re-run reads: RegistryStore, or the fast path's LiteRegistry."""
+
+    def alias(self, model: str, alias: str) -> int | None: ...
+    def version(self, model: str, version: int) -> _Version: ...
+    def versions(self, model: str) -> Sequence[_Version]: ...
+    def run(self, run_id: int, recover: bool = ...) -> dict[str, Any]: ...
+
+
+def _same_model(store: _Registry, name: str, train: StepResult, run_id: int | None) -> int | None:
     """The servable version whose training run produced byte-identical model.onnx and
-    profile.json, if any (a cached re-run must not register a copy)."""
-    wanted = {o: result.steps["train"].hashes[o] for o in ("model.onnx", "profile.json")}
+    profile.json (the `train` step's outputs), if any (a cached re-run must not register
+    a copy); the versions of run `run_id` (the run registering) do not count."""
+    wanted = {o: train.hashes[o] for o in ("model.onnx", "profile.json")}
     for info in reversed(store.versions(name)):
-        if info.run_id is None or info.run_id == result.run_id or not info.servable:
+        if info.run_id is None or info.run_id == run_id or not info.servable:
             continue
         outputs = {
             a["name"]: a["content_hash"]
@@ -60,9 +86,9 @@ def register(result: RunResult, store: RegistryStore, model_root: Path, name: st
     evaluation = json.loads(result.output("evaluate", "evaluation.json").read_text())
     extra = json.loads(result.output("train", "profile.json").read_text())
     model_path = result.output("train", "model.onnx")
-    existing = _same_model(store, name, result)
+    existing = _same_model(store, name, result.steps["train"], result.run_id)
     if existing is not None:
-        folder = Path(urllib.parse.urlparse(store.version(name, existing).artifact_uri).path)
+        folder = _version_folder(store, name, existing)
         return Trained(existing, folder, result, evaluation, reused=True)
     import onnx  # only for a new version: a cached re-run that registers nothing skips it
 
@@ -99,8 +125,23 @@ def register(result: RunResult, store: RegistryStore, model_root: Path, name: st
     return Trained(version, folder, result, evaluation)
 
 
+def _version_folder(store: _Registry, name: str, version: int) -> Path:
+    return Path(urllib.parse.urlparse(store.version(name, version).artifact_uri).path)
+
+
 LEGACY_STEP_TMP = re.compile(r"^\.[0-9a-f]{64}\.(\d+)\.tmp$")
 LEGACY_VERSION_TMP = re.compile(r"^\.(\d+)\.tmp$")
+
+
+def _legacy_tmp(work: Path) -> Iterator[tuple[str, Path, int]]:
+    """("step", folder, its run id) and ("version", folder, its version number) of the
+    temporary folders servo before run leases named."""
+    for kind, parent, pattern in (("step", work / "pipeline" / "artifacts", LEGACY_STEP_TMP),
+                                  ("version", work / "models", LEGACY_VERSION_TMP)):  # fmt: skip
+        for path in parent.glob("*/.*.tmp"):
+            match = pattern.match(path.name)
+            if match is not None:
+                yield kind, path, int(match[1])
 
 
 def sweep_legacy(store: RegistryStore, work: Path) -> list[Path]:
@@ -111,22 +152,17 @@ def sweep_legacy(store: RegistryStore, work: Path) -> list[Path]:
 
     store.recover_runs()
     removed: list[Path] = []
-    for path in (work / "pipeline" / "artifacts").glob("*/.*.tmp"):
-        match = LEGACY_STEP_TMP.match(path.name)
-        if match is None:
+    for kind, path, number in _legacy_tmp(work):
+        if kind == "step":
+            try:
+                status = store.run(number, recover=False)["status"]
+            except NotFound:
+                status = None
+            if status != "running":
+                removed.append(path)
             continue
         try:
-            status = store.run(int(match[1]), recover=False)["status"]
-        except NotFound:
-            status = None
-        if status != "running":
-            removed.append(path)
-    for path in (work / "models").glob("*/.*.tmp"):
-        match = LEGACY_VERSION_TMP.match(path.name)
-        if match is None:
-            continue
-        try:
-            failed = store.version(path.parent.name, int(match[1])).status == "failed"
+            failed = store.version(path.parent.name, number).status == "failed"
         except NotFound:
             failed = True
         if failed:
@@ -148,13 +184,7 @@ def train(
         raise ValueError(f"invalid model name {name!r} ({NAME_RULE})")
     sweep_legacy(store, work)
     runner = Runner(work / "pipeline", store, open_store(artifacts))
-    champion = None
-    champion_version = store.alias(name, "champion")
-    if champion_version is not None:
-        uri = store.version(name, champion_version).artifact_uri
-        if uri.startswith("file://"):
-            champion = Path(uri.removeprefix("file://")) / MODEL_FILE
-    pipeline = digits_pipeline(params, champion if champion and champion.exists() else None)
+    pipeline = digits_pipeline(params, _champion_model(store, name, store.alias(name, "champion")))
     trained: list[Trained] = []
 
     def finalize(result: RunResult, scratch: Path) -> None:
@@ -164,3 +194,82 @@ def train(
         pipeline, trigger=trigger, cache=cache, parameters=dict(params or {}), finalize=finalize
     )
     return trained[0]
+
+
+def _champion_model(store: _Registry, name: str, champion: int | None) -> Path | None:
+    """The champion's model.onnx (evaluated beside the candidate) if it is a local file."""
+    if champion is None:
+        return None
+    uri = store.version(name, champion).artifact_uri
+    path = Path(uri.removeprefix("file://")) / MODEL_FILE if uri.startswith("file://") else None
+    return path if path is not None and path.exists() else None
+
+
+def train_cached(
+    registry_url: str,
+    *, work: Path, name: str = "digits", params: dict[str, Any] | None = None,
+    trigger: str = "manual", artifacts: str | None = None,
+    trace: Callable[[str], None] | None = None,
+) -> Trained | None:  # fmt: skip
+    """The fast path of `train`: a fully cached re-run recorded without SQLAlchemy
+    (registry.lite). It applies only when the registry is a SQLite file at the migration
+    head, the recovery check has nothing to do, no legacy temporary folder is left, every
+    step is a cache hit and a servable version with the same model exists; then it records
+    the run (rows as `train` records them) and returns what `train` would. Otherwise, or
+    on anything unexpected, it writes nothing and answers None: call `train`. `trace`:
+    called with each SQL statement (tests)."""
+    from registry.lite import LiteRegistry
+
+    if not valid_name(name) or next(_legacy_tmp(work), None) is not None:
+        return None
+    lite = LiteRegistry.open(registry_url, trace=trace)
+    if lite is None:
+        return None
+    try:
+        return _record_cached(lite, work=work, name=name, params=params, trigger=trigger,
+                              artifacts=artifacts)  # fmt: skip
+    except Exception as exc:  # never a wrong record: the normal path decides
+        log.debug("cached re-run: fast path not taken: %s: %s", type(exc).__name__, exc)
+        return None
+    finally:
+        lite.close()
+
+
+def _record_cached(
+    lite: LiteRegistry,
+    *, work: Path, name: str, params: dict[str, Any] | None, trigger: str,
+    artifacts: str | None,
+) -> Trained | None:  # fmt: skip
+    from registry.lite import FinishedRun
+
+    started = dt.datetime.now(dt.UTC)
+    why = lite.recovery_needed()
+    if why is not None:
+        log.debug("cached re-run: fast path not taken: %s", why)
+        return None
+    champion = lite.alias(name, "champion")
+    pipeline = digits_pipeline(params, _champion_model(lite, name, champion))
+    plan = Runner(work / "pipeline", None, open_store(artifacts)).plan(pipeline)
+    if plan is None:
+        return None
+    train = plan.results["train"]
+    existing = _same_model(lite, name, train, None)
+    if existing is None:
+        return None
+    evaluation = json.loads(plan.results["evaluate"].outputs["evaluation.json"].read_text())
+    json.loads(train.outputs["profile.json"].read_text())  # as `register` reads it
+    folder = _version_folder(lite, name, existing)
+
+    def unchanged() -> bool:  # under the write lock: what the plan was built on still holds
+        return lite.alias(name, "champion") == champion and (
+            _same_model(lite, name, train, None) == existing
+        )
+
+    # model and triggered_by: None, as the normal path's Runner.run -> start_run records them
+    run = FinishedRun(plan.pipeline, trigger, dict(params or {}), started)
+    run_id = lite.record_finished_run(run, plan.records, unchanged)
+    if run_id is None:
+        return None
+    # recorded: nothing below may fail (the caller would record the run a second time)
+    return Trained(existing, folder, RunResult(run_id, "succeeded", plan.results), evaluation,
+                   reused=True)  # fmt: skip

@@ -21,9 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 #: never imported by `import servo.cli` nor by --help, --version and the registry commands
 HEAVY = ("onnxruntime", "grpc", "sklearn", "onnx", "skl2onnx", "kserve", "numpy", "pyarrow",
          "sqlalchemy", "alembic", "pydantic_settings", "uvloop", "torch", "tensorflow")  # fmt: skip
-#: never imported by a cached `servo train` re-run (it imports the registry's SQLAlchemy)
+#: never imported by a cached `servo train` re-run (its fast path records the run with
+#: sqlite3: not even SQLAlchemy; tests/test_fast_cache.py)
 TRAINERS = ("onnxruntime", "grpc", "sklearn", "onnx", "skl2onnx", "kserve", "numpy", "pyarrow",
-            "torch", "tensorflow", "xgboost", "alembic", "scipy")  # fmt: skip
+            "torch", "tensorflow", "xgboost", "alembic", "scipy", "sqlalchemy")  # fmt: skip
 
 PROBE = """
 import json, sys
