@@ -8,7 +8,7 @@ metrics as `production_skipped` and `production_skipped_<reason>`).
 
 For retraining, the labelled rows of a recent window are split by time (`split_newest`):
 the newest fraction is held out for evaluation and never trained on, and of the older
-rows at most a share of the training set is taken, newest first (`newest_rows`).
+rows at most a share of the training set is taken, newest first (`production_cap`).
 """
 
 from __future__ import annotations
@@ -154,13 +154,6 @@ def split_newest(found: Labelled, fraction: float) -> tuple[Labelled, Labelled]:
         cut -= 1
     index = np.arange(n)
     return found.take(index[:cut]), found.take(index[cut:])
-
-
-def newest_rows(found: Labelled, limit: int | None) -> Labelled:
-    """At most `limit` rows, the newest (None: all)."""
-    if limit is None or limit >= len(found.y):
-        return found
-    return found.take(np.arange(len(found.y) - max(limit, 0), len(found.y)))
 
 
 def production_cap(reference_rows: int, share: float) -> int | None:
