@@ -126,6 +126,12 @@ def read_labelled(
         xs.append(rows)
         ys.extend(int(i) for i in indices if i is not None)
         keys.append((row["time"], row["id"]))
+    return _assemble(xs, ys, keys, skipped)
+
+
+def _assemble(xs: list[npt.NDArray[Any]], ys: list[int], keys: list[tuple[Any, str]],
+              skipped: dict[str, int]) -> Labelled:  # fmt: skip
+    """The rows kept (one array per request, its (time, id) key), in time order."""
     if not xs:
         return Labelled(np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64), skipped)
     counts = [len(rows) for rows in xs]

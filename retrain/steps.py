@@ -325,9 +325,10 @@ def production(ctx: StepContext) -> None:
     if not window_s > 0:
         raise ValueError(f"window_s must be > 0, got {window_s}")
     start = end - dt.timedelta(seconds=window_s)
-    found = read_labelled(ctx.params["root"], ctx.params["model"],
-                          ctx.params.get("input", "input"), start, end,
-                          classes=ctx.params.get("classes"), width=ctx.params.get("width"))  # fmt: skip
+    found = read_labelled(
+        ctx.params["root"], ctx.params["model"], ctx.params.get("input", "input"), start, end,
+        classes=ctx.params.get("classes"), width=ctx.params.get("width"),
+    )  # fmt: skip
     older, newest = split_newest(found, float(ctx.params.get("holdout", PRODUCTION_HOLDOUT)))
     np.savez(ctx.output("production.npz"), x=newest.x, y=newest.y, ids=newest.ids,
              start=start.isoformat(), end=end.isoformat(), window_rows=len(found.y))  # fmt: skip
