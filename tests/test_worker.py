@@ -217,7 +217,8 @@ def test_a_worker_does_not_outlive_its_parent(db: Path, tmp_path: Path) -> None:
             os.kill(child, signal.SIGKILL)
     # it stopped the way a stop does: its run is interrupted, not left for recovery
     (run,) = query(db, "SELECT * FROM pipeline_runs")
-    assert run["status"] == "interrupted", dict(run)
+    worker_log = (tmp_path / "logs" / "run-1.log").read_text()
+    assert run["status"] == "interrupted", (dict(run), worker_log)
     outcome = json.loads((tmp_path / "logs" / "run-1.outcome.json").read_text())
     assert outcome["status"] == "interrupted"
     check_invariants(db, tmp_path / "work")
