@@ -1,0 +1,273 @@
+"""`servo up`: the closed loop as one service on one machine.
+
+Built in order: registry (SQLite under DIR unless --registry) -> bootstrap (digits, on an
+empty registry) -> gateway following the registry's deployments (payload log under
+DIR/payload) -> monitors (the gateway's own metrics, or a Prometheus) -> loop metrics on
+the gateway's /metrics -> controller (scheduler, trigger, worker, shadow, evidence, gates,
+rollout) -> admin API on 127.0.0.1. SIGTERM or SIGINT stops them in reverse: the
+controller (a running retrain is stopped and marked interrupted, the scheduler shuts
+down), the admin API, the gateway (in-flight requests finish, the payload log is flushed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from monitors.monitor import MonitorConfig, MonitorExporter, MonitorReport, build_report, monitor
+from monitors.sources import EmbeddedSource, PrometheusSource, SourceUnavailable
+from servo import logs
+from servo.loop_metrics import LoopMetrics
+
+if TYPE_CHECKING:
+    from registry.store import RegistryStore
+    from serving.server import Server
+    from servo.settings import Settings
+
+log = logging.getLogger("servo.up")
+
+#: the model `servo up` trains on an empty registry
+BOOTSTRAP_MODEL = "digits"
+ACTOR = "servo-up"
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    dir: Path
+    admin_port: int = 8082
+    prometheus_url: str | None = None
+    policy_path: Path | None = None
+    #: bootstrap parameters (digits pipeline params)
+    bootstrap_params: dict[str, Any] | None = None
+
+
+def registry_url_for(directory: Path) -> str:
+    return f"sqlite:///{(directory / 'registry.db').resolve()}"
+
+
+def open_registry(url: str) -> RegistryStore:
+    from registry.store import RegistryStore
+
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    store = RegistryStore(url)
+    store.create_schema()
+    return store
+
+
+def bootstrap(store: RegistryStore, directory: Path, params: dict[str, Any] | None = None) -> int:
+    """On an empty registry: train digits, register it, make it champion and deploy it.
+    Returns the champion version (0: the registry was not empty, nothing done)."""
+    if store.models():
+        return 0
+    from servo.loop_train import train_once
+
+    logs.decision("bootstrap_started", model=BOOTSTRAP_MODEL, reason="empty registry")
+    outcome = train_once(store, directory, BOOTSTRAP_MODEL, dict(params or {}), "bootstrap")
+    if outcome.version is None:
+        raise RuntimeError(f"bootstrap training of {BOOTSTRAP_MODEL} failed: {outcome.error}")
+    version = outcome.version
+    store.set_alias(BOOTSTRAP_MODEL, "champion", version, actor=ACTOR, reason="bootstrap")
+    store.set_deployments(
+        BOOTSTRAP_MODEL, [(version, "champion", 100.0)], actor=ACTOR, reason="bootstrap"
+    )
+    logs.decision(
+        "bootstrapped",
+        model=BOOTSTRAP_MODEL,
+        version=version,
+        run_id=outcome.run_id,
+        accuracy=outcome.metrics.get("accuracy"),
+    )
+    return version
+
+
+class Reports:
+    """Monitor reports for the controller, asked for from its threads: embedded (the
+    gateway's own metrics, snapshotted on the serving event loop, where the recorder
+    lives) or a Prometheus. Every report also goes to `servo_drift_score` & co."""
+
+    def __init__(
+        self,
+        server: Server,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        prometheus_url: str | None = None,
+        full_s: float = 3600.0,
+        keep_s: float = 86400.0,
+    ):
+        self.server = server
+        self.loop = loop
+        self.prometheus = PrometheusSource(prometheus_url) if prometheus_url else None
+        self.embedded = EmbeddedSource(server.registry, full_s=full_s, keep_s=keep_s)
+        self.exporter = MonitorExporter(server.registry)
+
+    def _profile(self, model: str, version: str) -> tuple[Any, float | None] | None:
+        entry = self.server.repository.find(model, version)
+        if entry is None or entry.model is None:
+            return None
+        accuracy = entry.model.card.metrics.get("accuracy")
+        baseline = float(accuracy) if isinstance(accuracy, int | float) else None
+        return entry.model.profile, baseline
+
+    def _compute(self, model: str, version: str, config: MonitorConfig) -> MonitorReport:
+        loaded = self._profile(model, version)
+        if loaded is None:
+            return _unavailable(model, version, config, f"version {version} is not loaded")
+        profile, baseline = loaded
+        if self.prometheus is not None:
+            return monitor(
+                self.prometheus, model, version, profile, baseline=baseline, config=config
+            )
+        data = self.embedded.window(
+            model, version, config.window_s, history_s=config.history_s, step_s=config.step_s
+        )
+        return build_report(data, profile, baseline=baseline, config=config, source="embedded")
+
+    def report(
+        self, model: str, version: int, config: MonitorConfig, timeout_s: float = 30.0
+    ) -> MonitorReport:
+        """The report of `model` `version` over `config.window_s` (blocking; call it from a
+        thread other than the serving loop's)."""
+
+        async def on_loop() -> MonitorReport:
+            if self.prometheus is not None:  # network I/O: off the serving loop
+                return await asyncio.to_thread(self._embedded, model, str(version), config)
+            return self._compute(model, str(version), config)
+
+        try:
+            future = asyncio.run_coroutine_threadsafe(on_loop(), self.loop)
+            report = future.result(timeout_s)
+        except (SourceUnavailable, TimeoutError, RuntimeError) as exc:
+            return _unavailable(model, str(version), config, str(exc) or type(exc).__name__)
+        self.exporter.update(report)
+        return report
+
+
+def _unavailable(model: str, version: str, config: MonitorConfig, why: str) -> MonitorReport:
+    return MonitorReport(
+        model=model,
+        version=version,
+        source="embedded",
+        window_s=config.window_s,
+        end=None,
+        verdict="unavailable",
+        error=why,
+    )
+
+
+class LoopController(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+@dataclass
+class Running:
+    """What `run_up` started, for callers in this process (tests, `on_ready`)."""
+
+    server: Server
+    store: RegistryStore
+    reports: Reports
+    controller: LoopController | None
+    admin_port: int | None
+
+
+def run_up(
+    settings: Settings,
+    options: UpOptions,
+    *,
+    controller_factory: Callable[[Running], LoopController | None] | None = None,
+    admin_factory: Callable[[Running], Any] | None = None,
+    on_ready: Callable[[Running], None] | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT. `controller_factory` builds the loop's controller (None:
+    the gateway and monitors only); `admin_factory` starts the admin server and returns
+    an object with `stop()` and `port`."""
+    import uvloop
+
+    from serving.server import Server
+    from servo.routes import RegistryRouteSource
+
+    options.dir.mkdir(parents=True, exist_ok=True)
+    store = open_registry(settings.registry_url)
+    recovered = store.recover_runs()
+    if recovered:
+        logs.decision("runs_recovered", runs=recovered, reason="their process is gone")
+    bootstrap(store, options.dir, options.bootstrap_params)
+    server = Server(settings.serving_config(), RegistryRouteSource(store, settings.routes_poll_s))
+    server.registry.register(LoopMetrics(store))
+
+    async def main() -> None:
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 50, 100)
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping.set)
+        serving = asyncio.create_task(server.run())
+        reports = Reports(server, loop, prometheus_url=options.prometheus_url)
+        running = Running(server, store, reports, None, None)
+        admin = None
+        try:
+            while server.http_port is None and not serving.done():
+                await asyncio.sleep(0.02)
+            if admin_factory is not None and not serving.done():
+                admin = await asyncio.to_thread(admin_factory, running)
+                running.admin_port = getattr(admin, "port", None)
+            if controller_factory is not None and not serving.done():
+                running.controller = await asyncio.to_thread(controller_factory, running)
+                if running.controller is not None:
+                    await asyncio.to_thread(running.controller.start)
+            logs.decision(
+                "up",
+                http_port=server.http_port,
+                grpc_port=server.grpc_port,
+                admin_port=running.admin_port,
+                registry=_redacted(settings.registry_url),
+                payload_log=str(settings.payload_log_dir),
+                monitors="prometheus" if options.prometheus_url else "embedded",
+            )
+            if on_ready is not None:
+                threading.Thread(target=on_ready, args=(running,), daemon=True).start()
+            done = asyncio.create_task(stopping.wait())
+            await asyncio.wait({serving, done}, return_when=asyncio.FIRST_COMPLETED)
+            done.cancel()
+        finally:
+            logs.decision("shutdown_started")
+            server.stop()  # stop accepting; in-flight requests finish, payload log flushed
+            if running.controller is not None:
+                await asyncio.to_thread(running.controller.stop)
+            if admin is not None:
+                await asyncio.to_thread(admin.stop)
+            await serving
+            logs.decision("shutdown_finished")
+            logs.flush()
+
+    try:
+        uvloop.run(main())
+    finally:
+        store.close()
+
+
+def _redacted(url: str) -> str:
+    """A registry URL without its password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<registry>"
+
+
+def serve_loop(settings: Settings, options: UpOptions) -> None:
+    """`servo up`: logging, then everything `run_up` starts, with the loop's controller and
+    the admin API."""
+    logs.configure(settings.log_level, settings.log_format)
+    run_up(settings, options)
