@@ -449,7 +449,7 @@ class Controller:
         if status == "approved":
             decided = (request.get("decision") or {}).get("at")
             age = self.clock() - _when(decided) if decided is not None else ORPHAN_APPROVAL_S
-            if getattr(self.rollout, "running", lambda _: False)(int(request_id)):
+            if isinstance(self.rollout, GuardedRollout) and self.rollout.running(int(request_id)):
                 return
             if age < ORPHAN_APPROVAL_S and (request.get("decision") or {}).get("actor") not in (
                 "policy", "gates"):  # fmt: skip
@@ -485,6 +485,32 @@ class Controller:
         detail.update({"job": None, "candidate": None, "request": None, "resumed": None})
         self._set(model, WATCHING, detail)
         self._release(model)
+
+
+class GuardedRollout:
+    """One rollout per request at a time in this process, whoever asks (the admin API
+    after an approval, or the controller for an approval whose rollout did not run)."""
+
+    def __init__(self, inner: Rollout):
+        self.inner = inner
+        self._lock = threading.Lock()
+        self._active: set[int] = set()
+
+    def running(self, request_id: int) -> bool:
+        with self._lock:
+            return request_id in self._active
+
+    def start(self, request: dict[str, Any], actor: str) -> str:
+        request_id = int(request["id"])
+        with self._lock:
+            if request_id in self._active:
+                return str(request.get("status"))
+            self._active.add(request_id)
+        try:
+            return self.inner.start(request, actor)
+        finally:
+            with self._lock:
+                self._active.discard(request_id)
 
 
 def _when(value: Any) -> float:

@@ -267,7 +267,54 @@ def _redacted(url: str) -> str:
 
 
 def serve_loop(settings: Settings, options: UpOptions) -> None:
-    """`servo up`: logging, then everything `run_up` starts, with the loop's controller and
-    the admin API."""
+    """`servo up`: logging, the policy (validated before anything starts), then everything
+    `run_up` starts, with the loop's controller and the admin API."""
+    from retrain.policy import load_config
+
     logs.configure(settings.log_level, settings.log_format)
-    run_up(settings, options)
+    policy_path = options.policy_path
+    if policy_path is None and Path("servo.yaml").is_file():
+        policy_path = Path("servo.yaml")
+    config = load_config(policy_path)
+    logs.decision("policy_loaded", path=str(policy_path) if policy_path else None,
+                  models=sorted(config.models))  # fmt: skip
+    rollouts: dict[int, Any] = {}
+
+    def rollout_for(store: RegistryStore) -> Any:
+        from retrain.rollout import ImmediateRollout
+        from servo.loop import GuardedRollout
+
+        return rollouts.setdefault(id(store), GuardedRollout(ImmediateRollout(store)))
+
+    def admin(running: Running) -> Any:
+        from servo.admin import AdminServer, build_admin_app
+        from servo.auth import Authenticator
+
+        app = build_admin_app(
+            running.store,
+            rollout=rollout_for(running.store),
+            authenticator=Authenticator(running.store),
+            policy_for=config.for_model,
+        )
+        server = AdminServer(app)
+        server.start("127.0.0.1", options.admin_port)
+        return server
+
+    def controller(running: Running) -> LoopController:
+        from retrain.scheduler import LoopScheduler
+        from servo.loop import Controller, ControllerConfig
+
+        return Controller(
+            running.store,
+            config,
+            running.reports,
+            rollout_for(running.store),
+            LoopScheduler(settings.registry_url),
+            ControllerConfig(
+                directory=options.dir.resolve(),
+                registry_url=settings.registry_url,
+                payload_root=(settings.payload_log_dir or options.dir / "payload").resolve(),
+            ),
+        )
+
+    run_up(settings, options, controller_factory=controller, admin_factory=admin)
