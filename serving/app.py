@@ -6,6 +6,7 @@ data plane, which gRPC shares.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -13,7 +14,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from serving import rest_codec, v1
 from serving.dataplane import DataPlane
 from serving.errors import ServingError
-from serving.feedback import Caller, parse_feedback
+from serving.feedback import (
+    ANONYMOUS,
+    Authenticate,
+    Caller,
+    Unauthenticated,
+    labelers_only,
+    parse_feedback,
+)
 from serving.http import (
     AsgiApp,
     Handler,
@@ -28,12 +36,21 @@ HEADER_LENGTH = b"inference-header-content-length"
 OCTET_STREAM = b"application/octet-stream"
 #: a sticky routing key: requests with the same key go to the same variant
 ROUTING_KEY = b"servo-routing-key"
+AUTHORIZATION = b"authorization"
+#: what a 401 answer asks for (RFC 6750)
+BEARER_CHALLENGE = (b"www-authenticate", b'Bearer realm="servo"')
 
 
 class Endpoints:
-    def __init__(self, dataplane: DataPlane, registry: CollectorRegistry):
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        registry: CollectorRegistry,
+        authenticate: Authenticate | None = None,
+    ):
         self.dataplane = dataplane
         self.registry = registry
+        self.authenticate = authenticate
 
     async def live(self, request: Request) -> Response:
         return json_response(200, {"live": self.dataplane.live()})
@@ -85,10 +102,32 @@ class Endpoints:
         return Response(200, body, OCTET_STREAM, [(HEADER_LENGTH, str(json_length).encode())])
 
     async def feedback(self, request: Request) -> Response:
+        try:
+            caller = await self._caller(request)
+        except Unauthenticated as exc:
+            response = error_response(exc.status, exc.message)
+            response.headers.append(BEARER_CHALLENGE)
+            return response
         labels = parse_feedback(rest_codec.loads(request.body))
-        caller = Caller()  # anonymous: the admin roles will read the request's credentials here
         result = await self.dataplane.feedback(request.params["model"], labels, caller)
         return json_response(200, result)
+
+    async def _caller(self, request: Request) -> Caller:
+        """Who sends this request: anonymous without a hook, else the hook's answer (off
+        the event loop: it may ask the registry); Unauthenticated if it knows nobody."""
+        authenticate = self.authenticate
+        if authenticate is None:
+            return ANONYMOUS
+        header = request.header(AUTHORIZATION)
+        text = header.decode("latin-1") if header is not None else None
+        caller = await asyncio.get_running_loop().run_in_executor(None, authenticate, text)
+        if caller is None:
+            what = "a missing" if header is None else "an unknown, revoked or malformed"
+            raise Unauthenticated(
+                f"feedback needs a bearer token of role labeler (Authorization: Bearer "
+                f"<token>); this request has {what} one"
+            )
+        return caller
 
     async def metrics(self, request: Request) -> Response:
         return Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST.encode())
@@ -143,8 +182,17 @@ def route_table(endpoints: Endpoints) -> list[Route]:
     ]
 
 
-def build_app(dataplane: DataPlane, registry: CollectorRegistry, max_body_bytes: int) -> AsgiApp:
-    endpoints = Endpoints(dataplane, registry)
+def build_app(
+    dataplane: DataPlane,
+    registry: CollectorRegistry,
+    max_body_bytes: int,
+    authenticate: Authenticate | None = None,
+) -> AsgiApp:
+    """The REST app. With `authenticate`, feedback needs a caller it knows (401) holding
+    the labeler role (403); without, feedback is open."""
+    endpoints = Endpoints(dataplane, registry, authenticate)
+    if authenticate is not None:
+        dataplane.feedbacks.check = labelers_only
     app = AsgiApp(route_table(endpoints), max_body_bytes)
     protocols: dict[Handler, str] = {endpoints.infer: "rest", endpoints.v1_predict: "rest-v1"}
 

@@ -11,9 +11,12 @@ version that answered it (`serving.labels`) before any is applied; one bad item 
 the whole request with a 400 naming it, and a failed write with a 503, nothing applied.
 
 Who may write labels: every request passes through `FeedbackService.check(caller, model)`
-first, the one place for the role check that comes with the admin roles (closed-loop
-issue). The endpoint builds the `Caller` from the request (today always anonymous) and
-the default check lets everyone write; a check refuses by raising a ServingError.
+first, the one place for the role check. The endpoint builds the `Caller` from the
+request's `Authorization` header with an `Authenticate` callable that servo injects
+(serving never sees the registry's tokens): none given, everyone may write; given, an
+unknown caller gets 401 and `labelers_only` refuses every other role with 403. (servo's
+callable answers a labeler for everyone while no token exists: feedback stays open until
+the first token is created.)
 """
 
 from __future__ import annotations
@@ -48,10 +51,20 @@ class LabelsNotStored(ServingError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
 
 
+class Unauthenticated(ServingError):
+    """No credentials, or credentials nobody issued (or revoked): 401."""
+
+    status = HTTPStatus.UNAUTHORIZED
+
+
+class Forbidden(ServingError):
+    status = HTTPStatus.FORBIDDEN
+
+
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """Who sends labels. Today always anonymous; with the admin roles, the endpoint fills
-    it from the request's credentials."""
+    """Who sends labels: anonymous without an authenticate hook, else what the hook made of
+    the request's credentials (a token's name and roles)."""
 
     identity: str | None = None
     roles: frozenset[str] = frozenset()
@@ -60,10 +73,27 @@ class Caller:
 ANONYMOUS = Caller()
 #: (caller, model) -> None, or raises a ServingError (e.g. 403) to refuse the request
 LabelWriterCheck = Callable[[Caller, str], None]
+#: the request's Authorization header (None: absent) -> its caller, or None for missing,
+#: malformed, unknown or revoked credentials (401). May block (a registry lookup): the
+#: endpoint calls it off the event loop.
+Authenticate = Callable[[str | None], Caller | None]
+#: the role that may write labels
+LABELER = "labeler"
 
 
 def allow_everyone(caller: Caller, model: str) -> None:
-    """The check until roles exist: every caller may write labels."""
+    """The check without an authenticate hook: every caller may write labels."""
+
+
+def labelers_only(caller: Caller, model: str) -> None:
+    """The check with an authenticate hook: the caller needs the labeler role."""
+    if LABELER not in caller.roles:
+        who = f"token '{caller.identity}'" if caller.identity else "this caller"
+        roles = ", ".join(sorted(caller.roles)) or "none"
+        raise Forbidden(
+            f"{who} may not write labels for model '{shown(model, valid_name)}' (roles: {roles}; "
+            f"needs {LABELER})"
+        )
 
 
 @dataclass(slots=True)
@@ -340,4 +370,15 @@ class FeedbackService:
         result["incorrect"] += misses
 
 
-__all__ = ["ANONYMOUS", "Caller", "FeedbackService", "LabelWriterCheck", "parse_feedback"]
+__all__ = [
+    "ANONYMOUS",
+    "LABELER",
+    "Authenticate",
+    "Caller",
+    "FeedbackService",
+    "Forbidden",
+    "LabelWriterCheck",
+    "Unauthenticated",
+    "labelers_only",
+    "parse_feedback",
+]

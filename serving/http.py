@@ -27,6 +27,8 @@ class Request:
     params: dict[str, str]
     headers: list[tuple[bytes, bytes]]
     body: bytes = b""
+    #: the raw query string (after '?', not decoded)
+    query: bytes = b""
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -170,7 +172,13 @@ class AsgiApp:
             if scope["type"] == "lifespan":
                 await _lifespan(receive, send)
             return
-        request = Request(scope["method"], scope["path"], {}, scope["headers"])
+        request = Request(
+            scope["method"],
+            scope["path"],
+            {},
+            scope["headers"],
+            query=scope.get("query_string", b""),
+        )
         try:
             if scope["method"] == "POST":
                 request.body = await self._read_body(request, receive)

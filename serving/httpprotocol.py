@@ -74,6 +74,7 @@ class HttpProtocol(asyncio.Protocol):
         self.method = "GET"
         self.url = b""
         self.path = "/"
+        self.query = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: list[bytes] = []
         self.size = 0
@@ -209,12 +210,14 @@ class HttpProtocol(asyncio.Protocol):
             raise httptools.HttpParserCallbackError("upgrade")
         self.method = method.decode("latin-1")
         try:
-            raw_path = httptools.parse_url(self.url).path or b"/"
+            url = httptools.parse_url(self.url)
+            raw_path = url.path or b"/"
         except httptools.HttpParserInvalidURLError:
             self._refuse(400, f"invalid request target {self.url[:200].decode('latin-1')!r}")
             raise httptools.HttpParserCallbackError("invalid target") from None
         path = raw_path.decode("latin-1")
         self.path = unquote(path) if "%" in path else path
+        self.query = url.query or b""
         expect_continue = False
         for name, value in self.headers:
             if name == b"content-length" and value.isdigit():
@@ -250,7 +253,7 @@ class HttpProtocol(asyncio.Protocol):
         chunks = self.chunks
         item = Request(
             self.method, self.path, {}, self.headers,
-            b"".join(chunks) if len(chunks) != 1 else chunks[0],
+            b"".join(chunks) if len(chunks) != 1 else chunks[0], self.query,
         )  # fmt: skip
         self.chunks = []
         self.pending.append((item, keep_alive))

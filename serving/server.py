@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from serving.app import build_app
 from serving.batcher import BatchingConfig
 from serving.dataplane import DataPlane
+from serving.feedback import Authenticate
 from serving.gateway import Gateway
 from serving.grpc_server import build_server, build_threaded_server
 from serving.http import AsgiApp
@@ -78,8 +79,11 @@ class Server:
         config: ServingConfig,
         source: RouteSource,
         registry: CollectorRegistry | None = None,
+        authenticate: Authenticate | None = None,
     ):
         self.config = config
+        #: who sends feedback (servo backs it with the registry's tokens); None: open
+        self.authenticate = authenticate
         self.source = source
         self.registry = registry if registry is not None else CollectorRegistry()
         self.recorder = Recorder(self.registry)
@@ -142,7 +146,7 @@ class Server:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((config.host, config.http_port))
         self.http_port = sock.getsockname()[1]
-        app = build_app(self.dataplane, self.registry, config.max_request_bytes)
+        app = build_app(self.dataplane, self.registry, config.max_request_bytes, self.authenticate)
         native: NativeHttpServer | None = None
         http: _Uvicorn | None = None
         http_task: asyncio.Task[None] | None = None

@@ -10,7 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from servo import __version__
+from servo import __version__, cli_loop
+from servo.cli_common import echo_json as _echo_json
+from servo.cli_common import open_store as _store
+from servo.cli_common import registry_option
 
 if TYPE_CHECKING:
     from servo.settings import Settings
@@ -47,15 +50,20 @@ def _serve(
     from serving.server import Server
 
     source: RouteSource
+    authenticate = None
     if from_registry:
+        from servo.auth import Authenticator
         from servo.routes import RegistryRouteSource
 
-        source = RegistryRouteSource(_store(settings.registry_url), settings.routes_poll_s)
+        store = _store(settings.registry_url)
+        source = RegistryRouteSource(store, settings.routes_poll_s)
+        # once the registry holds any token, feedback needs a labeler's
+        authenticate = Authenticator(store).feedback_caller
     elif routes:
         source = FileRouteSource(routes, settings.routes_poll_s)
     else:
         source = StaticRouteSource(folders)
-    server = Server(settings.serving_config(), source)
+    server = Server(settings.serving_config(), source, authenticate=authenticate)
 
     async def main() -> None:
         # The hot path allocates many short-lived objects: collect the young generation
@@ -117,7 +125,8 @@ def main() -> None:
 @click.option(
     "--from-registry",
     is_flag=True,
-    help="serve the registry's deployments (SERVO_REGISTRY_URL), following their changes",
+    help="serve the registry's deployments (SERVO_REGISTRY_URL), following their changes; "
+    "once the registry holds a token, feedback needs a labeler's",
 )
 @click.option("--host", envvar="SERVO_HOST", default="127.0.0.1", show_default=True)
 @click.option("--http-port", envvar="SERVO_HTTP_PORT", default=8080, show_default=True)
@@ -143,30 +152,6 @@ def serve(
     settings = Settings(host=host, http_port=http_port, grpc_port=grpc_port, log_level=log_level)
     _configure_logging(settings.log_level)
     _serve(settings, list(folders), routes, from_registry=from_registry)
-
-
-def _store(url: str) -> Any:
-    from registry.store import RegistryStore
-
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    store = RegistryStore(url)
-    store.create_schema()
-    return store
-
-
-registry_option = click.option(
-    "--registry",
-    "registry_url",
-    envvar="SERVO_REGISTRY_URL",
-    default="sqlite:///.servo/registry.db",
-    show_default=True,
-    help="SQLAlchemy URL of the registry (SQLite file or PostgreSQL)",
-)
-
-
-def _echo_json(doc: Any) -> None:
-    click.echo(json.dumps(doc, indent=2, default=str))
 
 
 @main.group()
@@ -626,6 +611,8 @@ def demo(work_dir: Path, http_port: int, grpc_port: int) -> None:
 
     _serve(settings, [folder], on_ready=on_ready)
 
+
+cli_loop.add_commands(main)
 
 if __name__ == "__main__":
     main()
