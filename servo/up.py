@@ -52,16 +52,6 @@ def registry_url_for(directory: Path) -> str:
     return f"sqlite:///{(directory / 'registry.db').resolve()}"
 
 
-def open_registry(url: str) -> RegistryStore:
-    from registry.store import RegistryStore
-
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    store = RegistryStore(url)
-    store.create_schema()
-    return store
-
-
 def bootstrap(store: RegistryStore, directory: Path, params: dict[str, Any] | None = None) -> int:
     """On an empty registry: train digits, register it, make it champion and deploy it.
     Returns the champion version (0: the registry was not empty, nothing done)."""
@@ -195,12 +185,20 @@ def run_up(
     from servo.routes import RegistryRouteSource
 
     options.dir.mkdir(parents=True, exist_ok=True)
-    store = open_registry(settings.registry_url)
+    from servo.auth import Authenticator
+    from servo.cli_common import open_store
+
+    store: RegistryStore = open_store(settings.registry_url)
     recovered = store.recover_runs()
     if recovered:
         logs.decision("runs_recovered", runs=recovered, reason="their process is gone")
     bootstrap(store, options.dir, options.bootstrap_params)
-    server = Server(settings.serving_config(), RegistryRouteSource(store, settings.routes_poll_s))
+    # once the registry holds any token, feedback needs a labeler's
+    server = Server(
+        settings.serving_config(),
+        RegistryRouteSource(store, settings.routes_poll_s),
+        authenticate=Authenticator(store).feedback_caller,
+    )
     server.registry.register(LoopMetrics(store))
 
     async def main() -> None:
