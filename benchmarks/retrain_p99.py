@@ -171,8 +171,10 @@ def main() -> None:
         print(f"| {r['round']} | {r['phase']} | {r['rps']:,.0f} | {r['p50_ms']:.2f} "
               f"| {r['p99_ms']:.2f} | {r['errors']} |")  # fmt: skip
     finished = [r for r in retrainer.runs if r["status"] == "succeeded"]
-    print(f"\nretrains run: {len(retrainer.runs)} ({len(finished)} finished; median "
-          f"{statistics.median([r['s'] for r in finished]) if finished else 0:.1f} s each)")
+    print(
+        f"\nretrains run: {len(retrainer.runs)} ({len(finished)} finished; median "
+        f"{statistics.median([r['s'] for r in finished]) if finished else 0:.1f} s each)"
+    )
     print(f"p99 with a retrain / p99 without (medians of {args.rounds} rounds): {ratio:.2f}x")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "ratio": ratio, "runs": retrainer.runs}))

@@ -18,14 +18,14 @@ LogFormat = Literal["text", "json"]
 log = logging.getLogger("servo.loop")
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """JSON-able and finite (NaN and infinities become null)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, str | int | bool) or value is None:
         return value
     return str(value)
@@ -47,7 +47,7 @@ class JsonFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             for key, value in fields.items():
-                doc.setdefault(str(key), _plain(value))
+                doc.setdefault(str(key), plain(value))
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc, ensure_ascii=False, allow_nan=False)
@@ -62,7 +62,7 @@ class TextFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict) and fields:
             pairs = " ".join(
-                f"{k}={json.dumps(_plain(v), ensure_ascii=False)}" for k, v in fields.items()
+                f"{k}={json.dumps(plain(v), ensure_ascii=False)}" for k, v in fields.items()
             )
             head, sep, tail = line.partition("\n")  # a traceback stays below the fields
             line = f"{head} {pairs}{sep}{tail}"

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 from servo import __version__
 
 if TYPE_CHECKING:
-    from registry.store import RegistryStore
     from retrain.policy import Policy
+
+    from registry.store import RegistryStore
 
 
 def _card(store: RegistryStore, model: str, version: int) -> dict[str, Any]:
@@ -58,19 +59,20 @@ def offline(store: RegistryStore, model: str, version: int) -> dict[str, Any]:
 def gather_evidence(
     store: RegistryStore,
     model: str,
+    *,
     champion: int,
     candidate: int,
     policy: Policy,
     detail: dict[str, Any],
     payload_root: Path,
-    *,
-    insufficient: bool | None = None,
+    timed_out: bool = False,
 ) -> tuple[dict[str, Any] | None, int]:
     """(evidence, labelled paired requests); evidence None while fewer than
     `policy.shadow.min_labelled` labelled requests were answered by both and the shadow's
-    timeout has not passed (`insufficient` True: it has)."""
-    from retrain import evidence
+    timeout has not passed (`timed_out`: it has, the evidence is marked insufficient)."""
     from retrain.policy import to_json
+
+    from retrain import evidence
 
     cand = detail.get("candidate") or {}
     since = dt.datetime.fromisoformat(cand["since"]) if cand.get("since") else None
@@ -79,7 +81,7 @@ def gather_evidence(
     )
     n_labelled = int(live.get("n_labelled") or 0)
     enough = n_labelled >= policy.shadow.min_labelled
-    if not enough and not insufficient:
+    if not enough and not timed_out:
         return None, n_labelled
     trigger = {
         "trigger": cand.get("trigger"),

@@ -280,7 +280,7 @@ def serve_loop(settings: Settings, options: UpOptions) -> None:
 
     def rollout_for(store: RegistryStore) -> Any:
         from retrain.rollout import ImmediateRollout
-        from servo.loop import GuardedRollout
+        from servo.loop_promotion import GuardedRollout
 
         return rollouts.setdefault(id(store), GuardedRollout(ImmediateRollout(store)))
 
@@ -300,15 +300,16 @@ def serve_loop(settings: Settings, options: UpOptions) -> None:
 
     def controller(running: Running) -> LoopController:
         from retrain.scheduler import LoopScheduler
+
         from servo.loop import Controller, ControllerConfig
 
         return Controller(
             running.store,
-            config,
-            running.reports,
-            rollout_for(running.store),
-            LoopScheduler(settings.registry_url),
-            ControllerConfig(
+            config=config,
+            reports=running.reports,
+            rollout=rollout_for(running.store),
+            scheduler=LoopScheduler(settings.registry_url),
+            settings=ControllerConfig(
                 directory=options.dir.resolve(),
                 registry_url=settings.registry_url,
                 payload_root=(settings.payload_log_dir or options.dir / "payload").resolve(),

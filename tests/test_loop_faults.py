@@ -54,8 +54,7 @@ def test_policy_helper_replaces_a_section() -> None:
 def test_a_worse_candidate_is_rejected_by_the_gates(tmp_path: Path) -> None:
     # a candidate trained to be poor: 2 hidden units, 3 iterations
     text = policy(
-        retrain="window_s: 3600\nshare: 0.5\nholdout: 0.3\n"
-        "params: {hidden: [2], max_iter: 3}",
+        retrain="window_s: 3600\nshare: 0.5\nholdout: 0.3\nparams: {hidden: [2], max_iter: 3}",
         shadow="min_labelled: 60\ntimeout_s: 300",
     )
     up = start_up(tmp_path / "s", tmp_path / "up.log", policy=write_policy(tmp_path, text))
@@ -86,8 +85,7 @@ def test_a_trigger_storm_retrains_no_more_than_the_budget(tmp_path: Path) -> Non
     text = policy(
         trigger="on: [input_drift, accuracy_stall]\nk: 1\ncooldown_s: 0\nbudget_per_day: 2",
         shadow="min_labelled: 20\ntimeout_s: 300",
-        gates="live_margin: 0.02\noffline_margin: 0.05\nmin_gain: 0.9\n"
-        "latency_p99_ratio: 20.0",
+        gates="live_margin: 0.02\noffline_margin: 0.05\nmin_gain: 0.9\nlatency_p99_ratio: 20.0",
     )
     up = start_up(tmp_path / "s", tmp_path / "up.log", policy=write_policy(tmp_path, text))
     store = registry(up)
@@ -226,7 +224,6 @@ def test_kill_9_during_shadowing_then_restart_resumes_the_evidence(tmp_path: Pat
 def _metrics_with(up: Up, needle: str) -> str | None:
     text = httpx.get(f"{up.url}/metrics", timeout=5).text
     return text if needle in text else None
-
 
 
 def test_sigterm_during_a_retrain_stops_it_and_marks_it_interrupted(tmp_path: Path) -> None:
