@@ -262,26 +262,23 @@ class Controller(PromotionSteps):
         logs.decision("check", model=model, version=champion, verdict=report.verdict,
                       signals=signals, consecutive=state.consecutive, retrain=False,
                       reason=verdict.reason)  # fmt: skip
-        refused = verdict.reason if signals and not verdict.retrain else ""
-        if ("cooldown" in refused or "budget" in refused) and detail.get("skip") != refused:
-            self.note(model, "skipped", reason=refused)
-        detail["skip"] = refused
+        skip = verdict.kind if verdict.kind in ("cooldown", "budget") else None
+        if skip is not None and detail.get("skip") != skip:  # once per spell, not per check
+            self.note(model, "skipped", reason=verdict.reason)
+        detail["skip"] = skip
         self.set_state(model, WATCHING, detail)
 
     def _registry_refuses(self, model: str, policy: Policy, now: float) -> str | None:
-        """Cooldown and budget from the registry's events (another process may have
-        retrained since this trigger state was written): the reason not to, or None."""
+        """Cooldown and budget again, under the model's lock, from the registry's
+        retrain_started events (another process may have retrained since this trigger
+        state was written): the reason not to retrain, or None."""
+        from retrain import trigger
+
         since = dt.datetime.fromtimestamp(now - 86400, dt.UTC)
         started = self.store.loop_events(model, kinds=["retrain_started"], since=since)
-        budget = policy.trigger.budget_per_day
-        if len(started) >= budget:
-            return f"budget spent: {len(started)} retrains in 24 h (budget_per_day {budget})"
-        if started:
-            ago = now - timestamp(started[-1]["at"])
-            if ago < policy.trigger.cooldown_s:
-                return (f"cooldown: the last retrain started {ago:.0f} s ago (cooldown_s "
-                        f"{policy.trigger.cooldown_s})")  # fmt: skip
-        return None
+        times = sorted(timestamp(e["at"]) for e in started)
+        state = trigger.TriggerState(0, times[-1] if times else None, times)
+        return trigger.limit_reason(state, policy, now)
 
     def _start_retrain(self, model: str, policy: Policy, detail: dict[str, Any],
                        report: MonitorReport, *, why: str,
@@ -298,9 +295,10 @@ class Controller(PromotionSteps):
             return
         refusal = None if request is not None else self._registry_refuses(model, policy, now)
         if refusal is not None:
-            if detail.get("skip") != refusal:
+            skip = refusal.split(":", 1)[0]
+            if detail.get("skip") != skip:
                 self.note(model, "skipped", reason=refusal)
-            detail["skip"] = refusal
+            detail["skip"] = skip
             self.set_state(model, WATCHING, detail)
             self.release(model)
             return

@@ -90,8 +90,8 @@ class LoopMetrics:
                 count, total = numbers.steps.get(step, (0, 0.0))
                 numbers.steps[step] = (count + 1, total + seconds)
         for request in self.store.promotions():
-            key = (str(request["model"]), str(request["status"]))
-            numbers.promotions[key] = numbers.promotions.get(key, 0) + 1
+            pair = (str(request["model"]), str(request["status"]))
+            numbers.promotions[pair] = numbers.promotions.get(pair, 0) + 1
         for model, rows in self.store.deployments().items():
             for row in rows:
                 numbers.info.add((model, str(row["version"]), str(row["role"])))

@@ -158,7 +158,8 @@ class PromotionSteps:
         if status == "promoted":
             self.note(model, "promoted", version=version, request=request_id,
                       approved_by=decision.get("actor"))  # fmt: skip
-            detail["trigger"] = {}  # a new champion: the debounce starts over
+            # a new champion: the debounce starts over (cooldown and budget stay)
+            detail["trigger"] = {**(detail.get("trigger") or {}), "consecutive": 0}
             self.back_to_watching(model, detail)
             return
         # rejected, expired, void, failed, rolled_back: the candidate leaves the shadow

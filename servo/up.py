@@ -270,12 +270,11 @@ def serve_loop(settings: Settings, options: UpOptions) -> None:
     from retrain.policy import load_config
 
     logs.configure(settings.log_level, settings.log_format)
-    policy_path = options.policy_path
-    if policy_path is None and Path("servo.yaml").is_file():
-        policy_path = Path("servo.yaml")
-    config = load_config(policy_path)
-    logs.decision("policy_loaded", path=str(policy_path) if policy_path else None,
-                  models=sorted(config.models))  # fmt: skip
+    if options.policy_path is not None:
+        config = load_config(options.policy_path)
+    else:  # the default location: absent means the built-in defaults
+        config = load_config(Path("servo.yaml"), missing_ok=True)
+    logs.decision("policy_loaded", path=config.source, models=sorted(config.models))
     rollouts: dict[int, Any] = {}
 
     def rollout_for(store: RegistryStore) -> Any:
