@@ -4,6 +4,8 @@ the Alembic migrations. `registry.store.RegistryStore` is the door; this is its 
 from __future__ import annotations
 
 import ast
+import datetime as dt
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,7 +31,58 @@ class NotFound(RegistryError):
 
 
 class PermissionDenied(RegistryError):
-    pass
+    """The actor may not do this (a wrong role, self-approval): HTTP 403."""
+
+
+class Conflict(RegistryError):
+    """The request is valid but the state forbids it (decided twice, expired, a rollout
+    running, a name taken): HTTP 409. The message says why."""
+
+
+class Invalid(RegistryError):
+    """Bad input (a malformed name, an unknown role, a reason too long): HTTP 400."""
+
+
+#: the longest reason a decision, a route change or a trigger may carry
+MAX_REASON = 4096
+
+
+def check_reason(reason: str) -> str:
+    if not isinstance(reason, str):
+        raise Invalid(f"a reason must be a string, got {type(reason).__name__}")
+    if len(reason) > MAX_REASON:
+        raise Invalid(f"the reason is {len(reason)} characters long (at most {MAX_REASON})")
+    return reason
+
+
+def canonical_json(doc: Any) -> str:
+    """Sorted keys, no spaces, UTF-8 as is, no NaN or infinity (ValueError)."""
+    return json.dumps(
+        doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+
+
+def json_object(value: Any, what: str) -> dict[str, Any]:
+    """`value` as it reads back from a JSON column; Invalid unless a finite JSON object."""
+    if not isinstance(value, dict):
+        raise Invalid(f"{what} must be a JSON object, got {type(value).__name__}")
+    try:
+        text = canonical_json(value)
+    except (TypeError, ValueError) as exc:
+        raise Invalid(f"{what} is not finite JSON: {exc}") from exc
+    doc: dict[str, Any] = json.loads(text)
+    return doc
+
+
+def aware(at: dt.datetime) -> dt.datetime:
+    """A datetime read back from the database, in UTC (SQLite returns naive UTC ones)."""
+    return at if at.tzinfo is not None else at.replace(tzinfo=dt.UTC)
+
+
+def request_of(detail: dict[str, Any]) -> int | None:
+    """The promotion request an audit entry names (detail["request"]), if it is an id."""
+    value = detail.get("request")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _sqlite_engine(url: str) -> Engine:
@@ -118,6 +171,7 @@ class StoreBase:
                 detail=detail,
                 rollback=rollback,
                 at=utcnow(),
+                request_id=request_of(detail),
             )
         )
 
@@ -128,6 +182,15 @@ def version_row(session: Session, model: str, version: int, lock: bool = False) 
     if row is None:
         raise NotFound(f"model '{model}' has no version {version}")
     return row
+
+
+def not_servable(row: ModelVersion) -> str:
+    why = (
+        "its folder was never completed (status failed)"
+        if row.status == "failed"
+        else "its folder is not complete yet"
+    )
+    return f"model '{row.model}' version {row.version} is not servable: {why}"
 
 
 MIGRATIONS = Path(__file__).parent / "migrations"

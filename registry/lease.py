@@ -94,3 +94,13 @@ def alive(lease: Lease) -> bool:
     if stat is None or stat[0] in ("Z", "X", "x"):
         return False
     return f"{lease.machine}/{stat[1]}" == lease.process
+
+
+def dead(lease: Lease, heartbeat_age_s: float, lease_s: float) -> str | None:
+    """Why the holder of `lease` is dead, or None if it may still live: a local process is
+    looked up; one elsewhere is dead once its heartbeat is older than `lease_s`."""
+    if local(lease):
+        return None if alive(lease) else f"its process {lease.pid} on {lease.host} is gone"
+    if heartbeat_age_s <= lease_s:
+        return None
+    return f"no heartbeat from pid {lease.pid} on {lease.host} for {heartbeat_age_s:.0f} s"

@@ -24,6 +24,19 @@ VERSION_STATUSES = (
     "registered", "shadow", "canary", "production", "archived", "rejected", "failed",
 )  # fmt: skip
 
+#: a promotion request's life: pending -> approved (its rollout runs) -> promoted, failed or
+#: rolled_back; or pending -> rejected, expired (not decided in time) or void (its evidence
+#: changed after filing)
+PROMOTION_STATUSES = (
+    "pending", "approved", "promoted", "failed", "rolled_back", "rejected", "expired", "void",
+)  # fmt: skip
+#: what the loop of a model is doing (registry.loop)
+LOOP_STATES = (
+    "watching", "retraining", "shadowing", "awaiting_approval", "rolling_out", "paused",
+)  # fmt: skip
+#: "interrupted": stopped on purpose (SIGTERM); like failed for unpublished versions
+RUN_STATUSES = ("running", "succeeded", "failed", "interrupted")
+
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
@@ -117,6 +130,10 @@ class PipelineRun(Base):
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
     #: temporary folders the run owns while it may exist (removed when it is found dead)
     scratch: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    #: the model the run retrains (None: a run from before the loop, or not a model's)
+    model: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    #: the token (or actor) that triggered the run by hand; None when the loop did
+    triggered_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
 
 class StepRun(Base):
@@ -152,8 +169,17 @@ class PromotionRequest(Base):
     model: Mapped[str] = mapped_column(ForeignKey("models.name"), index=True)
     version: Mapped[int] = mapped_column(Integer)
     evidence: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    #: sha256 of the evidence's canonical JSON when it was filed (registry.promotions)
+    evidence_hash: Mapped[str] = mapped_column(String(64))
+    run_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: the token that triggered the candidate's run by hand (separation of duties)
+    triggered_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    expires_at: Mapped[dt.datetime] = mapped_column()
+    #: why the request has its status (a rejection's reason, "evidence changed", ...)
+    status_reason: Mapped[str] = mapped_column(Text, default="", server_default="")
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
 class Decision(Base):
@@ -177,3 +203,68 @@ class AuditEntry(Base):
     subject: Mapped[str] = mapped_column(String(256))
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
     rollback: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    #: detail["request"] where it is a promotion request's id (indexed: a request's audit)
+    request_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+
+
+class ApiToken(Base):
+    """A bearer token: only the sha256 of the token is stored, never the token."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    #: the name while the token is active, NULL once revoked: unique, so two active tokens
+    #: never share a name (NULLs are distinct on SQLite and PostgreSQL)
+    active_name: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(128))
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    revoked_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+
+
+class ModelLock(Base):
+    """A lease on a model: one pipeline per model, across processes and machines."""
+
+    __tablename__ = "model_locks"
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(64))
+    lease_host: Mapped[str] = mapped_column(String(255))
+    lease_pid: Mapped[int] = mapped_column(Integer)
+    lease_process: Mapped[str] = mapped_column(String(128))
+    acquired_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class LoopState(Base):
+    __tablename__ = "loop_states"
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    state: Mapped[str] = mapped_column(String(32))
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class LoopEvent(Base):
+    __tablename__ = "loop_events"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(128), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+
+
+class RetrainRequest(Base):
+    """A manual retrain trigger, queued until a controller claims it."""
+
+    __tablename__ = "retrain_requests"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(128))
+    actor: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    claimed_at: Mapped[dt.datetime | None] = mapped_column(nullable=True, index=True)
+    claimed_by: Mapped[str | None] = mapped_column(String(255), nullable=True)

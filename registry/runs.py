@@ -22,15 +22,11 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from registry.base import NotFound, RegistryError, StoreBase
-from registry.lease import Lease, alive, current, local
-from registry.models import Artifact, ModelVersion, PipelineRun, StepRun, utcnow
+from registry.base import Invalid, NotFound, RegistryError, StoreBase, aware
+from registry.lease import Lease, current, dead, local
+from registry.models import RUN_STATUSES, Artifact, ModelVersion, PipelineRun, StepRun, utcnow
 
 log = logging.getLogger("servo.registry")
-
-
-def _aware(at: dt.datetime) -> dt.datetime:
-    return at if at.tzinfo is not None else at.replace(tzinfo=dt.UTC)  # SQLite: naive UTC
 
 
 class RunsMixin(StoreBase):
@@ -40,9 +36,14 @@ class RunsMixin(StoreBase):
         trigger: str,
         parameters: dict[str, Any],
         scratch: list[str] | None = None,
+        *,
+        model: str | None = None,
+        triggered_by: str | None = None,
     ) -> int:
         """A new running run leased to this process; `scratch`: temporary folders (named
-        *.tmp) it will create, removed if it dies. Dead runs are recovered first."""
+        *.tmp) it will create, removed if it dies; `model`: the model it retrains;
+        `triggered_by`: the token that triggered it by hand (None: the loop or a schedule).
+        Dead runs are recovered first."""
         self.recover_runs()
         lease = current()
 
@@ -59,6 +60,8 @@ class RunsMixin(StoreBase):
                 lease_process=lease.process,
                 heartbeat_at=now,
                 scratch=list(scratch or []) or None,
+                model=model,
+                triggered_by=triggered_by,
             )
             session.add(run)
             session.flush()
@@ -90,8 +93,11 @@ class RunsMixin(StoreBase):
         self._retry(work)
 
     def finish_run(self, run_id: int, status: str, error: str | None = None) -> None:
-        """End a running run (its scratch folders are gone: the runner removed them). A
-        run that did not succeed fails the versions it reserved and never published."""
+        """End a running run (its scratch folders are gone: the runner removed them):
+        succeeded, failed, or interrupted (stopped on purpose). A run that did not succeed
+        fails the versions it reserved and never published."""
+        if status not in RUN_STATUSES or status == "running":
+            raise Invalid(f"a run ends succeeded, failed or interrupted, not {status!r}")
 
         def work(session: Session) -> None:
             run = _running(session, run_id)
@@ -108,14 +114,18 @@ class RunsMixin(StoreBase):
     def record_artifact(self, run_id: int, step: str, **fields: Any) -> None:
         self._retry(lambda session: session.add(Artifact(run_id=run_id, step=step, **fields)))
 
-    def runs(self, limit: int = 50, recover: bool = True) -> list[dict[str, Any]]:
-        """The latest runs, after the recovery check (unless `recover` is False)."""
+    def runs(
+        self, limit: int = 50, model: str | None = None, recover: bool = True
+    ) -> list[dict[str, Any]]:
+        """The latest runs (of `model`), newest first, after the recovery check (unless
+        `recover` is False)."""
         if recover:
             self.recover_runs()
         with self._session() as session:
-            rows = session.execute(
-                select(PipelineRun).order_by(PipelineRun.id.desc()).limit(limit)
-            ).scalars()
+            query = select(PipelineRun).order_by(PipelineRun.id.desc()).limit(limit)
+            if model is not None:
+                query = query.where(PipelineRun.model == model)
+            rows = session.execute(query).scalars()
             return [_run_doc(r) for r in rows]
 
     def run(self, run_id: int, recover: bool = True) -> dict[str, Any]:
@@ -181,16 +191,11 @@ class RunsMixin(StoreBase):
     def _dead(self, run: PipelineRun, now: dt.datetime) -> str | None:
         """Why a running run is dead, or None if it may still run."""
         if run.lease_host is None or run.lease_pid is None:  # from before leases
-            age = (now - _aware(run.started_at)).total_seconds()
+            age = (now - aware(run.started_at)).total_seconds()
             return f"no lease recorded and started {age:.0f} s ago" if age > self.lease_s else None
         lease = Lease(run.lease_host, run.lease_pid, run.lease_process or "")
-        if local(lease):
-            return None if alive(lease) else f"its process {lease.pid} on {lease.host} is gone"
-        last = _aware(run.heartbeat_at or run.started_at)
-        age = (now - last).total_seconds()
-        if age <= self.lease_s:
-            return None
-        return f"no heartbeat from pid {lease.pid} on {lease.host} for {age:.0f} s"
+        age = (now - aware(run.heartbeat_at or run.started_at)).total_seconds()
+        return dead(lease, age, self.lease_s)
 
     def _fail_unpublished(self, session: Session, run_id: int | None, why: str) -> None:
         """Versions never published: of one run, or (run_id None) of every run that is no
@@ -292,7 +297,9 @@ def _run_doc(run: PipelineRun) -> dict[str, Any]:
     return {
         "id": run.id,
         "pipeline": run.pipeline,
+        "model": run.model,
         "trigger": run.trigger,
+        "triggered_by": run.triggered_by,
         "status": run.status,
         "parameters": run.parameters,
         "error": run.error,

@@ -1,5 +1,8 @@
 """The registry's only door to its tables: model versions, aliases with history,
-deployments, pipeline runs and lineage (registry.runs), and an append-only audit log.
+deployments and the loop's route changes (registry.routes), pipeline runs and lineage
+(registry.runs), promotion requests (registry.promotions), tokens (registry.tokens), model
+locks (registry.locks), the loop's state and events (registry.loop), and an append-only
+audit log (registry.audit).
 
 SQLite (WAL) by default, PostgreSQL by URL. Writers never corrupt or lose each other's
 writes: version numbers are handed out under a lock on the model's row (SQLite: every
@@ -18,42 +21,59 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from registry.audit import AuditMixin
 from registry.base import (
     LEASE_S,
     MIGRATIONS,
+    Conflict,
+    Invalid,
     NotFound,
     PermissionDenied,
     RegistryError,
     alembic_config,
+    not_servable,
     upgrade,
     version_row,
 )
+from registry.locks import LocksMixin
+from registry.loop import LoopMixin
 from registry.models import (
+    LOOP_STATES,
+    PROMOTION_STATUSES,
     VERSION_STATUSES,
     Alias,
     AliasHistory,
-    AuditEntry,
-    Deployment,
     Model,
     ModelVersion,
     PipelineRun,
     utcnow,
 )
-from registry.promotions import PromotionsMixin
+from registry.promotions import PromotionsMixin, evidence_hash
+from registry.routes import RoutesMixin
 from registry.runs import RunsMixin
+from registry.tokens import ROLES, Identity, TokensMixin
 
 __all__ = [
     "LEASE_S",
+    "LOOP_STATES",
     "MIGRATIONS",
+    "PROMOTION_STATUSES",
+    "ROLES",
+    "VERSION_STATUSES",
+    "Conflict",
+    "Identity",
+    "Invalid",
     "NotFound",
     "PermissionDenied",
     "RegistryError",
     "RegistryStore",
     "VersionInfo",
     "alembic_config",
+    "evidence_hash",
+    "not_servable",
     "upgrade",
 ]
 
@@ -87,16 +107,9 @@ def _info(row: ModelVersion) -> VersionInfo:
     )
 
 
-def not_servable(row: ModelVersion) -> str:
-    why = (
-        "its folder was never completed (status failed)"
-        if row.status == "failed"
-        else "its folder is not complete yet"
-    )
-    return f"model '{row.model}' version {row.version} is not servable: {why}"
-
-
-class RegistryStore(PromotionsMixin, RunsMixin):
+class RegistryStore(
+    AuditMixin, TokensMixin, PromotionsMixin, RoutesMixin, LocksMixin, LoopMixin, RunsMixin
+):
     # model versions
 
     def register_version(
@@ -288,103 +301,3 @@ class RegistryStore(PromotionsMixin, RunsMixin):
         with self._session() as session:
             rows = session.execute(select(Alias).where(Alias.model == model)).scalars()
             return {r.alias: r.version for r in rows}
-
-    # deployments (the route table the gateway reads)
-
-    def set_deployments(
-        self, model: str, rows: list[tuple[int, str, float]], actor: str, reason: str = ""
-    ) -> None:
-        """Replace `model`'s deployments with (version, role, percent) rows in one
-        transaction; the audit entry keeps the previous rows for rollback."""
-        roles = [role for _, role, _ in rows]
-        if roles.count("champion") != 1 or roles.count("canary") > 1:
-            raise RegistryError("a deployment needs exactly one champion and at most one canary")
-        if len({version for version, _, _ in rows}) != len(rows):
-            raise RegistryError("a version can have only one role")
-        for _, role, percent in rows:
-            if role not in ("champion", "canary", "shadow", "other"):
-                raise RegistryError(f"unknown role {role!r}")
-            if not 0 <= percent <= 100:
-                raise RegistryError(f"percent {percent} is not within 0..100")
-
-        def work(session: Session) -> None:
-            self._locked_model(session, model)
-            for version, _, _ in rows:
-                row = version_row(session, model, version)
-                if not row.servable:
-                    raise RegistryError(not_servable(row))
-            old = session.execute(select(Deployment).where(Deployment.model == model)).scalars()
-            previous = [[d.version, d.role, d.percent] for d in old]
-            session.execute(delete(Deployment).where(Deployment.model == model))
-            for version, role, percent in rows:
-                session.add(
-                    Deployment(
-                        model=model,
-                        version=version,
-                        role=role,
-                        percent=percent,
-                        updated_at=utcnow(),
-                    )
-                )
-            self._audit(
-                session,
-                actor=actor,
-                action="deploy",
-                subject=model,
-                detail={"deployments": [list(r) for r in rows], "reason": reason},
-                rollback={"deployments": previous},
-            )
-
-        self._retry(work)
-
-    def deployments(self) -> dict[str, list[dict[str, Any]]]:
-        """Every model's deployments with each version's artifact URI and whether it is
-        servable (a deployment made before versions had the flag may point at one that is
-        not: the gateway skips it)."""
-        with self._session() as session:
-            rows = session.execute(
-                select(Deployment, ModelVersion.artifact_uri, ModelVersion.servable)
-                .join(
-                    ModelVersion,
-                    (ModelVersion.model == Deployment.model)
-                    & (ModelVersion.version == Deployment.version),
-                )
-                .order_by(Deployment.model, Deployment.version)
-            ).all()
-            out: dict[str, list[dict[str, Any]]] = {}
-            for deployment, uri, servable in rows:
-                out.setdefault(deployment.model, []).append(
-                    {
-                        "version": deployment.version,
-                        "role": deployment.role,
-                        "percent": deployment.percent,
-                        "artifact_uri": uri,
-                        "servable": bool(servable),
-                    }
-                )
-            return out
-
-    def deployments_revision(self) -> int:
-        """Changes whenever any deployment changes (the last deploy's audit id)."""
-        with self._session() as session:
-            last = session.execute(
-                select(AuditEntry.id).where(AuditEntry.action == "deploy")
-                .order_by(AuditEntry.id.desc()).limit(1)
-            ).scalar_one_or_none()  # fmt: skip
-            return int(last or 0)
-
-    def audit(self) -> list[dict[str, Any]]:
-        with self._session() as session:
-            rows = session.execute(select(AuditEntry).order_by(AuditEntry.id)).scalars()
-            return [
-                {
-                    "id": r.id,
-                    "at": r.at,
-                    "actor": r.actor,
-                    "action": r.action,
-                    "subject": r.subject,
-                    "detail": r.detail,
-                    "rollback": r.rollback,
-                }
-                for r in rows
-            ]

@@ -143,14 +143,14 @@ def test_promotion_requests_need_an_approver_and_are_decided_once(url: str) -> N
         with pytest.raises(RegistryError, match="already approved"):
             store.decide(first, "rejected", actor="ops", roles={"approver"})
         store.decide(second, "rejected", actor="ops", roles={"approver"}, reason="duplicate")
-        requests = store.promotions("digits")
+        requests = store.promotions("digits")  # pending first (none left), then newest first
         assert [(r["id"], r["status"]) for r in requests] == [
-            (first, "approved"),
             (second, "rejected"),
+            (first, "approved"),
         ]
-        assert requests[0]["evidence"] == evidence
-        assert requests[0]["decision"]["actor"] == "ops"
-        assert requests[0]["decision"]["reason"] == "better on live"
+        assert requests[1]["evidence"] == evidence
+        assert requests[1]["decision"]["actor"] == "ops"
+        assert requests[1]["decision"]["reason"] == "better on live"
         assert store.promotions(status="pending") == []
         actions = [a["action"] for a in store.audit()]
         assert actions.count("promotion_filed") == 2
