@@ -16,6 +16,12 @@ fsynced first) and is never removed or replaced while it is complete, so two run
 folder never delete what the other reads: when both computed a key, the first rename wins
 and the other uses it (or, with different bytes, keeps its own beside it). While it runs,
 a thread renews the run's lease in the registry every `heartbeat_s`.
+
+Stopping a run on purpose (a `Stop` handed to the runner): between steps the run ends
+before its next step; inside a step function, a signal handler of the main thread
+(`Stop.interrupt`) raises `Interrupted` there. Either way the run is marked "interrupted"
+and whatever it reserved but did not publish is failed. Registering (`finalize`) is never
+cut short: a stop asked for meanwhile lets it complete.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from typing import Any, Protocol
 
 from retrain.artifacts import ArtifactStore
 from retrain.atomic import fsync_tree, rename_into_place
+from retrain.stop import Interrupted, Stop
 
 log = logging.getLogger("servo.retrain")
 
@@ -213,11 +220,13 @@ class Runner:
         sink: LineageSink,
         store: ArtifactStore | None = None,
         heartbeat_s: float = HEARTBEAT_S,
+        stop: Stop | None = None,
     ):
         self.root = Path(root)
         self.sink = sink
         self.store = store
         self.heartbeat_s = heartbeat_s
+        self.stop = stop or Stop()
 
     def run(
         self,
@@ -226,20 +235,33 @@ class Runner:
         cache: bool = True,
         parameters: dict[str, Any] | None = None,
         finalize: Callable[[RunResult, Path], None] | None = None,
+        *,
+        on_start: Callable[[int], None] | None = None,
+        model: str | None = None,
+        triggered_by: str | None = None,
     ) -> RunResult:
         """Run every step, then `finalize(result, scratch)` (e.g. registering the model)
-        while the run still holds its lease; anything raised fails the run."""
+        while the run still holds its lease; anything raised fails the run, a stop
+        (`self.stop`) interrupts it. `on_start(run_id)` is called once the run is
+        recorded; `model` and `triggered_by` (who asked for it by hand) go to its record."""
         order = pipeline.order()
         scratch = (self.root / "tmp").resolve() / f"run-{uuid.uuid4().hex[:16]}.tmp"
         parameters = dict(parameters or {})
-        run_id = self.sink.start_run(pipeline.name, trigger, parameters, scratch=[str(scratch)])
+        record = {k: v for k, v in (("model", model), ("triggered_by", triggered_by)) if v}
+        run_id = self.sink.start_run(
+            pipeline.name, trigger, parameters, scratch=[str(scratch)], **record
+        )
         results: dict[str, StepResult] = {}
         try:
+            if on_start is not None:
+                on_start(run_id)
             scratch.mkdir(parents=True)
             heartbeat = _Heartbeat(self.sink, run_id, self.heartbeat_s)
             try:
                 for step in order:
+                    self.stop.check(f"before step '{step.name}'")
                     results[step.name] = self._run_step(run_id, step, results, cache, scratch)
+                self.stop.check("before registering")
                 result = RunResult(run_id, "succeeded", results)
                 if finalize is not None:
                     finalize(result, scratch)
@@ -247,8 +269,9 @@ class Runner:
                 heartbeat.stop()
                 shutil.rmtree(scratch, ignore_errors=True)
         except BaseException as exc:
+            status = "interrupted" if isinstance(exc, Interrupted) else "failed"
             error = str(exc) if isinstance(exc, StepFailed) else f"{type(exc).__name__}: {exc}"
-            self.sink.finish_run(run_id, "failed", error)
+            self.sink.finish_run(run_id, status, error)
             raise
         self.sink.finish_run(run_id, "succeeded")
         return result
@@ -312,13 +335,14 @@ class Runner:
             work.mkdir(parents=True)
             context = StepContext(dict(inputs), dict(step.params), work)
             try:
-                step.fn(context)
-                missing = [o for o in step.outputs if not context.output(o).is_file()]
-                if missing:
-                    raise PipelineError(f"did not write output(s) {', '.join(missing)}")
-            except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}"
-                log_path.write_text(traceback.format_exc())
+                failure = self._call(step, context, log_path)
+            except Interrupted:
+                self._record_ended(run_id, step, key, attempts=attempts, started=started,
+                                   log_path=log_path, status="interrupted",
+                                   error="stopped on purpose")  # fmt: skip
+                raise
+            if failure is not None:
+                error = failure
                 log.warning("step %s attempt %d failed: %s", step.name, attempts, error)
                 continue
             hashes = {o: file_hash(context.output(o)) for o in step.outputs}
@@ -342,12 +366,35 @@ class Runner:
             )
             return result
         shutil.rmtree(work, ignore_errors=True)
+        self._record_ended(run_id, step, key, attempts=attempts, started=started,
+                           log_path=log_path, status="failed", error=error)  # fmt: skip
+        raise StepFailed(step.name, error)
+
+    def _call(self, step: Step, context: StepContext, log_path: Path) -> str | None:
+        """Run the step function once: None, or the error it failed with. While it runs,
+        a stop's signal handler may raise Interrupted in it."""
+        try:
+            self.stop.step = step.name
+            # a stop asked for since the last check, before a signal could interrupt the step
+            self.stop.check(f"during step '{step.name}'")
+            step.fn(context)
+            missing = [o for o in step.outputs if not context.output(o).is_file()]
+            if missing:
+                raise PipelineError(f"did not write output(s) {', '.join(missing)}")
+        except Exception as exc:
+            log_path.write_text(traceback.format_exc())
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            self.stop.step = None
+        return None
+
+    def _record_ended(self, run_id: int, step: Step, key: str, *, attempts: int,
+                      started: float, log_path: Path, status: str, error: str) -> None:  # fmt: skip
         self.sink.record_step(
-            run_id, step.name, status="failed", cache_key=key, attempts=attempts,
+            run_id, step.name, status=status, cache_key=key, attempts=attempts,
             parameters=dict(step.params), duration_s=time.perf_counter() - started,
             log_uri=str(log_path), error=error,
         )  # fmt: skip
-        raise StepFailed(step.name, error)
 
     def _place(
         self, work: Path, final: Path, hashes: dict[str, str], step: Step, scratch: Path

@@ -22,10 +22,21 @@ def _load(path: Any) -> dict[str, npt.NDArray[Any]]:
         return {k: data[k] for k in data.files}
 
 
+#: retraining defaults (pipeline params production_window_s, production_share,
+#: production_holdout): the labelled rows of the last 7 days; of those, the newest 30% are
+#: held out for evaluation; at most half of the training rows come from production
+PRODUCTION_WINDOW_S = 7 * 86400.0
+PRODUCTION_SHARE = 0.5
+PRODUCTION_HOLDOUT = 0.3
+
+
 def ingest(ctx: StepContext) -> None:
     """`dataset`: "digits" (scikit-learn's), "csv" (input `table` with a `label_column`),
     "payload_log" (the gateway's labelled rows for `model` under `root`, in the optional
-    ISO `start`/`end` window), or "digits+payload_log" (both, for retraining)."""
+    ISO `start`/`end` window), or "digits+payload_log" (both, for retraining). With a
+    `production` input (the `production` step's training.npz: the window's labelled rows
+    minus the held-out newest ones) the production rows come from it, not from the log,
+    and at most `share` of the training rows are production rows (the newest kept)."""
     dataset = ctx.params.get("dataset", "digits")
     x = np.zeros((0, 0), dtype=np.float32)
     y: npt.NDArray[Any] = np.zeros(0, dtype=np.int64)
@@ -34,6 +45,9 @@ def ingest(ctx: StepContext) -> None:
 
         digits = load_digits()
         x, y = digits.data.astype(np.float32), digits.target.astype(np.int64)
+    if dataset == "digits+payload_log" and "production" in ctx.inputs:
+        _mix_production(ctx, x, y)
+        return
     if dataset in ("payload_log", "digits+payload_log"):
         import datetime as dt
 
@@ -76,6 +90,37 @@ def ingest(ctx: StepContext) -> None:
         raise ValueError("the data holds NaN or Inf")
     np.savez(ctx.output("data.npz"), x=x, y=y)
     ctx.metrics["rows"] = float(len(y))
+
+
+def _mix_production(ctx: StepContext, x: npt.NDArray[Any], y: npt.NDArray[Any]) -> None:
+    """The reference rows plus the newest production training rows that keep production
+    at most `share` of the rows; `ids` names each row's request ("" for reference rows)."""
+    from retrain.labelled import production_cap
+
+    rows = _load(ctx.inputs["production"])
+    px, py, pids = rows["x"], rows["y"], rows["ids"]
+    if len(py) and px.shape[1] != x.shape[1]:
+        raise ValueError(f"production rows are {px.shape[1]} wide, the reference {x.shape[1]}")
+    share = float(ctx.params.get("share", PRODUCTION_SHARE))
+    cap = production_cap(len(y), share)
+    keep = len(py) if cap is None else min(cap, len(py))
+    start = len(py) - keep  # rows are in time order: the newest are kept
+    px, py, pids = px[start:], py[start:], pids[start:]
+    ids = np.concatenate([np.full(len(y), "", dtype=np.str_), pids.astype(np.str_)])
+    x = np.concatenate([x, px.astype(x.dtype)]) if len(py) else x
+    y = np.concatenate([y, py.astype(y.dtype)]) if len(py) else y
+    if not np.isfinite(x).all():
+        raise ValueError("the data holds NaN or Inf")
+    np.savez(ctx.output("data.npz"), x=x, y=y, ids=ids)
+    ctx.metrics.update({
+        "rows": float(len(y)),
+        "reference_rows": float(len(y) - keep),
+        "production_rows_available": float(len(rows["y"])),
+        "production_rows_used": float(keep),
+        "production_rows_dropped": float(len(rows["y"]) - keep),
+        "production_share_limit": share,
+        "production_share_used": keep / len(y) if len(y) else 0.0,
+    })  # fmt: skip
 
 
 def _ingest_table(ctx: StepContext, kind: str) -> None:
@@ -264,22 +309,36 @@ def _classification_metrics(
 
 
 def production(ctx: StepContext) -> None:
-    """The most recent labelled production rows: the gateway's payload log joined with
-    its feedback over the last `window_s` seconds before `end` (ISO; default now). Not
-    cached (the log grows): downstream steps are cached by this output's content."""
+    """The labelled production rows of the last `window_s` seconds before `end` (ISO;
+    default now): the gateway's payload log joined with its feedback, in time order. The
+    newest `holdout` fraction of them (whole requests) goes to `production.npz`, the
+    evaluation set the candidate never trains on; the older ones to `training.npz` (what
+    the `ingest` step may train on). Both carry each row's request id. Not cached (the log
+    grows): downstream steps are cached by these outputs' content."""
     import datetime as dt
 
-    from retrain.labelled import read_labelled
+    from retrain.labelled import read_labelled, split_newest
 
     end = dt.datetime.fromisoformat(ctx.params["end"]) if ctx.params.get("end") else None
     end = end or dt.datetime.now(dt.UTC)
-    start = end - dt.timedelta(seconds=float(ctx.params.get("window_s", 7 * 86400)))
-    found = read_labelled(ctx.params["root"], ctx.params["model"],
-                          ctx.params.get("input", "input"), start, end,
-                          classes=ctx.params.get("classes"))  # fmt: skip
-    np.savez(ctx.output("production.npz"), x=found.x, y=found.y, start=start.isoformat(),
-             end=end.isoformat())  # fmt: skip
+    window_s = float(ctx.params.get("window_s", PRODUCTION_WINDOW_S))
+    if not window_s > 0:
+        raise ValueError(f"window_s must be > 0, got {window_s}")
+    start = end - dt.timedelta(seconds=window_s)
+    found = read_labelled(
+        ctx.params["root"], ctx.params["model"], ctx.params.get("input", "input"), start, end,
+        classes=ctx.params.get("classes"), width=ctx.params.get("width"),
+    )  # fmt: skip
+    older, newest = split_newest(found, float(ctx.params.get("holdout", PRODUCTION_HOLDOUT)))
+    np.savez(ctx.output("production.npz"), x=newest.x, y=newest.y, ids=newest.ids,
+             start=start.isoformat(), end=end.isoformat(), window_rows=len(found.y))  # fmt: skip
+    np.savez(ctx.output("training.npz"), x=older.x, y=older.y, ids=older.ids)
     found.record(ctx.metrics)
+    ctx.metrics.update({
+        "production_window_s": window_s,
+        "production_holdout_rows": float(len(newest.y)),
+        "production_training_rows": float(len(older.y)),
+    })  # fmt: skip
 
 
 def evaluate(ctx: StepContext) -> None:
@@ -317,7 +376,10 @@ def evaluate(ctx: StepContext) -> None:
         rows = _load(ctx.inputs["production"])
         window = {"start": str(rows["start"]), "end": str(rows["end"])}
         px, py = rows["x"], rows["y"]
+        # the held-out newest rows of the window (never trained on)
         live: dict[str, Any] = {"rows": len(py), **window}
+        if "window_rows" in rows:
+            live["window_rows"] = int(rows["window_rows"])
         if len(py):
             p_labels, p_probabilities = session.run(
                 None, {"input": as_input(session, px.astype(np.float32))}

@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ from retrain.artifacts import open_store
 from retrain.atomic import fsync_tree, rename_into_place
 from retrain.digits import digits_pipeline
 from retrain.pipeline import Runner, RunResult, file_hash
+from retrain.stop import Stop
 from serving.model_folder import MODEL_FILE, NAME_RULE, ModelCard, valid_name, write_card
 
 if TYPE_CHECKING:
@@ -140,14 +142,19 @@ def train(
     store: RegistryStore,
     *, work: Path, name: str = "digits", params: dict[str, Any] | None = None,
     cache: bool = True, trigger: str = "manual", artifacts: str | None = None,
+    triggered_by: str | None = None, stop: Stop | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> Trained:  # fmt: skip
     """Run the pipeline and register its model (within the run: a run that dies while
     registering is found by the recovery check); `artifacts` is the artifact store's URL
-    (any fsspec URL; default: the work folder only)."""
+    (any fsspec URL; default: the work folder only). `trigger`: why it runs (manual, cron,
+    accuracy_stall, ...); `triggered_by`: who asked for it by hand; `stop`: stops it on
+    purpose (the run is marked interrupted, retrain.pipeline.Interrupted raised);
+    `on_start(run_id)`: called once the run is recorded."""
     if not valid_name(name):  # before any work: a bad name must not cost (or record) a run
         raise ValueError(f"invalid model name {name!r} ({NAME_RULE})")
     sweep_legacy(store, work)
-    runner = Runner(work / "pipeline", store, open_store(artifacts))
+    runner = Runner(work / "pipeline", store, open_store(artifacts), stop=stop)
     champion = None
     champion_version = store.alias(name, "champion")
     if champion_version is not None:
@@ -161,6 +168,7 @@ def train(
         trained.append(register(result, store, work / "models", name))
 
     runner.run(
-        pipeline, trigger=trigger, cache=cache, parameters=dict(params or {}), finalize=finalize
-    )
+        pipeline, trigger=trigger, cache=cache, parameters=dict(params or {}), finalize=finalize,
+        on_start=on_start, triggered_by=triggered_by,
+    )  # fmt: skip
     return trained[0]

@@ -413,17 +413,20 @@ def test_ingest_skips_and_counts_labels_an_older_gateway_let_through(tmp_path: P
     store = RegistryStore(f"sqlite:///{tmp_path / 'r.db'}")
     store.create_schema()
     try:
-        params = {"payload_log_root": str(tmp_path / "log"), "max_iter": 30, "hidden": [16]}
+        # nothing held out for evaluation: every usable row goes to training
+        params = {"payload_log_root": str(tmp_path / "log"), "max_iter": 30, "hidden": [16],
+                  "production_holdout": 0.0}  # fmt: skip
         trained = train(store, work=tmp_path / "w", params=params)
         assert trained.run.steps["ingest"].status == "succeeded"
         steps = {s["step"]: s["metrics"] for s in store.run(trained.run.run_id)["steps"]}
     finally:
         store.close()
-    for step in ("ingest", "production"):
-        assert steps[step]["production_rows"] == 6
-        assert steps[step]["production_skipped"] == 6
-        assert steps[step]["production_skipped_not_a_class"] == 4  # cat, 999, -1.5, true
-        assert steps[step]["production_skipped_malformed_label"] == 1
-        assert steps[step]["production_skipped_rows_mismatch"] == 1  # 2 labels, 1 row
+    production = steps["production"]  # the step that reads the log
+    assert production["production_rows"] == 6
+    assert production["production_skipped"] == 6
+    assert production["production_skipped_not_a_class"] == 4  # cat, 999, -1.5, true
+    assert production["production_skipped_malformed_label"] == 1
+    assert production["production_skipped_rows_mismatch"] == 1  # 2 labels, 1 row
+    assert steps["ingest"]["production_rows_used"] == 6
     with np.load(trained.run.output("ingest", "data.npz"), allow_pickle=False) as data:
         assert data["x"].shape == (1797 + 6, 64) and set(data["y"].tolist()) == set(range(10))

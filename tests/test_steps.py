@@ -167,9 +167,9 @@ def test_evaluate_compares_with_the_champion(tmp_path: Path) -> None:
 
 
 def test_evaluation_on_the_latest_production_window(tmp_path: Path) -> None:
-    """The digits pipeline with a payload log: retrains on digits + labelled rows, and
-    evaluates on the labelled rows of the window as a second metric set; a new label in
-    the log is seen by the next run (reading the log is never a cache hit)."""
+    """The digits pipeline with a payload log: retrains on digits + the older labelled rows
+    of the window, and evaluates on its newest ones (held out) as a second metric set; a
+    new label in the log is seen by the next run (reading the log is never a cache hit)."""
     from retrain.digits import digits_pipeline
 
     x, y = fill_log(tmp_path / "log")
@@ -181,19 +181,23 @@ def test_evaluation_on_the_latest_production_window(tmp_path: Path) -> None:
     first = runner.run(digits_pipeline(params))
     doc = json.loads(first.output("evaluate", "evaluation.json").read_text())
     live = doc["production"]
-    assert live["rows"] == 8 and live["start"].startswith("2026-11-29T11:30")
+    # the window's 8 labelled rows, in time order: p0, the 3 rows of "rows" (both minute
+    # 0), p2, p4, p6, p8; the newest 30% (3 rows, rounded up) are held out: p4, p6, p8
+    assert live["rows"] == 3 and live["window_rows"] == 8
+    assert live["start"].startswith("2026-11-29T11:30")
     assert set(live) >= {"macro_f1", "log_loss", "per_class_recall"}
-    # the window's 8 labelled rows (p0, p2, p4, p6, p8 and the 3 rows of "rows"), scored
-    # here with the trained model: the accuracy is that count, exactly
-    labelled = [0, 2, 4, 6, 8, 30, 31, 32]
-    correct = int((predict(first.output("train", "model.onnx"), x[labelled]) == y[labelled]).sum())
-    assert live["accuracy"] == correct / 8
+    held_out = [4, 6, 8]
+    model = first.output("train", "model.onnx")
+    correct = int((predict(model, x[held_out]) == y[held_out]).sum())
+    assert live["accuracy"] == correct / 3
     recall = live["per_class_recall"]
-    for cls in map(int, set(y[labelled])):
-        rows = [i for i in labelled if y[i] == cls]
-        hits = predict(first.output("train", "model.onnx"), x[rows]) == cls
-        assert recall[str(cls)] == pytest.approx(hits.mean()), cls
+    for cls in map(int, set(y[held_out])):
+        rows = [i for i in held_out if y[i] == cls]
+        assert recall[str(cls)] == pytest.approx((predict(model, x[rows]) == cls).mean()), cls
     assert doc["holdout_rows"] > 400 and doc["accuracy"] > 0.9  # the holdout set is still there
+    with np.load(first.output("ingest", "data.npz"), allow_pickle=False) as data:
+        assert data["x"].shape == (1797 + 5, 64)  # p0, rows (3), p2
+        assert sorted(set(data["ids"].tolist()) - {""}) == ["p0", "p2", "rows"]
     # one more labelled prediction lands in the log: the production step sees it
     log = PayloadLog(PayloadLogConfig(tmp_path / "log", flush_s=0.05))
     log.submit(PREDICTIONS, {
@@ -206,7 +210,12 @@ def test_evaluation_on_the_latest_production_window(tmp_path: Path) -> None:
     log.close()
     second = runner.run(digits_pipeline(params))
     assert second.steps["production"].status == "succeeded"
+    # 9 rows: late, p8, p6 held out; p4 is now old enough to train on
     assert second.steps["ingest"].status == "succeeded"
     later = json.loads(second.output("evaluate", "evaluation.json").read_text())["production"]
-    assert later["rows"] == 9
+    assert later["rows"] == 3 and later["window_rows"] == 9
+    # the same log again: the same split, so every step after the production read is cached
+    third = runner.run(digits_pipeline(params))
+    assert third.steps["production"].status == "succeeded"
+    assert {third.steps[s].status for s in ("ingest", "split", "train", "evaluate")} == {"cached"}
     store.close()
