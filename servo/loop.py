@@ -205,15 +205,11 @@ class Controller(PromotionSteps):
         """One check of `model`: advance its state machine by at most one step."""
         if self._stopping.is_set():
             return
-        for request in self.store.take_retrain_requests():
-            queued = {"trigger": "manual", "actor": request.get("actor"),
-                      "reason": request.get("reason") or "", "id": request.get("id")}  # fmt: skip
-            self._manual.setdefault(str(request["model"]), []).append(queued)
         with self._model_lock(model):
             policy = self.config.for_model(model)
             state, detail = self.state(model)
             if state == PAUSED:
-                for request in self._manual.pop(model, []):
+                for request in self._manual.pop(model, []) + self._claim(model):
                     self.note(model, "skipped", reason="paused", request=request.get("id"))
                 return
             if state != WATCHING:
@@ -248,7 +244,7 @@ class Controller(PromotionSteps):
         state = trigger.TriggerState.from_json(detail.get("trigger") or {})
         state, verdict = trigger.decide(state, report, policy, now)
         detail["trigger"] = state.to_json()
-        manual = self._manual.pop(model, [])
+        manual = self._manual.pop(model, []) + self._claim(model)
         if verdict.retrain or manual:
             request = manual[0] if manual else None
             if request is None:
@@ -257,7 +253,7 @@ class Controller(PromotionSteps):
                 why = (list(verdict.signals) or signals or ["alarm"])[0]
             else:
                 why = str(request["trigger"])
-            self._start_retrain(model, policy, detail, report, why=why, request=request)
+            self._start_retrain(model, policy, detail, report, why=why, requests=manual)
             return
         logs.decision("check", model=model, version=champion, verdict=report.verdict,
                       signals=signals, consecutive=state.consecutive, retrain=False,
@@ -267,6 +263,15 @@ class Controller(PromotionSteps):
             self.note(model, "skipped", reason=verdict.reason)
         detail["skip"] = skip
         self.set_state(model, WATCHING, detail)
+
+    def _claim(self, model: str) -> list[dict[str, Any]]:
+        """The manual retrain requests of `model`, claimed (only while it is watching: a
+        claimed request is used at once, never held in memory across a crash)."""
+        return [
+            {"trigger": "manual", "actor": r.get("actor"), "reason": r.get("reason") or "",
+             "id": r.get("id")}
+            for r in self.store.take_retrain_requests(self.owner, models=[model])
+        ]  # fmt: skip
 
     def _registry_refuses(self, model: str, policy: Policy, now: float) -> str | None:
         """Cooldown and budget again, under the model's lock, from the registry's
@@ -282,15 +287,19 @@ class Controller(PromotionSteps):
 
     def _start_retrain(self, model: str, policy: Policy, detail: dict[str, Any],
                        report: MonitorReport, *, why: str,
-                       request: dict[str, Any] | None) -> None:  # fmt: skip
+                       requests: list[dict[str, Any]]) -> None:  # fmt: skip
+        """Start a retrain (manual `requests`, all served by this one run, skip the
+        cooldown and budget; nothing else does)."""
         from retrain import trigger
         from servo.worker import TrainingJob, TrainSpec
 
+        request = requests[0] if requests else None
         now = self.clock()
         if not self.acquire(model, "retrain"):
             holder = (self.store.model_lock(model) or {}).get("owner")
             reason = f"another pipeline of {model} is running (lock held by {holder})"
-            self.note(model, "skipped", reason=reason)
+            self.note(model, "skipped", reason=reason, requests=[r.get("id") for r in requests])
+            self._manual.setdefault(model, []).extend(requests)  # tried again when free
             self.set_state(model, WATCHING, detail)
             return
         refusal = None if request is not None else self._registry_refuses(model, policy, now)
@@ -324,7 +333,7 @@ class Controller(PromotionSteps):
             "candidate": None, "request": None, "skip": None,
         })  # fmt: skip
         self.note(model, "retrain_started", trigger=why, triggered_by=actor, pid=job.pid,
-                  request=request.get("id") if request else None)  # fmt: skip
+                  requests=[r.get("id") for r in requests])  # fmt: skip
         self.set_state(model, RETRAINING, detail)
 
     def _params(self, model: str, policy: Policy) -> dict[str, Any]:

@@ -52,7 +52,9 @@ def registry_url_for(directory: Path) -> str:
     return f"sqlite:///{(directory / 'registry.db').resolve()}"
 
 
-def bootstrap(store: RegistryStore, directory: Path, params: dict[str, Any] | None = None) -> int:
+def bootstrap(
+    store: RegistryStore, registry_url: str, directory: Path, params: dict[str, Any] | None = None
+) -> int:
     """On an empty registry: train digits, register it, make it champion and deploy it.
     Returns the champion version (0: the registry was not empty, nothing done)."""
     if store.models():
@@ -60,9 +62,12 @@ def bootstrap(store: RegistryStore, directory: Path, params: dict[str, Any] | No
     from servo.loop_train import train_once
 
     logs.decision("bootstrap_started", model=BOOTSTRAP_MODEL, reason="empty registry")
-    outcome = train_once(store, directory, BOOTSTRAP_MODEL, dict(params or {}), "bootstrap")
+    outcome = train_once(registry_url, directory, BOOTSTRAP_MODEL, dict(params or {}), "bootstrap")
     if outcome.version is None:
-        raise RuntimeError(f"bootstrap training of {BOOTSTRAP_MODEL} failed: {outcome.error}")
+        raise RuntimeError(
+            f"bootstrap training of {BOOTSTRAP_MODEL} failed: {outcome.error} "
+            f"(log: {outcome.log_path})"
+        )
     version = outcome.version
     store.set_alias(BOOTSTRAP_MODEL, "champion", version, actor=ACTOR, reason="bootstrap")
     store.set_deployments(
@@ -192,7 +197,7 @@ def run_up(
     recovered = store.recover_runs()
     if recovered:
         logs.decision("runs_recovered", runs=recovered, reason="their process is gone")
-    bootstrap(store, options.dir, options.bootstrap_params)
+    bootstrap(store, settings.registry_url, options.dir, options.bootstrap_params)
     # once the registry holds any token, feedback needs a labeler's
     server = Server(
         settings.serving_config(),
@@ -298,9 +303,12 @@ def serve_loop(settings: Settings, options: UpOptions) -> None:
         return server
 
     def controller(running: Running) -> LoopController:
-        from retrain.scheduler import LoopScheduler
-
         from servo.loop import Controller, ControllerConfig
+
+        try:
+            from retrain.scheduler import LoopScheduler
+        except ModuleNotFoundError:  # TEMPORARY until h-worker's scheduler is merged
+            from servo.loop_fallback import ThreadScheduler as LoopScheduler  # type: ignore
 
         return Controller(
             running.store,
