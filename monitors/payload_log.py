@@ -5,9 +5,12 @@ Layout: `<root>/<table>/model=<m>/version=<v>/date=<YYYY-MM-DD>/part-*.parquet` 
 folders organise the files; each file carries all its columns), with two tables:
 
 - `predictions`: one row per request: id, time (UTC, microseconds), model, version,
-  variant, inputs and outputs. A tensor is a struct of name, datatype (OIP), shape and its
-  data in the binary tensor format (little-endian, row-major; BYTES length-prefixed), so
-  every datatype round-trips exactly.
+  variant, inputs, outputs, and `latency_s`: the seconds this variant took to compute
+  the answer (the answering variant's predict call, queueing for a batch included; a
+  shadow's own run on its thread); null in files written before the column existed. A
+  tensor is a struct of name, datatype (OIP), shape and its data in the binary tensor
+  format (little-endian, row-major; BYTES length-prefixed), so every datatype
+  round-trips exactly.
 - `feedback`: one row per label: id, time, model, version (of the prediction it joined, or
   null when unmatched), label (as text), outcome (correct, incorrect, unmatched).
 
@@ -54,6 +57,7 @@ PREDICTION_SCHEMA = pa.schema(
         ("variant", pa.string()),
         ("inputs", pa.list_(TENSOR)),
         ("outputs", pa.list_(TENSOR)),
+        ("latency_s", pa.float64()),
     ]
 )
 FEEDBACK_SCHEMA = pa.schema(
@@ -215,16 +219,20 @@ def read_window(
     end: dt.datetime | None = None,
     model: str | None = None,
     version: str | None = None,
+    columns: list[str] | None = None,
 ) -> pa.Table:
     """The rows of `table` with start <= time < end (UTC), optionally for one model and
-    version; an empty table (with the schema) when there are none."""
+    version, and only some `columns` (None: all); an empty table (with the schema) when
+    there are none. A column a file lacks (written before it existed) reads as null."""
     folder = Path(root) / table
     schema = SCHEMAS[table]
+    if columns is not None:
+        schema = pa.schema([schema.field(name) for name in columns])
     if not folder.exists():
         return schema.empty_table()
     # the folders only organise the files; every file carries all of its columns
     # (temporary files start with "." and are skipped)
-    dataset = ds.dataset(folder, format="parquet", schema=schema)
+    dataset = ds.dataset(folder, format="parquet", schema=SCHEMAS[table])
     condition = None
     clauses = []
     if model is not None:

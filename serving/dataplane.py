@@ -156,6 +156,8 @@ class DataPlane:
             model = self.repository.model(name, version)
             variant = self.router.role(name, version)
         feeds, output_names, specs = self._check(model, request)
+        log = self.payload_log
+        started = time.perf_counter() if log is not None else 0.0
         arrays = await model.predict(feeds, output_names)
         if model.feature_sink is not None and model.profile is not None:
             model.feature_sink.add(feeds[model.profile.input])
@@ -170,7 +172,6 @@ class DataPlane:
         self.feedback_index.remember(
             request.id, name, model.version, arrays[label_at] if label_at >= 0 else None
         )
-        log = self.payload_log
         if log is not None and (log.config.sample >= 1.0 or random.random() < log.config.sample):
             log.submit(
                 PREDICTIONS,
@@ -184,6 +185,7 @@ class DataPlane:
                     "outputs": [
                         (s.name, s.datatype, a) for s, a in zip(specs, arrays, strict=True)
                     ],
+                    "latency_s": time.perf_counter() - started,
                 },
             )
         if route is not None and variant == CHAMPION and route.shadows:

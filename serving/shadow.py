@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,14 @@ def agree(champion: Arrays, shadow: Arrays, label_output: str | None) -> bool:
     return bool(common)
 
 
+def _timed_run(shadow: OnnxModel, feeds: Arrays) -> tuple[Arrays, float]:
+    """The shadow's outputs and the seconds its run took (on the shadow thread, so the
+    wait for a free thread is not counted: the shadow's own latency)."""
+    started = time.perf_counter()
+    outputs = shadow.run_blocking(feeds)
+    return outputs, time.perf_counter() - started
+
+
 @dataclass(frozen=True, slots=True)
 class ShadowCopy:
     model_name: str
@@ -75,7 +84,7 @@ class ShadowRunner:
         self.pending += 1
         shadow.inflight += 1
         loop = asyncio.get_running_loop()
-        future = self._executor.submit(shadow.run_blocking, feeds)
+        future = self._executor.submit(_timed_run, shadow, feeds)
 
         def release(_: object) -> None:  # runs on the worker thread
             loop.call_soon_threadsafe(self._release, shadow)
@@ -93,7 +102,7 @@ class ShadowRunner:
         model_name, shadow = copy.model_name, copy.shadow
         labels = (model_name, shadow.version)
         try:
-            outputs = await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
+            outputs, seconds = await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
         except TimeoutError:
             self.recorder.count(self.recorder.shadow_errors, (*labels, "timeout"))
             return
@@ -115,6 +124,7 @@ class ShadowRunner:
                     "variant": "shadow",
                     "inputs": [(n, specs.inputs[n][0].datatype, a) for n, a in copy.feeds.items()],
                     "outputs": [(n, specs.outputs[n].datatype, a) for n, a in outputs.items()],
+                    "latency_s": seconds,
                 },
             )
 

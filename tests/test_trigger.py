@@ -12,7 +12,7 @@ import pytest
 
 from monitors.monitor import ALARM, OK, UNAVAILABLE, MonitorConfig, MonitorReport, build_report
 from monitors.monitor import monitor as run_monitor
-from monitors.profile import CONFIDENCE_EDGES, ReferenceProfile, fit
+from monitors.profile import CONFIDENCE_EDGES, ReferenceProfile
 from monitors.report import INSUFFICIENT
 from monitors.sources import SourceUnavailable, WindowData
 from retrain.policy import Policy, Trigger
@@ -24,21 +24,11 @@ from retrain.trigger import (
     signals,
     started,
 )
+from tests import test_monitor
 
-CLASSES = 10
-
-
-@pytest.fixture(scope="module")
-def profile() -> ReferenceProfile:
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, CLASSES, 20_000)
-    return fit(
-        rng.standard_normal((20_000, 4)),
-        "input",
-        labels=labels,
-        probabilities=rng.dirichlet(np.ones(CLASSES) * 0.3, 20_000),
-        predictions=labels,
-    )
+CLASSES = test_monitor.CLASSES
+#: the monitors' tests' reference profile (a module fixture)
+reference_profile = test_monitor.profile
 
 
 def window(
@@ -148,8 +138,8 @@ def run(
     return state, retrains, kinds
 
 
-def test_signals_of_each_kind_of_report(profile: ReferenceProfile) -> None:
-    reports = Reports(profile, 1)
+def test_signals_of_each_kind_of_report(reference_profile: ReferenceProfile) -> None:
+    reports = Reports(reference_profile, 1)
     assert signals(reports.ok()) == set()
     assert signals(reports.insufficient()) == set()
     assert signals(reports.unavailable()) == set()
@@ -159,9 +149,9 @@ def test_signals_of_each_kind_of_report(profile: ReferenceProfile) -> None:
 
 
 def test_k_consecutive_alarms_retrain_once_and_a_quiet_check_resets(
-    profile: ReferenceProfile,
+    reference_profile: ReferenceProfile,
 ) -> None:
-    r = Reports(profile, 2)
+    r = Reports(reference_profile, 2)
     chosen = policy(k=3, cooldown_s=0, budget_per_day=100)
     sequence = [r.input_drift(), r.input_drift(), r.ok(), r.input_drift(), r.input_drift(),
                 r.input_drift(), r.input_drift()]  # fmt: skip
@@ -173,9 +163,9 @@ def test_k_consecutive_alarms_retrain_once_and_a_quiet_check_resets(
 
 
 def test_insufficient_and_unavailable_never_trigger_and_do_not_reset(
-    profile: ReferenceProfile,
+    reference_profile: ReferenceProfile,
 ) -> None:
-    r = Reports(profile, 3)
+    r = Reports(reference_profile, 3)
     chosen = policy(k=2, cooldown_s=0, budget_per_day=100)
     state, retrains, kinds = run([r.insufficient()] * 50 + [r.unavailable()] * 50, chosen)
     assert not any(retrains) and state.consecutive == 0
@@ -188,8 +178,8 @@ def test_insufficient_and_unavailable_never_trigger_and_do_not_reset(
     assert "connection refused" in decision.reason and not decision.retrain
 
 
-def test_only_configured_signals_count(profile: ReferenceProfile) -> None:
-    r = Reports(profile, 4)
+def test_only_configured_signals_count(reference_profile: ReferenceProfile) -> None:
+    r = Reports(reference_profile, 4)
     default = Policy()  # on: accuracy_stall, input_drift; k 3
     _, retrains, kinds = run([r.prediction_drift()] * 6, default)
     assert not any(retrains) and kinds == ["quiet"] * 6
@@ -201,8 +191,8 @@ def test_only_configured_signals_count(profile: ReferenceProfile) -> None:
     assert run([r.stall(), r.input_drift(), r.stall()], default)[1] == [False, False, True]
 
 
-def test_cooldown_blocks_until_it_ends(profile: ReferenceProfile) -> None:
-    r = Reports(profile, 5)
+def test_cooldown_blocks_until_it_ends(reference_profile: ReferenceProfile) -> None:
+    r = Reports(reference_profile, 5)
     chosen = policy(k=1, cooldown_s=300, budget_per_day=100)
     alarms = [r.input_drift() for _ in range(12)]
     _, retrains, kinds = run(alarms, chosen, every_s=60)
@@ -213,8 +203,8 @@ def test_cooldown_blocks_until_it_ends(profile: ReferenceProfile) -> None:
     assert decision.reason == "cooldown: the last retrain started 60 s ago (cooldown_s 300)"
 
 
-def test_a_trigger_storm_is_bounded_by_the_budget(profile: ReferenceProfile) -> None:
-    r = Reports(profile, 6)
+def test_a_trigger_storm_is_bounded_by_the_budget(reference_profile: ReferenceProfile) -> None:
+    r = Reports(reference_profile, 6)
     chosen = policy(k=1, cooldown_s=0, budget_per_day=3)
     storm = [r.stall() for _ in range(10)]
     sequence = [storm[i % 10] for i in range(2 * 24 * 6)]  # every 10 min for 48 h
@@ -230,9 +220,9 @@ def test_a_trigger_storm_is_bounded_by_the_budget(profile: ReferenceProfile) -> 
 
 
 def test_started_counts_every_kind_of_retrain_and_the_state_round_trips(
-    profile: ReferenceProfile,
+    reference_profile: ReferenceProfile,
 ) -> None:
-    r = Reports(profile, 7)
+    r = Reports(reference_profile, 7)
     chosen = policy(k=2, cooldown_s=3600, budget_per_day=2)
     state = started(TriggerState(consecutive=5), 1000.0)  # a manual or cron retrain
     assert state.consecutive == 0 and state.last_retrain_at == 1000.0
