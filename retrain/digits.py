@@ -25,8 +25,10 @@ def production_params(p: dict[str, Any]) -> dict[str, float]:
     }
     checked: dict[str, float] = {}
     for key, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int | float) or not (
-            math.isfinite(value)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (math.isfinite(value))
         ):
             raise ValueError(f"{key} must be a finite number, got {value!r}")
         if key == "production_window_s" and not value > 0:

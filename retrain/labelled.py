@@ -154,8 +154,10 @@ def split_newest(found: Labelled, fraction: float) -> tuple[Labelled, Labelled]:
     wanted = math.ceil(round(fraction * n, 9))  # 0.3 * 10 is 3, not 4
     cut = n - wanted
     # move the cut back to the first row of its request
-    while 0 < cut < n and found.ids[cut - 1] == found.ids[cut] and (
-        found.times[cut - 1] == found.times[cut]
+    while (
+        0 < cut < n
+        and found.ids[cut - 1] == found.ids[cut]
+        and (found.times[cut - 1] == found.times[cut])
     ):
         cut -= 1
     index = np.arange(n)

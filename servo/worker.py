@@ -130,9 +130,7 @@ def _open_log(log_dir: Path) -> tuple[Path, IO[bytes]]:
     """A new log file `run-<n>.log` (the next free n; exclusive, so two processes sharing
     the folder never write one file)."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    taken = [
-        int(p.name[4:-4]) for p in log_dir.glob("run-*.log") if p.name[4:-4].isdigit()
-    ]
+    taken = [int(p.name[4:-4]) for p in log_dir.glob("run-*.log") if p.name[4:-4].isdigit()]
     n = max(taken, default=0) + 1
     while True:
         path = log_dir / f"run-{n}.log"

@@ -1,5 +1,7 @@
 """A registry store on SQLite in tmp_path or on a fresh schema of a real PostgreSQL (the
-cluster of tests.postgres), for the tests that run on both."""
+cluster of tests.postgres), for the tests that run on both. A test module imports the
+`pg_url` fixture (one cluster per module) and makes its `store` fixture with
+`backend_store`."""
 
 from __future__ import annotations
 
@@ -10,6 +12,13 @@ from pathlib import Path
 import pytest
 
 from registry.store import RegistryStore
+from tests.postgres import postgres_cluster
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    with postgres_cluster() as url:
+        yield url
 
 
 def fresh_url(request: pytest.FixtureRequest, tmp_path: Path, backend: str) -> str:

@@ -26,16 +26,9 @@ from registry.store import (
     RegistryStore,
     evidence_hash,
 )
-from tests.postgres import postgres_cluster
-from tests.registry_backends import backend_store, fresh_url
+from tests.registry_backends import backend_store, fresh_url, pg_url  # noqa: F401
 
 APPROVER = frozenset({"viewer", "approver"})
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    with postgres_cluster() as url:
-        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

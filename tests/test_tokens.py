@@ -15,14 +15,7 @@ from sqlalchemy import update
 from registry.models import ApiToken
 from registry.store import ROLES, Conflict, Identity, Invalid, NotFound, RegistryStore
 from registry.tokens import token_digest
-from tests.postgres import postgres_cluster
-from tests.registry_backends import backend_store
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    with postgres_cluster() as url:
-        yield url
+from tests.registry_backends import backend_store, pg_url  # noqa: F401
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
