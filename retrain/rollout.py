@@ -6,7 +6,8 @@ rollout lands, `ImmediateRollout` swaps the route at once: the candidate becomes
 (the registry's `promote`: one transaction, audited with a rollback pointer, the old
 champion archived), and the request is finished as `promoted`. A swap the registry refuses
 (the version is no longer servable, the model has changed) finishes it as `failed`, with
-the registry's reason, and the old champion keeps serving.
+the registry's reason, and the old champion keeps serving. A request that is no longer
+`approved` when it starts (another process rolled it out) is left as it is.
 """
 
 from __future__ import annotations
@@ -38,21 +39,33 @@ class ImmediateRollout:
     def start(self, request: dict[str, Any], actor: str) -> str:
         store = self.store
         request_id, model, version = int(request["id"]), request["model"], int(request["version"])
-        if request.get("status") != "approved":
-            raise RegistryError(
-                f"promotion request {request_id} is {request.get('status')}, not approved"
-            )
+        current = store.promotion(request_id)["status"]
+        if current != "approved":  # finished meanwhile (another process rolled it out)
+            return str(current)
         reason = f"promotion request {request_id}"
         try:
             old = store.promote(model, version, actor, reason=reason, request_id=request_id)
         except RegistryError as exc:
-            log.error("promotion request %s: %s version %s not promoted: %s",
-                      request_id, model, version, exc)  # fmt: skip
+            current = store.promotion(request_id)["status"]
+            if current != "approved":  # another rollout of it finished first
+                return str(current)
+            log.error(
+                "promotion request %s: %s version %s not promoted: %s",
+                request_id,
+                model,
+                version,
+                exc,
+            )
             store.finish_promotion(request_id, "failed", actor, reason=f"route swap refused: {exc}")
             return "failed"
         store.finish_promotion(
             request_id, "promoted", actor, reason=f"version {version} replaced version {old}"
         )
-        log.info("promotion request %s: %s version %s is champion (was %s)",
-                 request_id, model, version, old)  # fmt: skip
+        log.info(
+            "promotion request %s: %s version %s is champion (was %s)",
+            request_id,
+            model,
+            version,
+            old,
+        )
         return "promoted"

@@ -150,21 +150,16 @@ class AdminApi:
             log.exception("refused %s by %s not audited", action, actor)
         log.warning("refused %s %s by %s: %s %s", action, subject, actor, int(status), message)
 
-    def refused(self, method: str, path: str, error: ServingError) -> None:
+    def refused(self, method: str, path: str, error: ServingError, params: dict[str, str]) -> None:
         """A POST refused before its body was read (413): audited as an attempt, off the
-        event loop (the caller is not known yet: the headers are not read)."""
+        event loop (the caller is not known: it is refused before its token is read)."""
         if method != "POST" or not self.anonymous_attempts.take():
             return
-        request = Request(method, path, {}, [])
+        action = path.rsplit("/", 1)[-1] if params else f"POST {path[:128]}"
+        request = Request(method, path, params, [])
         loop = asyncio.get_running_loop()
         loop.run_in_executor(
-            None,
-            self._attempt,
-            "(not read)",
-            f"POST {path[:128]}",
-            request,
-            error.status,
-            error.message,
+            None, self._attempt, "(unread request)", action, request, error.status, error.message
         )
 
     # reads
@@ -308,7 +303,11 @@ def build_admin_app(
     ASGI server)."""
     api = AdminApi(store, rollout, authenticator, policy_for)
     app = AsgiApp(api.routes(), max_body_bytes)
-    app.on_refused = api.refused
+
+    def refused(method: str, path: str, error: ServingError) -> None:
+        api.refused(method, path, error, app.match(method, path)[1])
+
+    app.on_refused = refused
     return app
 
 

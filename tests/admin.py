@@ -18,8 +18,10 @@ from servo.admin import AdminServer, build_admin_app
 from servo.auth import Authenticator
 
 ROLES = ("viewer", "labeler", "operator", "approver")
-EVIDENCE = {"trigger": {"signal": "accuracy_stall"}, "live": {"n_labelled": 250,
-            "champion": {"accuracy": 0.81}, "candidate": {"accuracy": 0.93}}}  # fmt: skip
+EVIDENCE = {
+    "trigger": {"signal": "accuracy_stall"},
+    "live": {"n_labelled": 250, "champion": {"accuracy": 0.81}, "candidate": {"accuracy": 0.93}},
+}
 
 
 @dataclass
@@ -57,10 +59,19 @@ def start_admin(root: Path, rollout: Rollout | None = None, **kwargs: Any) -> Ad
     """The registry (digits version 1 as champion, one token per role) and the admin API
     on a free port of 127.0.0.1."""
     store = make_registry(root)
-    admin = Admin(store, AdminServer(build_admin_app(
-        store, rollout=rollout or ImmediateRollout(store), authenticator=Authenticator(store),
-        **kwargs,
-    )), "", root=root)  # fmt: skip
+    admin = Admin(
+        store,
+        AdminServer(
+            build_admin_app(
+                store,
+                rollout=rollout or ImmediateRollout(store),
+                authenticator=Authenticator(store),
+                **kwargs,
+            )
+        ),
+        "",
+        root=root,
+    )
     first = admin.version()
     store.set_deployments("digits", [(first, "champion", 100.0)], actor="setup")
     store.set_alias("digits", "champion", first, actor="setup")
@@ -87,9 +98,7 @@ def snapshot(store: RegistryStore) -> dict[str, Any]:
         "deployments": store.deployments(),
         "aliases": {m: store.aliases(m) for m in store.models()},
         "versions": {m: [(v.version, v.status) for v in store.versions(m)] for m in store.models()},
-        "promotions": [
-            {k: v for k, v in p.items() if k != "audit"} for p in store.promotions()
-        ],
+        "promotions": [{k: v for k, v in p.items() if k != "audit"} for p in store.promotions()],
         "tokens": [{k: v for k, v in t.items() if k != "last_used_at"} for t in store.tokens()],
         "loop": store.loop_states(),
     }

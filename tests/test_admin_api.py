@@ -156,9 +156,11 @@ def test_tokens_list_names_and_roles_never_secrets(admin: Admin) -> None:
     assert reply.status_code == 200
     listed = {t["name"]: t for t in reply.json()["tokens"]}
     assert {n: t["role"] for n, t in listed.items()} == {
-        "viewer-1": "viewer", "labeler-1": "labeler", "operator-1": "operator",
+        "viewer-1": "viewer",
+        "labeler-1": "labeler",
+        "operator-1": "operator",
         "approver-1": "approver",
-    }  # fmt: skip
+    }
     for secret in admin.tokens.values():
         assert secret not in reply.text and secret.removeprefix("servo_") not in reply.text
     assert all("hash" not in key for t in listed.values() for key in t)
@@ -215,9 +217,12 @@ def test_the_curl_flow_of_the_readme(admin: Admin) -> None:
 
     def curl(*args: str) -> tuple[int, Any]:
         run = subprocess.run(
-            ["curl", "-s", "-w", "\n%{http_code}", *args], capture_output=True, text=True,
-            timeout=30, check=True,
-        )  # fmt: skip
+            ["curl", "-s", "-w", "\n%{http_code}", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
         body, _, code = run.stdout.rpartition("\n")
         return int(code), json.loads(body)
 
@@ -226,12 +231,21 @@ def test_the_curl_flow_of_the_readme(admin: Admin) -> None:
     code, shown = curl(*approver, f"{base}/admin/promotions/{request_id}")
     assert code == 200 and shown["evidence_hash"] == evidence_hash(EVIDENCE)
     body = json.dumps({"reason": "candidate ahead", "evidence_hash": shown["evidence_hash"]})
-    code, done = curl(*approver, "-X", "POST", "-H", "Content-Type: application/json",
-                      "-d", body, f"{base}/admin/promotions/{request_id}/approve")  # fmt: skip
+    code, done = curl(
+        *approver,
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        body,
+        f"{base}/admin/promotions/{request_id}/approve",
+    )
     assert code == 200 and done["status"] == "promoted", done
     code, refused = curl("-X", "POST", f"{base}/admin/models/digits/rollback")
     assert code == 401 and "bearer token" in refused["error"]
     operator = ["-H", f"Authorization: Bearer {admin.tokens['operator']}"]
-    code, back = curl(*operator, "-X", "POST", "-d", '{"reason": "undo"}',
-                      f"{base}/admin/models/digits/rollback")  # fmt: skip
+    code, back = curl(
+        *operator, "-X", "POST", "-d", '{"reason": "undo"}', f"{base}/admin/models/digits/rollback"
+    )
     assert code == 200 and back["champion"] == 1

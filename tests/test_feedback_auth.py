@@ -23,9 +23,18 @@ X_TEST, Y_TEST = digits_holdout()
 
 def infer_body(ident: str, row: int) -> bytes:
     return orjson.dumps(
-        {"id": ident, "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
-                                  "data": X_TEST[row].tolist()}]}
-    )  # fmt: skip
+        {
+            "id": ident,
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": [1, 64],
+                    "data": X_TEST[row].tolist(),
+                }
+            ],
+        }
+    )
 
 
 def poll(check: Callable[[], bool]) -> None:
@@ -42,9 +51,11 @@ def served(model_root: Path, tmp_path: Path) -> Iterator[tuple[RunningServer, Re
     version = store.register_version("digits", (model_root / "digits" / "1").as_uri(), {})
     store.set_deployments("digits", [(version, "champion", 100.0)], actor="test")
     server = start_server(
-        ["--from-registry"], tmp_path / "server.log", wait_for=["digits"],
+        ["--from-registry"],
+        tmp_path / "server.log",
+        wait_for=["digits"],
         env={"SERVO_REGISTRY_URL": url, "SERVO_ROUTES_POLL_S": "0.1"},
-    )  # fmt: skip
+    )
     try:
         yield server, store
     finally:
@@ -61,7 +72,9 @@ def test_feedback_is_open_until_a_token_exists_then_needs_a_labeler(
             reply = client.post("/v2/models/digits/infer", content=infer_body(f"p{i}", i))
             assert reply.status_code == 200, reply.text
 
-        def feedback(ident: str, token: str | None = None, header: str | None = None) -> httpx.Response:
+        def feedback(
+            ident: str, token: str | None = None, header: str | None = None
+        ) -> httpx.Response:
             headers = {"authorization": header or f"Bearer {token}"} if (token or header) else {}
             body = orjson.dumps({"id": ident, "label": int(Y_TEST[int(ident[1:])])})
             return client.post("/v2/models/digits/feedback", content=body, headers=headers)
@@ -82,7 +95,10 @@ def test_feedback_is_open_until_a_token_exists_then_needs_a_labeler(
         assert "feedback needs a bearer token of role labeler" in refused.json()["error"]
         assert "missing" in refused.json()["error"]
         unknown = feedback("p1", token="servo_" + "x" * 43)
-        assert unknown.status_code == 401 and "unknown, revoked or malformed" in unknown.json()["error"]
+        assert (
+            unknown.status_code == 401
+            and "unknown, revoked or malformed" in unknown.json()["error"]
+        )
         assert feedback("p1", header="Basic dXNlcjpwYXNz").status_code == 401
         assert feedback("p1", header="Bearer").status_code == 401
         for role in ("viewer", "operator", "approver"):
