@@ -535,7 +535,7 @@ def up_command(
     try:
         settings = Settings(
             host=host, http_port=http_port, grpc_port=grpc_port, admin_port=admin_port,
-            log_level=log_level, log_format=log_format,  # type: ignore[arg-type]
+            log_level=log_level, log_format=log_format,
             registry_url=registry_url or registry_url_for(work_dir),
             prometheus_url=prometheus_url, policy_file=policy_file,
             payload_log_dir=work_dir / "payload",

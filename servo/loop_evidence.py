@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING, Any
 from servo import __version__
 
 if TYPE_CHECKING:
-    from retrain.policy import Policy
-
     from registry.store import RegistryStore
+    from retrain.policy import Policy
 
 
 def _card(store: RegistryStore, model: str, version: int) -> dict[str, Any]:
@@ -70,9 +69,8 @@ def gather_evidence(
     """(evidence, labelled paired requests); evidence None while fewer than
     `policy.shadow.min_labelled` labelled requests were answered by both and the shadow's
     timeout has not passed (`timed_out`: it has, the evidence is marked insufficient)."""
-    from retrain.policy import to_json
-
     from retrain import evidence
+    from retrain.policy import to_json
 
     cand = detail.get("candidate") or {}
     since = dt.datetime.fromisoformat(cand["since"]) if cand.get("since") else None

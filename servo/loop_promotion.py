@@ -100,7 +100,7 @@ class PromotionSteps:
             detail["candidate"] = {**candidate, "n_labelled": n_labelled}
             self.set_state(model, SHADOWING, detail)
             return
-        insufficient = bool(doc.get("insufficient"))
+        insufficient = bool(doc.get("insufficient_evidence"))
         request_id = self.store.file_promotion(
             model, version, doc, ACTOR, run_id=candidate.get("run_id"),
             triggered_by=candidate.get("triggered_by"),
@@ -110,22 +110,23 @@ class PromotionSteps:
         self.note(model, "promotion_filed", version=version, request=request_id,
                   n_labelled=n_labelled, insufficient=insufficient)  # fmt: skip
         results = gates.evaluate(doc, policy.gates)
-        verdict, why = gates.verdict(results), gates.reason(results)
-        if verdict == "fail" and not insufficient:
+        why = gates.reason(results)
+        decision = gates.outcome(doc, results, policy.approval)
+        if decision == "rejected":
             self.store.auto_decide(request_id, "rejected", why, actor="gates")
             self.store.remove_shadow(model, version, "gates", why)
             self.note(model, "promotion_decided", "promotion_rejected", request=request_id,
                       version=version, decision="rejected", actor="gates", reason=why)  # fmt: skip
             self.back_to_watching(model, detail)
             return
-        if verdict == "pass" and policy.approval.auto and not insufficient:
-            self.store.auto_decide(request_id, "approved", f"gates passed ({why}); the policy "
-                                   "approves automatically", actor="policy")  # fmt: skip
+        if decision == "approved":
+            self.store.auto_decide(request_id, "approved", f"{why}; the policy approves "
+                                   "automatically", actor="policy")  # fmt: skip
             self.note(model, "promotion_decided", "promotion_approved", request=request_id,
                       version=version, decision="approved", actor="policy")  # fmt: skip
         else:
             self.note(model, None, "awaiting_approval", version=version, request=request_id,
-                      gates=verdict, reason=why, insufficient=insufficient)  # fmt: skip
+                      reason=why, insufficient=insufficient)  # fmt: skip
         self.set_state(model, AWAITING, detail)
 
     def awaiting(self, model: str, policy: Policy, detail: dict[str, Any]) -> None:

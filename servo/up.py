@@ -133,7 +133,7 @@ class Reports:
 
         async def on_loop() -> MonitorReport:
             if self.prometheus is not None:  # network I/O: off the serving loop
-                return await asyncio.to_thread(self._embedded, model, str(version), config)
+                return await asyncio.to_thread(self._compute, model, str(version), config)
             return self._compute(model, str(version), config)
 
         try:
@@ -303,12 +303,8 @@ def serve_loop(settings: Settings, options: UpOptions) -> None:
         return server
 
     def controller(running: Running) -> LoopController:
+        from retrain.scheduler import LoopScheduler
         from servo.loop import Controller, ControllerConfig
-
-        try:
-            from retrain.scheduler import LoopScheduler
-        except ModuleNotFoundError:  # TEMPORARY until h-worker's scheduler is merged
-            from servo.loop_fallback import ThreadScheduler as LoopScheduler  # type: ignore
 
         return Controller(
             running.store,

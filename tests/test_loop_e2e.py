@@ -89,7 +89,8 @@ def test_the_loop_notices_drift_retrains_once_and_recovers_after_approval(
         request = pending[0]
         live = request["evidence"]["live"]
         assert request["version"] == 2 and live["n_labelled"] >= 100
-        assert live["candidate"]["accuracy"] > live["champion"]["accuracy"] + 0.2, live
+        assert live["candidate_accuracy"] > live["champion_accuracy"] + 0.2, live
+        assert live["difference_ci95"][0] > 0  # ahead, beyond chance
         assert request["evidence"]["trigger"]["report"]["verdict"] == "alarm"
         # an approver approves over HTTP, bound to the evidence it saw
         reply = httpx.post(
