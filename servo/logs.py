@@ -14,6 +14,8 @@ from typing import Any, Literal, TextIO
 
 LogFormat = Literal["text", "json"]
 
+#: third-party loggers kept at WARNING (their INFO lines are per job run / migration)
+QUIET = ("apscheduler", "alembic")
 #: the logger of the loop's decisions (one line each)
 log = logging.getLogger("servo.loop")
 
@@ -80,6 +82,8 @@ def configure(level: str = "INFO", fmt: LogFormat = "text", stream: TextIO | Non
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    for chatty in QUIET:  # a line per scheduled job run, per migration step
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
 
 
 def decision(event: str, level: int = logging.INFO, **fields: Any) -> None:

@@ -186,7 +186,7 @@ class Controller(PromotionSteps):
         logs.decision(event or kind or "loop", level, model=model, **detail)
 
     def back_to_watching(self, model: str, detail: dict[str, Any]) -> None:
-        detail.update({"job": None, "candidate": None, "request": None, "resumed": None})
+        detail.update({"job": None, "candidate": None, "request": None})
         self.set_state(model, WATCHING, detail)
         self.release(model)
 
@@ -213,11 +213,11 @@ class Controller(PromotionSteps):
                     self.note(model, "skipped", reason="paused", request=request.get("id"))
                 return
             if state != WATCHING:
+                taken = model not in self._held
                 if not self.acquire(model, state):
                     return  # another process runs this model's pipeline
-                if model not in self._jobs and detail.get("resumed") != self.owner:
+                if taken:  # left by a process that stopped or died: carry on from here
                     self.note(model, None, "resumed", state=state)
-                    detail["resumed"] = self.owner
             step = {
                 WATCHING: self._watch,
                 RETRAINING: self._retraining,

@@ -69,6 +69,7 @@ class Traffic:
         self._pending: deque[tuple[float, str, int]] = deque()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._clients: list[httpx.Client] = []
 
     def _row(self) -> tuple[npt.NDArray[Any], int, bool]:
         drift = self.drift
@@ -120,6 +121,7 @@ class Traffic:
         self._stop.clear()
         for target in (self._send, self._label):
             client = httpx.Client(timeout=10)
+            self._clients.append(client)
             thread = threading.Thread(target=target, args=(client,), daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -130,6 +132,9 @@ class Traffic:
         for thread in self._threads:
             thread.join(timeout=15)
         self._threads.clear()
+        for client in self._clients:
+            client.close()
+        self._clients.clear()
 
     def accuracy(self, *, version: str | None = None, drift: bool | None = None,
                  since: float = 0.0) -> tuple[float, int]:  # fmt: skip

