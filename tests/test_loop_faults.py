@@ -67,7 +67,10 @@ def test_a_worse_candidate_is_rejected_by_the_gates(tmp_path: Path) -> None:
         request = rejected[0]
         reason = request["decision"]["reason"]
         assert request["decision"]["actor"] == "gates"
-        assert "live" in reason and "margin" in reason, reason
+        # the failing gates and their numbers
+        assert reason.startswith("gates failed: "), reason
+        assert "live_non_inferiority: ci_low" in reason and "< -0.0200" in reason, reason
+        assert "offline_non_inferiority" in reason, reason
         # the candidate left the shadow; the champion never changed
         wait_for(lambda: store.loop_states()["digits"]["state"] == "watching")
         assert champion_rows(up) == [(1, "champion")]
@@ -100,8 +103,10 @@ def test_a_trigger_storm_retrains_no_more_than_the_budget(tmp_path: Path) -> Non
             every_s=0.5,
         )
         assert "budget_per_day 2" in skipped[0]["detail"]["reason"]
-        alarms = len(events(store, "alarm"))
-        assert alarms > 2  # a storm: more alarms than retrains
+        # a storm: the checks keep alarming, yet no third retrain starts
+        wait_for(lambda: len([e for e in events(store, "check")
+                              if e["detail"]["signals"]
+                              and e["at"] > skipped[0]["at"]]) >= 3)  # fmt: skip
         assert len(events(store, "retrain_started")) == 2
         runs = [r for r in store.runs(100) if r["trigger"] != "bootstrap"]
         assert len(runs) == 2
@@ -114,8 +119,8 @@ def test_a_trigger_storm_retrains_no_more_than_the_budget(tmp_path: Path) -> Non
 def test_two_servo_up_on_one_registry_never_run_two_pipelines_of_a_model(
     tmp_path: Path,
 ) -> None:
-    # no traffic: each candidate's shadow times out at once, its request (insufficient
-    # evidence) waits for an approver, who rejects it; then the next retrain may start
+    # no traffic: each candidate's shadow times out at once and its request (insufficient
+    # evidence) fails the live gate; then the next retrain may start
     text = policy(
         retrain="window_s: 3600\nshare: 0.5\nholdout: 0.3\nparams: {hidden: [128, 128]}",
         shadow="min_labelled: 100000\ntimeout_s: 1",
@@ -128,19 +133,23 @@ def test_two_servo_up_on_one_registry_never_run_two_pipelines_of_a_model(
     try:
         assert second.named("bootstrapped") == []  # the registry was not empty
         running_at_once = 0
-        for _ in range(3):
-            store.request_retrain("digits", "cli:test", "storm")
-            store.request_retrain("digits", "cli:test", "storm")
-        while len([r for r in store.runs(100) if r["trigger"] == "manual"
-                   and r["status"] != "running"]) < 2:  # fmt: skip
+
+        def manual_runs(finished: bool) -> int:
+            return len([r for r in store.runs(100, recover=False) if r["trigger"] == "manual"
+                        and (r["status"] != "running" or not finished)])  # fmt: skip
+
+        while manual_runs(finished=True) < 2:
             running = [r for r in store.runs(100, recover=False) if r["status"] == "running"]
             running_at_once = max(running_at_once, len(running))
-            lock = store.model_lock("digits")
             assert len(running) <= 1, running
             if running:
-                assert lock is not None
-            for request in store.promotions(model="digits", status="pending"):
-                store.decide(request["id"], "rejected", "alice", {"approver"}, "next one")
+                assert store.model_lock("digits") is not None
+            state = store.loop_states().get("digits", {}).get("state", "watching")
+            if not running and state == "watching" and manual_runs(finished=False) < 3:
+                # two requests at once, for whichever process claims them first
+                store.request_retrain("digits", "cli:test", "storm")
+                store.request_retrain("digits", "cli:test", "storm")
+                time.sleep(1.5)
             time.sleep(0.1)
         assert running_at_once == 1
         owners = {e["detail"].get("pid") for e in events(store, "retrain_started")}
@@ -190,7 +199,12 @@ def test_kill_9_during_a_retrain_then_restart_marks_the_run_failed(tmp_path: Pat
 
 
 def test_kill_9_during_shadowing_then_restart_resumes_the_evidence(tmp_path: Path) -> None:
-    path = write_policy(tmp_path, policy(shadow="min_labelled: 80\ntimeout_s: 300"))
+    # another seed: without traffic, the same seed would train the champion again (reused)
+    text = policy(
+        retrain="window_s: 3600\nshare: 0.5\nholdout: 0.3\nparams: {seed: 1}",
+        shadow="min_labelled: 80\ntimeout_s: 300",
+    )
+    path = write_policy(tmp_path, text)
     up = start_up(tmp_path / "s", tmp_path / "up.log", policy=path)
     store = registry(up)
     traffic: Traffic | None = None
