@@ -159,25 +159,33 @@ def main() -> None:
             retrainer.stop()
             process.terminate()
             process.wait(timeout=60)
+    ratio = report(args, rows, retrainer.runs)
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "ratio": ratio, "runs": retrainer.runs}))
+
+
+def report(args: argparse.Namespace, rows: list[dict[str, Any]],
+           runs: list[dict[str, Any]]) -> float:  # fmt: skip
+    """Print the table; returns the ratio of the median p99s (retrain / idle)."""
     idle = [r["p99_ms"] for r in rows if r["phase"] == "idle"]
     busy = [r["p99_ms"] for r in rows if r["phase"] == "retrain"]
     ratio = statistics.median(busy) / statistics.median(idle)
     print(f"servo up, digits, REST JSON, concurrency {args.concurrency}, {args.seconds:g} s "
           f"phases; server cpus {args.server_cpus}, wrk cpus {args.load_cpus}, worker cpus "
           f"{args.worker_cpus}\n")  # fmt: skip
-    print("| round | phase | req/s | p50 ms | p99 ms | errors |")
-    print("|---|---|---|---|---|---|")
+    print("| round | phase | req/s | p50 ms | p99 ms | errors | retrain busy |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
+        busy_share = (
+            f"{min(1.0, r['retrain_s'] / args.seconds):.0%}" if r["phase"] != "idle" else "-"
+        )
         print(f"| {r['round']} | {r['phase']} | {r['rps']:,.0f} | {r['p50_ms']:.2f} "
-              f"| {r['p99_ms']:.2f} | {r['errors']} |")  # fmt: skip
-    finished = [r for r in retrainer.runs if r["status"] == "succeeded"]
-    print(
-        f"\nretrains run: {len(retrainer.runs)} ({len(finished)} finished; median "
-        f"{statistics.median([r['s'] for r in finished]) if finished else 0:.1f} s each)"
-    )
+              f"| {r['p99_ms']:.2f} | {r['errors']} | {busy_share} |")  # fmt: skip
+    finished = [r for r in runs if r["status"] == "succeeded"]
+    median_s = statistics.median([r["s"] for r in finished]) if finished else 0.0
+    print(f"\nretrains run: {len(runs)} ({len(finished)} finished; median {median_s:.1f} s each)")
     print(f"p99 with a retrain / p99 without (medians of {args.rounds} rounds): {ratio:.2f}x")
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "ratio": ratio, "runs": retrainer.runs}))
+    return ratio
 
 
 if __name__ == "__main__":

@@ -360,7 +360,7 @@ def _ms(text: str) -> float:
 
 
 def wrk(
-    url: str, payload: Payload, concurrency: int, seconds: float, workdir: Path,
+    url: str, payload: Payload, concurrency: int, seconds: float, workdir: Path, *,
     cpus: str = LOAD_CPU,
 ) -> dict[str, Any]:  # fmt: skip
     body_file = workdir / "body.bin"

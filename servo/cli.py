@@ -503,16 +503,16 @@ def monitor_command(
 @main.command("up")
 @click.option("--dir", "work_dir", envvar="SERVO_DIR", default=".servo", show_default=True,
               type=click.Path(path_type=Path, file_okay=False),
-              help="registry (SQLite), artifacts, model versions, payload log, worker logs")  # fmt: skip
+              help="registry (SQLite), artifacts, versions, payload log, worker logs")  # fmt: skip
 @click.option("--host", envvar="SERVO_HOST", default="127.0.0.1", show_default=True)
 @click.option("--http-port", envvar="SERVO_HTTP_PORT", default=8080, show_default=True)
 @click.option("--grpc-port", envvar="SERVO_GRPC_PORT", default=8081, show_default=True)
 @click.option("--admin-port", envvar="SERVO_ADMIN_PORT", default=8082, show_default=True,
               help="the admin API (always on 127.0.0.1)")  # fmt: skip
 @click.option("--registry", "registry_url", envvar="SERVO_REGISTRY_URL", default=None,
-              help="SQLAlchemy URL of the registry [default: sqlite:///DIR/registry.db]")  # fmt: skip
+              help="registry SQLAlchemy URL [default: sqlite:///DIR/registry.db]")  # fmt: skip
 @click.option("--prometheus", "prometheus_url", envvar="SERVO_PROMETHEUS_URL", default=None,
-              help="monitors read this Prometheus [default: the gateway's own metrics]")  # fmt: skip
+              help="monitors read this Prometheus [default: the gateway's metrics]")  # fmt: skip
 @click.option("--policy", "policy_file", envvar="SERVO_POLICY_FILE", default=None,
               type=click.Path(path_type=Path, dir_okay=False),
               help="the loop policy (YAML) [default: ./servo.yaml if it exists]")  # fmt: skip

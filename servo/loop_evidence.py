@@ -94,7 +94,7 @@ def gather_evidence(
             **lineage(store, cand.get("run_id")),
             "champion": champion,
             "candidate": candidate,
-        },  # fmt: skip
+        },
         offline=offline(store, model, candidate),
         live=live,
         signature=evidence.signature_diff(

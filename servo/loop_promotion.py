@@ -165,8 +165,9 @@ class PromotionSteps:
             return
         # rejected, expired, void, failed, rolled_back: the candidate leaves the shadow
         why = decision.get("reason") or request.get("status_reason")
+        actor = decision.get("actor")
         self.note(model, "promotion_decided", "promotion_closed", request=request_id,
-                  version=version, decision=status, actor=decision.get("actor"), reason=why)  # fmt: skip
+                  version=version, decision=status, actor=actor, reason=why)  # fmt: skip
         routed = self.store.deployments().get(model, [])
         if any(r["version"] == version and r["role"] == "shadow" for r in routed):
             self.store.remove_shadow(model, version, ACTOR, f"request {request_id} {status}")

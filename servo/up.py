@@ -15,7 +15,6 @@ import asyncio
 import gc
 import logging
 import signal
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,7 +163,7 @@ class LoopController(Protocol):
 
 @dataclass
 class Running:
-    """What `run_up` started, for callers in this process (tests, `on_ready`)."""
+    """What `run_up` started, handed to the factories of the controller and admin API."""
 
     server: Server
     store: RegistryStore
@@ -179,7 +178,6 @@ def run_up(
     *,
     controller_factory: Callable[[Running], LoopController | None] | None = None,
     admin_factory: Callable[[Running], Any] | None = None,
-    on_ready: Callable[[Running], None] | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT. `controller_factory` builds the loop's controller (None:
     the gateway and monitors only); `admin_factory` starts the admin server and returns
@@ -187,26 +185,65 @@ def run_up(
     import uvloop
 
     from serving.server import Server
+    from servo.auth import Authenticator
+    from servo.cli_common import open_store
     from servo.routes import RegistryRouteSource
 
     options.dir.mkdir(parents=True, exist_ok=True)
-    from servo.auth import Authenticator
-    from servo.cli_common import open_store
-
     store: RegistryStore = open_store(settings.registry_url)
-    recovered = store.recover_runs()
-    if recovered:
-        logs.decision("runs_recovered", runs=recovered, reason="their process is gone")
-    bootstrap(store, settings.registry_url, options.dir, options.bootstrap_params)
-    # once the registry holds any token, feedback needs a labeler's
-    server = Server(
-        settings.serving_config(),
-        RegistryRouteSource(store, settings.routes_poll_s),
-        authenticate=Authenticator(store).feedback_caller,
-    )
-    server.registry.register(LoopMetrics(store))
+    try:
+        recovered = store.recover_runs()
+        if recovered:
+            logs.decision("runs_recovered", runs=recovered, reason="their process is gone")
+        bootstrap(store, settings.registry_url, options.dir, options.bootstrap_params)
+        # once the registry holds any token, feedback needs a labeler's
+        server = Server(
+            settings.serving_config(),
+            RegistryRouteSource(store, settings.routes_poll_s),
+            authenticate=Authenticator(store).feedback_caller,
+        )
+        server.registry.register(LoopMetrics(store))
+        up = _Up(settings, options, store, server, controller_factory, admin_factory)
+        uvloop.run(up.main())
+    finally:
+        store.close()
 
-    async def main() -> None:
+
+@dataclass
+class _Up:
+    settings: Settings
+    options: UpOptions
+    store: RegistryStore
+    server: Server
+    controller_factory: Callable[[Running], LoopController | None] | None
+    admin_factory: Callable[[Running], Any] | None
+
+    async def start_loop(self, running: Running, serving: asyncio.Task[None]) -> Any:
+        """The admin API and the controller, once the gateway listens; returns the admin
+        server (None: none)."""
+        server = self.server
+        while server.http_port is None and not serving.done():
+            await asyncio.sleep(0.02)
+        admin = None
+        if self.admin_factory is not None and not serving.done():
+            admin = await asyncio.to_thread(self.admin_factory, running)
+            running.admin_port = getattr(admin, "port", None)
+        if self.controller_factory is not None and not serving.done():
+            running.controller = await asyncio.to_thread(self.controller_factory, running)
+            if running.controller is not None:
+                await asyncio.to_thread(running.controller.start)
+        logs.decision(
+            "up",
+            http_port=server.http_port,
+            grpc_port=server.grpc_port,
+            admin_port=running.admin_port,
+            registry=_redacted(self.settings.registry_url),
+            payload_log=str(self.settings.payload_log_dir),
+            monitors="prometheus" if self.options.prometheus_url else "embedded",
+        )
+        return admin
+
+    async def main(self) -> None:
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
@@ -214,49 +251,26 @@ def run_up(
         stopping = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stopping.set)
+        server = self.server
         serving = asyncio.create_task(server.run())
-        reports = Reports(server, loop, prometheus_url=options.prometheus_url)
-        running = Running(server, store, reports, None, None)
+        reports = Reports(server, loop, prometheus_url=self.options.prometheus_url)
+        running = Running(server, self.store, reports, None, None)
         admin = None
         try:
-            while server.http_port is None and not serving.done():
-                await asyncio.sleep(0.02)
-            if admin_factory is not None and not serving.done():
-                admin = await asyncio.to_thread(admin_factory, running)
-                running.admin_port = getattr(admin, "port", None)
-            if controller_factory is not None and not serving.done():
-                running.controller = await asyncio.to_thread(controller_factory, running)
-                if running.controller is not None:
-                    await asyncio.to_thread(running.controller.start)
-            logs.decision(
-                "up",
-                http_port=server.http_port,
-                grpc_port=server.grpc_port,
-                admin_port=running.admin_port,
-                registry=_redacted(settings.registry_url),
-                payload_log=str(settings.payload_log_dir),
-                monitors="prometheus" if options.prometheus_url else "embedded",
-            )
-            if on_ready is not None:
-                threading.Thread(target=on_ready, args=(running,), daemon=True).start()
+            admin = await self.start_loop(running, serving)
             done = asyncio.create_task(stopping.wait())
             await asyncio.wait({serving, done}, return_when=asyncio.FIRST_COMPLETED)
             done.cancel()
         finally:
             logs.decision("shutdown_started")
             server.stop()  # stop accepting; in-flight requests finish, payload log flushed
-            if running.controller is not None:
+            if running.controller is not None:  # the scheduler, a running retrain
                 await asyncio.to_thread(running.controller.stop)
             if admin is not None:
                 await asyncio.to_thread(admin.stop)
             await serving
             logs.decision("shutdown_finished")
             logs.flush()
-
-    try:
-        uvloop.run(main())
-    finally:
-        store.close()
 
 
 def _redacted(url: str) -> str:

@@ -93,8 +93,9 @@ class Traffic:
                 time.sleep(0.2)
                 continue
             doc = reply.json()
-            answer = Answer(doc["id"], str(doc["model_version"]),
-                            int(doc["outputs"][0]["data"][0]), truth, drift, time.time())  # fmt: skip
+            predicted = int(doc["outputs"][0]["data"][0])
+            answer = Answer(doc["id"], str(doc["model_version"]), predicted, truth, drift,
+                            time.time())  # fmt: skip
             self.answers.append(answer)
             if self.labels:
                 self._pending.append((time.monotonic() + self.label_delay_s, answer.id, truth))

@@ -142,8 +142,8 @@ def test_loop_metrics_collector_reads_the_registry_and_caches() -> None:
     registry = CollectorRegistry()
     registry.register(LoopMetrics(store, ttl_s=10, clock=lambda: now[0]))
     text = generate_latest(registry).decode()
-    assert 'servo_pipeline_runs_total{model="digits",status="succeeded",trigger="input_drift"} 1.0' \
-        in text  # fmt: skip
+    runs = 'servo_pipeline_runs_total{model="digits",status="succeeded",trigger="input_drift"} 1.0'
+    assert runs in text
     assert 'servo_pipeline_step_seconds_sum{step="train"} 2.5' in text
     assert 'step="ingest"' not in text  # a cache hit did not run
     assert 'servo_promotions_total{decision="rejected",model="digits"} 1.0' in text
