@@ -248,12 +248,39 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         return
     from alembic import command
 
+    _migrate(engine, lambda config: command.upgrade(config, revision))
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    from alembic import command
+
+    _migrate(engine, lambda config: command.downgrade(config, revision))
+
+
+def _migrate(engine: Engine, step: Callable[[Any], None]) -> None:
+    """Run an Alembic command on one connection. On SQLite, foreign keys are not enforced
+    meanwhile (a batch operation copies a table, drops it and renames the copy: the drop
+    would fail while other tables' rows refer to it) and are checked after."""
     config = alembic_config(engine)
     with engine.connect() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, revision)
-        if connection.in_transaction():
-            connection.commit()
+        sqlite = connection.dialect.name == "sqlite"
+        raw: Any = connection.connection.driver_connection
+        if sqlite:  # outside a transaction, or the pragma does nothing
+            raw.execute("PRAGMA foreign_keys=OFF")
+        try:
+            config.attributes["connection"] = connection
+            step(config)
+            if connection.in_transaction():
+                connection.commit()
+            if sqlite:
+                broken = raw.execute("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise RegistryError(f"the migration broke foreign keys: {broken[:5]}")
+        finally:
+            if sqlite:
+                if connection.in_transaction():
+                    connection.rollback()
+                raw.execute("PRAGMA foreign_keys=ON")
 
 
 def _retryable(exc: Exception) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from collections.abc import Collection
 from typing import Any
 
 from sqlalchemy import case, select
@@ -189,7 +190,7 @@ class PromotionsMixin(StoreBase):
         request_id: int,
         decision: str,
         actor: str,
-        roles: set[str] | frozenset[str],
+        roles: Collection[str],
         reason: str = "",
         *,
         evidence_hash: str | None = None,

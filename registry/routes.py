@@ -253,7 +253,10 @@ class RoutesMixin(StoreBase):
                     .limit(1)
                 ).scalar_one_or_none()
                 if target is None:
-                    raise Conflict(f"model '{model}' has no previous champion to roll back to")
+                    raise Conflict(
+                        f"model '{model}' has no previous champion in its alias history to roll "
+                        f"back to from version {current}: name the version to roll back to"
+                    )
             detail = {"reason": reason, "to": to}
             self._swap(session, model, target, actor=actor, action="rollback", detail=detail)
             return target

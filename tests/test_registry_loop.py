@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from registry.base import upgrade
+from registry.base import downgrade, upgrade
 from registry.models import PromotionRequest
 from registry.store import (
     Conflict,
@@ -325,6 +325,19 @@ def test_migration_0003_keeps_the_rows_of_a_0002_database(
                 {"pipeline": "digits", "trigger": "manual", "status": "succeeded",
                  "parameters": {"seed": 0}, "started_at": old, "finished_at": old}
             ])  # fmt: skip
+            # rows that refer to the tables the migration copies (SQLite: batch operations)
+            connection.execute(t["step_runs"].insert(), [
+                {"run_id": 1, "step": "train", "status": "succeeded", "attempts": 1,
+                 "parameters": {}, "metrics": {}, "duration_s": 1.0}
+            ])  # fmt: skip
+            connection.execute(t["promotion_requests"].insert(), [
+                {"model": "digits", "version": 1, "evidence": {}, "status": "rejected",
+                 "created_at": recent}
+            ])  # fmt: skip
+            connection.execute(t["decisions"].insert(), [
+                {"request_id": 3, "decision": "rejected", "actor": "ops", "reason": "worse",
+                 "at": recent}
+            ])  # fmt: skip
         store.create_schema()
         first, second = store.promotion(1), store.promotion(2)
         assert first["evidence"] == evidence and first["evidence_hash"] == evidence_hash(evidence)
@@ -333,9 +346,18 @@ def test_migration_0003_keeps_the_rows_of_a_0002_database(
         assert [a["detail"] for a in second["audit"]] == [{"request": 2}]
         assert store.runs(recover=False)[0]["model"] is None
         assert store.runs(recover=False)[0]["parameters"] == {"seed": 0}
+        assert store.run(1, recover=False)["steps"][0]["step"] == "train"
+        rejected = store.promotion(3)
+        assert rejected["decision"]["actor"] == "ops" and rejected["status"] == "rejected"
         with pytest.raises(Conflict, match="expired"):
             store.decide(1, "approved", "bob", APPROVER)  # filed 30 days ago: 7 days passed
         assert store.decide(2, "approved", "bob", APPROVER)["status"] == "approved"
         assert [v.version for v in store.versions("digits")] == [1, 2]
+        downgrade(store.engine, "0002")  # and back: the rows stay
+        with store.engine.connect() as connection:
+            count = sa.text("SELECT count(*) FROM promotion_requests")
+            assert connection.execute(count).scalar_one() == 3
+        store.create_schema()
+        assert store.promotion(2)["status"] == "approved"
     finally:
         store.close()
