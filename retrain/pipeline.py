@@ -57,6 +57,9 @@ class LineageSink(Protocol):
         trigger: str,
         parameters: dict[str, Any],
         scratch: list[str] | None = None,
+        *,
+        model: str | None = None,
+        triggered_by: str | None = None,
     ) -> int: ...
 
     def heartbeat(self, run_id: int) -> bool: ...
@@ -247,10 +250,8 @@ class Runner:
         order = pipeline.order()
         scratch = (self.root / "tmp").resolve() / f"run-{uuid.uuid4().hex[:16]}.tmp"
         parameters = dict(parameters or {})
-        record = {k: v for k, v in (("model", model), ("triggered_by", triggered_by)) if v}
-        run_id = self.sink.start_run(
-            pipeline.name, trigger, parameters, scratch=[str(scratch)], **record
-        )
+        run_id = self.sink.start_run(pipeline.name, trigger, parameters, scratch=[str(scratch)],
+                                     model=model, triggered_by=triggered_by)  # fmt: skip
         results: dict[str, StepResult] = {}
         try:
             if on_start is not None:

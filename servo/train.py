@@ -169,6 +169,6 @@ def train(
 
     runner.run(
         pipeline, trigger=trigger, cache=cache, parameters=dict(params or {}), finalize=finalize,
-        on_start=on_start, triggered_by=triggered_by,
+        on_start=on_start, model=name, triggered_by=triggered_by,
     )  # fmt: skip
     return trained[0]

@@ -225,8 +225,11 @@ class TrainingJob:
         with self._lock:
             if self._outcome is not None:
                 return self._outcome
-            written = self._read()
-            if written is not None and code == EXIT_CODES.get(written.status, -1):
+            written = self._read()  # written last: the run ended as it says
+            if written is not None:
+                if code != EXIT_CODES[written.status]:
+                    log.warning("training job pid %d %s, then exited with %d", self.pid,
+                                written.status, code)  # fmt: skip
                 self._outcome = written
             else:  # killed, or crashed before it could say
                 how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"

@@ -79,7 +79,8 @@ def in_step(work: Path, step: str) -> bool:
 
 
 def test_a_run_that_succeeds(db: Path, tmp_path: Path, jobs: list[TrainingJob]) -> None:
-    job = start(jobs, spec(db, tmp_path, QUICK, trigger="input_drift"), tmp_path / "logs")
+    made = spec(db, tmp_path, QUICK, trigger="manual", triggered_by="alice")
+    job = start(jobs, made, tmp_path / "logs")
     assert job.pid != os.getpid()
     outcome = job.wait(timeout_s=240)
     assert outcome.status == "succeeded", outcome.error
@@ -87,8 +88,8 @@ def test_a_run_that_succeeds(db: Path, tmp_path: Path, jobs: list[TrainingJob]) 
     assert outcome.metrics["accuracy"] > 0.8 and outcome.metrics["holdout_rows"] > 400
     assert job.run_id() == outcome.run_id
     (run,) = query(db, "SELECT * FROM pipeline_runs")
-    assert (run["id"], run["status"], run["trigger"]) == (outcome.run_id, "succeeded",
-                                                          "input_drift")  # fmt: skip
+    assert (run["id"], run["status"], run["trigger"]) == (outcome.run_id, "succeeded", "manual")
+    assert (run["model"], run["triggered_by"]) == ("digits", "alice")
     assert run["lease_pid"] == job.pid  # the run ran in the worker, not here
     (version,) = query(db, "SELECT * FROM model_versions")
     assert version["servable"] and version["run_id"] == outcome.run_id
@@ -101,6 +102,8 @@ def test_a_run_that_succeeds(db: Path, tmp_path: Path, jobs: list[TrainingJob]) 
     again = start(jobs, spec(db, tmp_path, QUICK), tmp_path / "logs").wait(timeout_s=240)
     assert again.status == "succeeded" and again.reused and again.version == 1
     assert again.log_path.endswith("run-2.log")
+    (_, second) = query(db, "SELECT * FROM pipeline_runs ORDER BY id")
+    assert (second["model"], second["triggered_by"]) == ("digits", None)
     check_invariants(db, tmp_path / "work")
 
 
@@ -214,7 +217,8 @@ def test_a_worker_does_not_outlive_its_parent(db: Path, tmp_path: Path) -> None:
             os.kill(child, signal.SIGKILL)
     # it stopped the way a stop does: its run is interrupted, not left for recovery
     (run,) = query(db, "SELECT * FROM pipeline_runs")
-    assert run["status"] == "interrupted", dict(run)
+    worker_log = (tmp_path / "logs" / "run-1.log").read_text()
+    assert run["status"] == "interrupted", (dict(run), worker_log)
     outcome = json.loads((tmp_path / "logs" / "run-1.outcome.json").read_text())
     assert outcome["status"] == "interrupted"
     check_invariants(db, tmp_path / "work")
