@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
-from registry.store import RegistryError
+from registry.store import Conflict, RegistryError
 
 if TYPE_CHECKING:
     from registry.store import RegistryStore
@@ -49,6 +49,8 @@ class ImmediateRollout:
             current = store.promotion(request_id)["status"]
             if current != "approved":  # another rollout of it finished first
                 return str(current)
+            if _swapped(store.promotion(request_id)):
+                return "promoted"  # another rollout of it swapped first, and finishes it
             log.error(
                 "promotion request %s: %s version %s not promoted: %s",
                 request_id,
@@ -58,9 +60,12 @@ class ImmediateRollout:
             )
             store.finish_promotion(request_id, "failed", actor, reason=f"route swap refused: {exc}")
             return "failed"
-        store.finish_promotion(
-            request_id, "promoted", actor, reason=f"version {version} replaced version {old}"
-        )
+        try:
+            store.finish_promotion(
+                request_id, "promoted", actor, reason=f"version {version} replaced version {old}"
+            )
+        except Conflict:  # finished by another process meanwhile
+            return str(store.promotion(request_id)["status"])
         log.info(
             "promotion request %s: %s version %s is champion (was %s)",
             request_id,
@@ -69,3 +74,8 @@ class ImmediateRollout:
             old,
         )
         return "promoted"
+
+
+def _swapped(request: dict[str, Any]) -> bool:
+    """Whether a route swap carried this request out (its audit has the promote)."""
+    return any(entry["action"] == "promote" for entry in request.get("audit", ()))

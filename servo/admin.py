@@ -26,20 +26,30 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-from registry.store import RegistryError
+from registry.store import PROMOTION_STATUSES, RegistryError
 from retrain.rollout import Rollout
 from serving.errors import ServingError
-from serving.http import AsgiApp, Request, Response, Route, error_response, json_response
+from serving.http import (
+    AsgiApp,
+    Handler,
+    Request,
+    Response,
+    Route,
+    error_response,
+    json_response,
+)
 from serving.httplimits import HttpLimits
 from serving.httpserver import NativeHttpServer
 from serving.model_folder import valid_name
 from servo.admin_wire import (
+    MAX_DIGITS,
     ApiError,
     AttemptBudget,
     DecisionBody,
     ReasonBody,
     RollbackBody,
     model_name,
+    one_of,
     parse_body,
     parse_query,
     positive_int,
@@ -89,7 +99,7 @@ class AdminApi:
 
     # the frame of every endpoint: who, may they, then the work (off the event loop)
 
-    def endpoint(self, work: Work, action: str | None = None, role: str | None = None) -> Any:
+    def endpoint(self, work: Work, action: str | None = None, role: str | None = None) -> Handler:
         """An async handler running `work` in a thread for an identified caller.
         `action`: the request acts (its refusals are audited); `role`: it needs that role."""
 
@@ -136,14 +146,16 @@ class AdminApi:
     ) -> None:
         """Audit a refused attempt to act; a failure to audit is logged, never raised."""
         params = request.params
+        detail: dict[str, Any] = {"status": int(status), "error": message[:512]}
         if "id" in params:
-            subject = f"promotion/{params['id'][:32]}"
+            ident = params["id"]
+            numeric = ident.isascii() and ident.isdigit() and len(ident) <= MAX_DIGITS
+            subject = f"promotion/{ident if numeric else shown(ident, 32)}"
+            if numeric:
+                detail["request"] = int(ident)  # links it to the request's own audit
         else:
             name = params.get("model", "")
             subject = name if valid_name(name) else shown(name)
-        detail: dict[str, Any] = {"status": int(status), "error": message[:512]}
-        if params.get("id", "").isdigit() and len(params["id"]) <= 18:
-            detail["request"] = int(params["id"])
         try:
             self.store.audit_attempt(actor, action, subject, detail)
         except Exception:
@@ -169,7 +181,8 @@ class AdminApi:
         model = query.get("model")
         if model is not None:
             model_name(model)
-        requests = self.store.promotions(model=model, status=query.get("status"))
+        status = one_of(query.get("status"), PROMOTION_STATUSES, "status")
+        requests = self.store.promotions(model=model, status=status)
         return 200, {"promotions": requests}
 
     def promotion(self, call: Call) -> tuple[int, Any]:
@@ -181,7 +194,7 @@ class AdminApi:
         since = query.get("since_id")
         entries = self.store.audit(
             limit=min(limit, 1000),
-            since_id=None if since is None else positive_int(since, "since_id"),
+            since_id=None if since is None else positive_int(since, "since_id", minimum=0),
             subject=query.get("subject"),
             action=query.get("action"),
         )

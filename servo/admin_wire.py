@@ -121,13 +121,22 @@ def parse_query(query: bytes, allowed: tuple[str, ...]) -> dict[str, str]:
     return params
 
 
-def positive_int(text: str, what: str) -> int:
-    """A positive integer from a path or query (no sign, no spaces, bounded)."""
-    if not text.isascii() or not text.isdigit() or len(text) > MAX_DIGITS or int(text) < 1:
-        raise ApiError(
-            HTTPStatus.BAD_REQUEST, f"{what} must be a positive integer, got {shown(text)}"
-        )
+def positive_int(text: str, what: str, minimum: int = 1) -> int:
+    """An integer >= `minimum` (1 or 0) from a path or query (digits only, bounded)."""
+    digits = text.isascii() and text.isdigit() and len(text) <= MAX_DIGITS
+    if not digits or int(text) < minimum:
+        kind = "a positive integer" if minimum >= 1 else "an integer >= 0"
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{what} must be {kind}, got {shown(text)}")
     return int(text)
+
+
+def one_of(text: str | None, known: tuple[str, ...], what: str) -> str | None:
+    if text is not None and text not in known:
+        known_list = ", ".join(known)
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST, f"unknown {what} {shown(text)} (known: {known_list})"
+        )
+    return text
 
 
 def model_name(text: str) -> str:

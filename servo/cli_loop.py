@@ -150,11 +150,11 @@ def tokens_create(
 ) -> None:
     """Create a token and print it, once (it cannot be shown again)."""
     with session(registry_url, token, as_json) as run:
-        run.need("approver", "create tokens", f"token/{name[:64]}")
+        run.need("approver", "create tokens", f"token:{name[:64]}")
         secret = acting(
             run,
             "create token",
-            f"token/{name[:64]}",
+            f"token:{name[:64]}",
             lambda: run.store.create_token(name, role, run.actor.name),
         )
         run.out(
@@ -185,11 +185,11 @@ def tokens_revoke(*, name: str, registry_url: str, token: str | None, as_json: b
     """Revoke a token: it stops working at once for the admin API, within seconds for
     feedback (its cache)."""
     with session(registry_url, token, as_json) as run:
-        run.need("approver", "revoke tokens", f"token/{name[:64]}")
+        run.need("approver", "revoke tokens", f"token:{name[:64]}")
         acting(
             run,
             "revoke token",
-            f"token/{name[:64]}",
+            f"token:{name[:64]}",
             lambda: run.store.revoke_token(name, run.actor.name),
         )
         run.out({"name": name, "revoked": True}, f"token '{name}' revoked")

@@ -50,6 +50,7 @@ class Admin:
 
 
 def make_registry(root: Path) -> RegistryStore:
+    root.mkdir(parents=True, exist_ok=True)
     store = RegistryStore(f"sqlite:///{root / 'registry.db'}")
     store.create_schema()
     return store
@@ -76,7 +77,7 @@ def start_admin(root: Path, rollout: Rollout | None = None, **kwargs: Any) -> Ad
     store.set_deployments("digits", [(first, "champion", 100.0)], actor="setup")
     store.set_alias("digits", "champion", first, actor="setup")
     admin.tokens = {role: store.create_token(f"{role}-1", role, "setup") for role in ROLES}
-    port = admin.server.start("127.0.0.1", 0)
+    port = admin.server.start(port=0)  # the default host: 127.0.0.1
     admin.url = f"http://127.0.0.1:{port}"
     return admin
 

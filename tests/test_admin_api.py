@@ -9,14 +9,17 @@ import json
 import shutil
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from registry.promotions import evidence_hash
 from retrain.rollout import ImmediateRollout
+from servo.admin import AdminServer
 from tests.admin import EVIDENCE, Admin, running_admin
 
 
@@ -148,6 +151,8 @@ def test_audit_filters(admin: Admin) -> None:
         since = max(e["id"] for e in everything) - 1
         after = client.get("/admin/audit", params={"since_id": str(since)}).json()["entries"]
         assert [e["id"] for e in after] == [since + 1]
+        from_start = client.get("/admin/audit", params={"since_id": "0", "limit": "3"}).json()
+        assert [e["id"] for e in from_start["entries"]] == [e["id"] for e in everything[:3]]
 
 
 def test_tokens_list_names_and_roles_never_secrets(admin: Admin) -> None:
@@ -249,3 +254,54 @@ def test_the_curl_flow_of_the_readme(admin: Admin) -> None:
         *operator, "-X", "POST", "-d", '{"reason": "undo"}', f"{base}/admin/models/digits/rollback"
     )
     assert code == 200 and back["champion"] == 1
+
+
+def test_a_refused_route_swap_fails_the_request_and_keeps_the_champion(admin: Admin) -> None:
+    """An approved request whose swap the registry refuses (here: its version is the
+    champion already) ends `failed` with the reason; nothing else changes."""
+    request_id = admin.file(version=1)
+    with admin.client("approver") as client:
+        reply = client.post(f"/admin/promotions/{request_id}/approve", json={"reason": "ok"})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["status"] == "failed"
+    assert "route swap refused" in reply.json()["status_reason"]
+    assert "already the champion" in reply.json()["status_reason"]
+    assert champion(admin) == 1
+
+
+def test_two_rollouts_of_one_request_swap_once(admin: Admin) -> None:
+    """Two processes that both pick up an approved request (the admin API and the loop's
+    controller): one swap, one finish, the request promoted."""
+    candidate = admin.version()
+    request_id = admin.file(candidate)
+    doc = admin.store.auto_decide(request_id, "approved", "gates passed, auto approval")
+    results: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def roll() -> None:
+        barrier.wait()
+        results.append(ImmediateRollout(admin.store).start(doc, "loop"))
+
+    threads = [threading.Thread(target=roll) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == ["promoted", "promoted"]
+    final = admin.store.promotion(request_id)
+    assert final["status"] == "promoted"
+    assert [e["action"] for e in final["audit"]].count("promote") == 1
+    assert champion(admin) == candidate
+    # and a rollout of a request finished already leaves it as it is
+    assert ImmediateRollout(admin.store).start(doc, "late") == "promoted"
+
+
+def test_a_taken_port_fails_start_and_stop_is_idempotent(admin: Admin) -> None:
+    other = AdminServer(admin.server.app)
+    with pytest.raises(OSError):
+        other.start(port=admin.server.port or 0)
+    other.stop()  # never started: nothing to do
+    admin.server.stop()
+    admin.server.stop()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{admin.url}/admin/whoami", timeout=5)

@@ -55,7 +55,7 @@ def refused(
 def assert_attempt(entries: list[dict[str, Any]], actor: str, status: int) -> dict[str, Any]:
     assert len(entries) == 1, entries
     (entry,) = entries
-    assert entry["actor"] == actor, entry
+    assert entry["actor"] == actor and entry["action"] == "attempt", entry
     assert entry["detail"]["status"] == status, entry
     return entry
 
@@ -239,7 +239,7 @@ def test_a_one_megabyte_reason_is_413_and_a_long_one_400(admin: Admin) -> None:
         while not attempts(admin, since):
             time.sleep(0.05)
         (entry,) = attempts(admin, since)
-        assert (entry["actor"], entry["action"]) == ("(unread request)", "approve")
+        assert (entry["actor"], entry["detail"]["action"]) == ("(unread request)", "approve")
         assert entry["detail"]["status"] == 413 and entry["detail"]["request"] == request_id
         entries = refused(
             admin,
@@ -380,7 +380,8 @@ def test_a_rollback_without_a_previous_champion_is_409(admin: Admin) -> None:
         ("/admin/promotions?model=../x", "invalid model name"),
         ("/admin/audit?limit=abc", "limit must be a positive integer"),
         ("/admin/audit?limit=0", "limit must be a positive integer"),
-        ("/admin/audit?since_id=-4", "since_id must be a positive integer"),
+        ("/admin/audit?since_id=-4", "since_id must be an integer >= 0"),
+        ("/admin/promotions?status=bogus", "unknown status 'bogus' (known: pending, approved"),
         (f"/admin/audit?action={'a' * 3000}", "longer than 2048 bytes"),
     ],
 )

@@ -218,4 +218,37 @@ def test_refusals_exit_1_are_audited_and_change_nothing(cli: Cli) -> None:
 def test_help_says_who_acts_without_a_token(cli: Cli) -> None:
     run = cli.run("promotions", "approve", "--help")
     assert run.returncode == 0
-    assert "cli:$USER" in run.stdout and "whoever can write the registry" in run.stdout
+    text = " ".join(run.stdout.split())  # click wraps the help
+    assert "cli:$USER" in text and "whoever can write the registry can do anything" in text
+
+
+def test_the_loop_commands_import_no_serving_stack_nor_trainers(cli: Cli) -> None:
+    token = cli.store.create_token("ann", "approver", "setup")
+    request_id = cli.store.file_promotion("digits", cli.version(), EVIDENCE, "gates")
+    code = (
+        "import json, sys\n"
+        "from servo.cli import main\n"
+        "for args in json.loads(sys.argv[1]):\n"
+        "    try:\n"
+        "        main(args, prog_name='servo')\n"
+        "    except SystemExit as exc:\n"
+        "        assert not exc.code, (args, exc.code)\n"
+        "print('MODULES=' + json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    commands = [
+        ["tokens", "list"], ["promotions", "list"], ["promotions", "show", str(request_id)],
+        ["promotions", "approve", str(request_id), "--reason", "ok", "--token", token],
+        ["rollback", "digits"], ["retrain", "digits"],
+    ]  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", code, json.dumps([[*c, "--json"] for c in commands])],
+        cwd=cli.cwd, capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "SERVO_REGISTRY_URL": cli.url},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    modules = set(json.loads(run.stdout.rpartition("MODULES=")[2]))
+    assert {"sqlalchemy", "click"} <= modules  # the probe sees what was imported
+    heavy = {"onnxruntime", "grpc", "numpy", "pyarrow", "sklearn", "onnx", "uvloop", "orjson",
+             "torch", "alembic"}  # fmt: skip
+    assert not modules & heavy, sorted(modules & heavy)
+    assert cli.store.aliases("digits")["champion"] == 1  # approved, then rolled back
