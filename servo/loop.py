@@ -240,7 +240,7 @@ class Controller(PromotionSteps):
         signals = sorted(trigger.signals(report))
         self.store.record_loop_event(model, "check", logs.plain({
             "version": champion, "verdict": report.verdict, "reasons": report.reasons,
-            "signals": signals}))  # fmt: skip
+            "signals": signals, "source": report.source, "error": report.error}))  # fmt: skip
         state = trigger.TriggerState.from_json(detail.get("trigger") or {})
         state, verdict = trigger.decide(state, report, policy, now)
         detail["trigger"] = state.to_json()

@@ -101,6 +101,7 @@ class Reports:
         self.prometheus = PrometheusSource(prometheus_url) if prometheus_url else None
         self.embedded = EmbeddedSource(server.registry, full_s=full_s, keep_s=keep_s)
         self.exporter = MonitorExporter(server.registry)
+        self.source = "prometheus" if self.prometheus is not None else "embedded"
 
     def _profile(self, model: str, version: str) -> tuple[Any, float | None] | None:
         entry = self.server.repository.find(model, version)
@@ -113,7 +114,8 @@ class Reports:
     def _compute(self, model: str, version: str, config: MonitorConfig) -> MonitorReport:
         loaded = self._profile(model, version)
         if loaded is None:
-            return _unavailable(model, version, config, f"version {version} is not loaded")
+            why = f"version {version} is not loaded"
+            return _unavailable(model, version, config, why, self.source)
         profile, baseline = loaded
         if self.prometheus is not None:
             return monitor(
@@ -139,16 +141,19 @@ class Reports:
             future = asyncio.run_coroutine_threadsafe(on_loop(), self.loop)
             report = future.result(timeout_s)
         except (SourceUnavailable, TimeoutError, RuntimeError) as exc:
-            return _unavailable(model, str(version), config, str(exc) or type(exc).__name__)
+            why = str(exc) or type(exc).__name__
+            return _unavailable(model, str(version), config, why, self.source)
         self.exporter.update(report)
         return report
 
 
-def _unavailable(model: str, version: str, config: MonitorConfig, why: str) -> MonitorReport:
+def _unavailable(
+    model: str, version: str, config: MonitorConfig, why: str, source: str
+) -> MonitorReport:
     return MonitorReport(
         model=model,
         version=version,
-        source="embedded",
+        source=source,
         window_s=config.window_s,
         end=None,
         verdict="unavailable",

@@ -75,6 +75,35 @@ def test_up_bootstraps_serves_and_stops_cleanly(tmp_path: Path) -> None:
         assert again.stop() == 0
 
 
+@pytest.mark.slow
+def test_up_with_prometheus_reads_its_reports_from_prometheus(tmp_path: Path) -> None:
+    from tests.loop_traffic import Traffic
+    from tests.prometheus import binary, start_prometheus
+    from tests.servers import free_port
+    from tests.test_loop_e2e import registry, write_policy
+
+    if binary() is None:
+        pytest.skip("the Debian package prometheus is not installed")
+    port = free_port()
+    prometheus = start_prometheus(tmp_path / "prom", [f"127.0.0.1:{port}"])
+    text = "defaults:\n  check_every_s: 1\n  monitor_window_s: 30\n"
+    up = start_up(tmp_path / "s", tmp_path / "up.log", http_port=port,
+                  policy=write_policy(tmp_path, text),
+                  extra=("--prometheus", prometheus.url))  # fmt: skip
+    store = registry(up)
+    traffic = Traffic(up.url).start()
+    try:
+        answered = wait_for(lambda: [e for e in store.loop_events("digits", kinds=["check"])
+                                     if e["detail"]["verdict"] != "unavailable"])  # fmt: skip
+        assert answered[0]["detail"]["source"] == "prometheus"
+        assert answered[0]["detail"]["verdict"] in ("ok", "insufficient_data")
+    finally:
+        traffic.stop()
+        up.stop()
+        prometheus.stop()
+        store.close()
+
+
 def test_json_log_line_carries_the_decision_fields() -> None:
     stream = io.StringIO()
     logs.configure("INFO", "json", stream=stream)

@@ -73,9 +73,11 @@ def start_up(
     wait_model: str | None = "digits",
     timeout: float = 120.0,
     extra: tuple[str, ...] = (),
+    http_port: int | None = None,
 ) -> Up:
     """`servo up --dir DIR` with JSON logs; waits until it is live and `wait_model` is ready."""
-    http_port, grpc_port, admin_port = free_port(), free_port(), free_port()
+    http_port = http_port or free_port()
+    grpc_port, admin_port = free_port(), free_port()
     args = [
         sys.executable, "-m", "servo.cli", "up", "--dir", str(directory),
         "--http-port", str(http_port), "--grpc-port", str(grpc_port),
