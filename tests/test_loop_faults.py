@@ -262,3 +262,25 @@ def test_sigterm_during_a_retrain_stops_it_and_marks_it_interrupted(tmp_path: Pa
     finally:
         up.stop()
         store.close()
+
+
+def test_a_paused_model_is_not_retrained_until_resumed(tmp_path: Path) -> None:
+    text = policy(retrain="window_s: 3600\nshare: 0.5\nholdout: 0.3\nparams: {seed: 1}")
+    up = start_up(tmp_path / "s", tmp_path / "up.log", policy=write_policy(tmp_path, text))
+    store = registry(up)
+    try:
+        store.pause_loop("digits", "cli:test", "maintenance")
+        store.request_retrain("digits", "cli:test", "while paused")
+        skipped = wait_for(lambda: events(store, "skipped"))
+        assert skipped[0]["detail"]["reason"] == "paused"
+        metrics = wait_for(lambda: _metrics_with(up, 'servo_loop_state{model="digits",'
+                                                     'state="paused"} 1.0'))  # fmt: skip
+        assert 'servo_loop_state{model="digits",state="watching"} 0.0' in metrics
+        assert events(store, "retrain_started") == []
+        store.resume_loop("digits", "cli:test", "done")
+        store.request_retrain("digits", "cli:test", "after the pause")
+        started = wait_for(lambda: events(store, "retrain_started"))
+        assert started[0]["detail"]["trigger"] == "manual"
+    finally:
+        up.stop()
+        store.close()
