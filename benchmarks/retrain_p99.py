@@ -73,16 +73,18 @@ def start_up(directory: Path, cpus: set[int], log: Path) -> tuple[subprocess.Pop
 class Retrainer:
     """Keeps one retrain running in a worker process, back to back, until stopped."""
 
-    def __init__(self, work: Path, params: dict[str, Any]):
+    def __init__(self, work: Path, params: dict[str, Any], nice: int):
         self.work = work
         self.params = params
+        self.nice = nice
         self.runs: list[dict[str, Any]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.busy_s = 0.0
 
     def _loop(self) -> None:
-        from servo.worker import TrainingJob, TrainSpec
+        from servo.loop_train import start_worker
+        from servo.worker import TrainSpec
 
         registry = f"sqlite:///{self.work / 'registry.db'}"
         while not self._stop.is_set():
@@ -92,7 +94,7 @@ class Retrainer:
                 cache=False,
             )  # fmt: skip
             started = time.monotonic()
-            job = TrainingJob.start(spec, self.work / "logs")
+            job = start_worker(spec, self.work / "logs", self.nice)  # as the loop does
             while job.poll() is None:
                 if self._stop.wait(0.05):
                     job.stop(grace_s=5)
@@ -122,6 +124,7 @@ def main() -> None:
     parser.add_argument("--load-cpus", default="0")
     parser.add_argument("--worker-cpus", default="2,3" if many else "0")
     parser.add_argument("--hidden", default="256,256", help="the retrain's MLP layers")
+    parser.add_argument("--nice", type=int, default=10, help="the worker's niceness (the loop's)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     if shutil.which("wrk") is None or shutil.which("taskset") is None:
@@ -139,7 +142,7 @@ def main() -> None:
         payload = Payload(body, {"Content-Type": "application/json"})
         url = f"http://127.0.0.1:{port}/v2/models/digits/infer"
         params = {"seed": 1, "hidden": [int(v) for v in args.hidden.split(",")], "max_iter": 300}
-        retrainer = Retrainer(root / "worker", params)
+        retrainer = Retrainer(root / "worker", params, args.nice)
         rows: list[dict[str, Any]] = []
         try:
             wrk_cpus = ",".join(map(str, sorted(load_cpus)))
@@ -172,7 +175,7 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]],
     ratio = statistics.median(busy) / statistics.median(idle)
     print(f"servo up, digits, REST JSON, concurrency {args.concurrency}, {args.seconds:g} s "
           f"phases; server cpus {args.server_cpus}, wrk cpus {args.load_cpus}, worker cpus "
-          f"{args.worker_cpus}\n")  # fmt: skip
+          f"{args.worker_cpus} (nice {args.nice})\n")  # fmt: skip
     print("| round | phase | req/s | p50 ms | p99 ms | errors | retrain busy |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from monitors.monitor import MonitorConfig, MonitorReport
 from servo import logs
 from servo.loop_promotion import PromotionSteps
+from servo.loop_train import WORKER_NICE
 
 if TYPE_CHECKING:
     from registry.store import RegistryStore
@@ -71,6 +72,8 @@ class ControllerConfig:
     payload_root: Path
     #: how often held model locks are renewed (well within the registry's lease)
     heartbeat_s: float = 10.0
+    #: niceness of the training workers (servo.loop_train.WORKER_NICE)
+    worker_nice: int = WORKER_NICE
     owner: str = field(
         default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     )
@@ -291,7 +294,8 @@ class Controller(PromotionSteps):
         """Start a retrain (manual `requests`, all served by this one run, skip the
         cooldown and budget; nothing else does)."""
         from retrain import trigger
-        from servo.worker import TrainingJob, TrainSpec
+        from servo.loop_train import start_worker
+        from servo.worker import TrainSpec
 
         request = requests[0] if requests else None
         now = self.clock()
@@ -321,7 +325,7 @@ class Controller(PromotionSteps):
             triggered_by=actor,
             artifacts=None,
         )
-        job = TrainingJob.start(spec, self.settings.directory / "logs")
+        job = start_worker(spec, self.settings.directory / "logs", self.settings.worker_nice)
         self._jobs[model] = job
         state = trigger.started(trigger.TriggerState.from_json(detail.get("trigger") or {}), now)
         detail.update({

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,3 +23,18 @@ def train_once(
     except BaseException:
         job.stop()
         raise
+
+
+#: the loop's training workers run at this niceness: on a machine whose cores are all
+#: busy, serving keeps the CPU it needs (nothing is lost when cores are idle)
+WORKER_NICE = 10
+
+
+def start_worker(spec: TrainSpec, log_dir: Path, nice: int = WORKER_NICE) -> TrainingJob:
+    """A training job at `nice` (set right after the spawn, before the worker's imports
+    create its threads, which inherit it)."""
+    job = TrainingJob.start(spec, log_dir)
+    if nice:
+        with contextlib.suppress(OSError):  # the worker already exited
+            os.setpriority(os.PRIO_PROCESS, job.pid, nice)
+    return job

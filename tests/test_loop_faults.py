@@ -284,3 +284,30 @@ def test_a_paused_model_is_not_retrained_until_resumed(tmp_path: Path) -> None:
     finally:
         up.stop()
         store.close()
+
+
+def test_a_passing_candidate_is_promoted_automatically_where_the_policy_says_so(
+    tmp_path: Path,
+) -> None:
+    text = policy(
+        retrain="window_s: 3600\nshare: 0.5\nholdout: 0.3\nparams: {seed: 1}",
+        shadow="min_labelled: 60\ntimeout_s: 300",
+        gates="live_margin: 0.3\noffline_margin: 0.3\nlatency_p99_ratio: 50.0",
+        approval="auto: true",
+    )
+    up = start_up(tmp_path / "s", tmp_path / "up.log", policy=write_policy(tmp_path, text))
+    store = registry(up)
+    traffic = Traffic(up.url).start()
+    try:
+        store.request_retrain("digits", "cli:test", "an equal candidate")
+        promoted = wait_for(lambda: store.promotions(model="digits", status="promoted"),
+                            every_s=0.5)  # fmt: skip
+        assert promoted[0]["decision"]["actor"] == "policy"
+        assert "gates passed" in promoted[0]["decision"]["reason"]
+        wait_for(lambda: store.alias("digits", "champion") == 2)
+        wait_for(lambda: champion_rows(up) == [(2, "champion")])
+        wait_for(lambda: any(a.version == "2" for a in list(traffic.answers)))
+    finally:
+        traffic.stop()
+        up.stop()
+        store.close()
