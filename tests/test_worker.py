@@ -136,7 +136,7 @@ def test_a_run_stopped_mid_step_is_interrupted(
     job = start(jobs, spec(db, tmp_path, SLOW), tmp_path / "logs")
     wait_until(lambda: in_step(tmp_path / "work", "train"))
     outcome = job.stop(grace_s=120)
-    assert outcome.status == "interrupted", outcome.error
+    assert outcome.status == "interrupted", (outcome, Path(outcome.log_path).read_text())
     assert outcome.error == "stopped during step 'train'"
     assert outcome.run_id == job.run_id() and outcome.version is None
     (run,) = query(db, "SELECT * FROM pipeline_runs")
@@ -159,7 +159,10 @@ def test_a_run_that_outlives_its_grace_is_killed(
 ) -> None:
     job = start(jobs, spec(db, tmp_path, SLOW), tmp_path / "logs")
     wait_until(lambda: step_started(db, job.run_id(), "split"))
-    outcome = job.stop(grace_s=0)  # no time to stop: killed at once
+    # a worker that cannot act on SIGTERM (stopped: the signal stays pending) is killed
+    # once the grace is over
+    os.kill(job.pid, signal.SIGSTOP)
+    outcome = job.stop(grace_s=0.5)
     assert outcome.status == "interrupted" and outcome.run_id == job.run_id()
     assert outcome.error is not None and "killed by signal 9" in outcome.error
     (run,) = query(db, "SELECT * FROM pipeline_runs")
