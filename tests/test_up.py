@@ -184,3 +184,19 @@ def test_loop_metrics_collector_reads_the_registry_and_caches() -> None:
     now[0] = 11.0
     generate_latest(registry)
     assert store.reads == 2
+
+
+def test_up_refuses_a_bad_policy_file_before_starting_anything(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bad = tmp_path / "servo.yaml"
+    bad.write_text("defaults:\n  trigger:\n    kk: 2\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "servo.cli", "up", "--dir", str(tmp_path / "s"),
+         "--policy", str(bad), "--http-port", "0", "--grpc-port", "0", "--admin-port", "0"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert f"{bad}: defaults.trigger.kk: unknown key" in done.stderr
+    assert not (tmp_path / "s" / "registry.db").exists()  # nothing trained nor created
