@@ -244,8 +244,7 @@ class Controller(PromotionSteps):
         self.store.record_loop_event(model, "check", logs.plain({
             "version": champion, "verdict": report.verdict, "reasons": report.reasons,
             "signals": signals, "source": report.source, "error": report.error}))  # fmt: skip
-        state = trigger.TriggerState.from_json(detail.get("trigger") or {})
-        state, verdict = trigger.decide(state, report, policy, now)
+        state, verdict = trigger.decide(self._trigger_state(model, detail), report, policy, now)
         detail["trigger"] = state.to_json()
         manual = self._manual.pop(model, []) + self._claim(model)
         if verdict.retrain or manual:
@@ -266,6 +265,17 @@ class Controller(PromotionSteps):
             self.note(model, "skipped", reason=verdict.reason)
         detail["skip"] = skip
         self.set_state(model, WATCHING, detail)
+
+    def _trigger_state(self, model: str, detail: dict[str, Any]) -> Any:
+        """The persisted debounce/cooldown/budget state (a damaged one starts afresh: the
+        registry's events still bound cooldown and budget)."""
+        from retrain import trigger
+
+        try:
+            return trigger.TriggerState.from_json(detail.get("trigger") or {})
+        except ValueError as exc:
+            self.note(model, None, "trigger_state_reset", level=logging.WARNING, reason=str(exc))
+            return trigger.TriggerState()
 
     def _claim(self, model: str) -> list[dict[str, Any]]:
         """The manual retrain requests of `model`, claimed (only while it is watching: a
@@ -327,7 +337,7 @@ class Controller(PromotionSteps):
         )
         job = start_worker(spec, self.settings.directory / "logs", self.settings.worker_nice)
         self._jobs[model] = job
-        state = trigger.started(trigger.TriggerState.from_json(detail.get("trigger") or {}), now)
+        state = trigger.started(self._trigger_state(model, detail), now)
         detail.update({
             "trigger": state.to_json(),
             "job": {"pid": job.pid, "owner": self.owner, "trigger": why, "triggered_by": actor,
