@@ -195,7 +195,7 @@ def test_up_refuses_a_bad_policy_file_before_starting_anything(tmp_path: Path) -
     done = subprocess.run(
         [sys.executable, "-m", "servo.cli", "up", "--dir", str(tmp_path / "s"),
          "--policy", str(bad), "--http-port", "0", "--grpc-port", "0", "--admin-port", "0"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert done.returncode == 1
     assert f"{bad}: defaults.trigger.kk: unknown key" in done.stderr
