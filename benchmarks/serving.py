@@ -360,8 +360,9 @@ def _ms(text: str) -> float:
 
 
 def wrk(
-    url: str, payload: Payload, concurrency: int, seconds: float, workdir: Path
-) -> dict[str, Any]:
+    url: str, payload: Payload, concurrency: int, seconds: float, workdir: Path, *,
+    cpus: str = LOAD_CPU,
+) -> dict[str, Any]:  # fmt: skip
     body_file = workdir / "body.bin"
     body_file.write_bytes(payload.body)
     lines = [
@@ -377,7 +378,7 @@ def wrk(
         [
             "taskset",
             "-c",
-            LOAD_CPU,
+            cpus,
             "wrk",
             "-t1",
             f"-c{concurrency}",

@@ -508,6 +508,57 @@ def monitor_command(
     sys.exit(report.exit_code)
 
 
+@main.command("up")
+@click.option("--dir", "work_dir", envvar="SERVO_DIR", default=".servo", show_default=True,
+              type=click.Path(path_type=Path, file_okay=False),
+              help="registry (SQLite), artifacts, versions, payload log, worker logs")  # fmt: skip
+@click.option("--host", envvar="SERVO_HOST", default="127.0.0.1", show_default=True)
+@click.option("--http-port", envvar="SERVO_HTTP_PORT", default=8080, show_default=True)
+@click.option("--grpc-port", envvar="SERVO_GRPC_PORT", default=8081, show_default=True)
+@click.option("--admin-port", envvar="SERVO_ADMIN_PORT", default=8082, show_default=True,
+              help="the admin API (always on 127.0.0.1)")  # fmt: skip
+@click.option("--registry", "registry_url", envvar="SERVO_REGISTRY_URL", default=None,
+              help="registry SQLAlchemy URL [default: sqlite:///DIR/registry.db]")  # fmt: skip
+@click.option("--prometheus", "prometheus_url", envvar="SERVO_PROMETHEUS_URL", default=None,
+              help="monitors read this Prometheus [default: the gateway's metrics]")  # fmt: skip
+@click.option("--policy", "policy_file", envvar="SERVO_POLICY_FILE", default=None,
+              type=click.Path(path_type=Path, dir_okay=False),
+              help="the loop policy (YAML) [default: ./servo.yaml if it exists]")  # fmt: skip
+@click.option("--log-level", envvar="SERVO_LOG_LEVEL", default="INFO", show_default=True)
+@click.option("--log-format", envvar="SERVO_LOG_FORMAT", default="text", show_default=True,
+              type=click.Choice(["text", "json"]))  # fmt: skip
+def up_command(
+    *, work_dir: Path, host: str, http_port: int, grpc_port: int, admin_port: int,
+    registry_url: str | None, prometheus_url: str | None, policy_file: Path | None,
+    log_level: str, log_format: str,
+) -> None:  # fmt: skip
+    """Run the closed loop: the gateway serving the registry's deployments, monitors, the
+    retraining scheduler and controller, and the admin API. On an empty registry it first
+    trains the digits model and makes it champion. SIGTERM stops it cleanly."""
+    from pydantic import ValidationError
+
+    from servo.settings import Settings
+    from servo.up import UpOptions, registry_url_for, serve_loop
+
+    try:
+        settings = Settings(
+            host=host, http_port=http_port, grpc_port=grpc_port, admin_port=admin_port,
+            log_level=log_level, log_format=log_format,
+            registry_url=registry_url or registry_url_for(work_dir),
+            prometheus_url=prometheus_url, policy_file=policy_file,
+            payload_log_dir=work_dir / "payload",
+        )  # fmt: skip
+    except ValidationError as exc:
+        raise click.UsageError(str(exc)) from None
+    options = UpOptions(dir=work_dir, admin_port=settings.admin_port,
+                        prometheus_url=settings.prometheus_url,
+                        policy_path=settings.policy_file)  # fmt: skip
+    try:
+        serve_loop(settings, options)
+    except ValueError as exc:  # a bad policy file: its error names the file, key and value
+        raise click.ClickException(str(exc)) from None
+
+
 @main.command("export-demo")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--name", default="digits", show_default=True)

@@ -105,6 +105,18 @@ class Settings(BaseSettings):
     metrics: bool = Field(True, description="record metrics (off only to measure their cost)")
     routes_poll_s: float = Field(0.5, gt=0, description="how often a routes file is checked")
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object per log line (servo up's decisions too)"
+    )
+    admin_port: int = Field(
+        8082, ge=0, le=65535, description="servo up's admin API port on 127.0.0.1 (0: any free)"
+    )
+    prometheus_url: str | None = Field(
+        None, description="servo up's monitors read this Prometheus (unset: embedded)"
+    )
+    policy_file: Path | None = Field(
+        None, description="servo up's loop policy (YAML; unset: ./servo.yaml if it exists)"
+    )
     registry_url: str = Field(
         "sqlite:///.servo/registry.db", description="SQLAlchemy URL of the model registry"
     )
