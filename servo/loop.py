@@ -101,6 +101,7 @@ class Controller(PromotionSteps):
         self.clock = clock
         self._jobs: dict[str, Any] = {}
         self._held: set[str] = set()
+        self._scheduled: set[str] = set()
         self._manual: dict[str, list[dict[str, Any]]] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -112,13 +113,7 @@ class Controller(PromotionSteps):
     def start(self) -> None:
         self.scheduler.on("check", self.tick)
         self.scheduler.on("retrain", self.cron)
-        for model in sorted(self.store.deployments()):
-            policy = self.config.for_model(model)
-            self.scheduler.schedule_checks(model, float(policy.check_every_s))
-            self.scheduler.schedule_cron(model, policy.trigger.cron)
-            state, _ = self.state(model)
-            logs.decision("watching", model=model, state=state,
-                          check_every_s=policy.check_every_s)  # fmt: skip
+        self.sync()
         self.scheduler.start()
         self._heartbeat = threading.Thread(target=self._beat, name="servo-loop-lease", daemon=True)
         self._heartbeat.start()
@@ -140,8 +135,24 @@ class Controller(PromotionSteps):
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=5)
 
+    def sync(self) -> None:
+        """Schedule the checks (and cron retrains) of every deployed model not scheduled
+        yet: at start, then at every heartbeat (a model deployed later is watched too)."""
+        for model in sorted(set(self.store.deployments()) - self._scheduled):
+            policy = self.config.for_model(model)
+            self.scheduler.schedule_checks(model, float(policy.check_every_s))
+            self.scheduler.schedule_cron(model, policy.trigger.cron)
+            self._scheduled.add(model)
+            state, _ = self.state(model)
+            logs.decision("watching", model=model, state=state,
+                          check_every_s=policy.check_every_s, cron=policy.trigger.cron)  # fmt: skip
+
     def _beat(self) -> None:
         while not self._stopping.wait(self.settings.heartbeat_s):
+            try:
+                self.sync()
+            except Exception as exc:
+                log.warning("deployed models not synced with the schedule: %s", exc)
             for model in list(self._held):
                 try:
                     if not self.store.heartbeat_model_lock(model, self.owner):
@@ -161,6 +172,14 @@ class Controller(PromotionSteps):
             return PAUSED, detail
         state = str(row.get("state") or WATCHING)
         return (WATCHING if state == PAUSED else state), detail
+
+    def champion(self, model: str) -> int | None:
+        """The version that answers: the champion deployment (what the gateway routes),
+        else the champion alias."""
+        for row in self.store.deployments().get(model, []):
+            if row["role"] == "champion":
+                return int(row["version"])
+        return self.store.alias(model, "champion")
 
     def set_state(self, model: str, state: str, detail: dict[str, Any]) -> None:
         self.store.set_loop_state(model, state, detail)
@@ -235,7 +254,7 @@ class Controller(PromotionSteps):
     def _watch(self, model: str, policy: Policy, detail: dict[str, Any]) -> None:
         from retrain import trigger
 
-        champion = self.store.alias(model, "champion")
+        champion = self.champion(model)
         if champion is None:
             return
         now = self.clock()

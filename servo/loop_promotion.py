@@ -59,6 +59,7 @@ class PromotionSteps:
     clock: Callable[[], float]
 
     # provided by servo.loop.Controller
+    def champion(self, model: str) -> int | None: ...
     def set_state(self, model: str, state: str, detail: dict[str, Any]) -> None: ...
     def back_to_watching(self, model: str, detail: dict[str, Any]) -> None: ...
     def note(self, model: str, kind: str | None, event: str | None = None, *,
@@ -86,7 +87,7 @@ class PromotionSteps:
         from servo.loop import ACTOR, AWAITING, SHADOWING, timestamp
 
         candidate = detail.get("candidate") or {}
-        champion = self.store.alias(model, "champion")
+        champion = self.champion(model)
         if not candidate or champion is None:
             self.back_to_watching(model, detail)
             return

@@ -200,3 +200,23 @@ def test_up_refuses_a_bad_policy_file_before_starting_anything(tmp_path: Path) -
     assert done.returncode == 1
     assert f"{bad}: defaults.trigger.kk: unknown key" in done.stderr
     assert not (tmp_path / "s" / "registry.db").exists()  # nothing trained nor created
+
+
+@pytest.mark.slow
+def test_a_model_deployed_later_is_watched_too(tmp_path: Path) -> None:
+    from servo.train import train
+    from tests.test_loop_e2e import registry, write_policy
+
+    text = "defaults:\n  check_every_s: 1\n"
+    up = start_up(tmp_path / "s", tmp_path / "up.log", policy=write_policy(tmp_path, text))
+    store = registry(up)
+    try:
+        trained = train(store, work=tmp_path / "s", name="other", params={"seed": 3})
+        store.set_deployments("other", [(trained.version, "champion", 100.0)], actor="test")
+        checks = wait_for(lambda: store.loop_events("other", kinds=["check"]))
+        assert checks[0]["detail"]["version"] == trained.version
+        watching = [e for e in up.named("watching") if e["model"] == "other"]
+        assert watching and watching[0]["check_every_s"] == 1.0
+    finally:
+        up.stop()
+        store.close()
