@@ -39,7 +39,7 @@ imports: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 pytest: deps
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n auto
 
 test: deps lint typecheck imports pytest
 
