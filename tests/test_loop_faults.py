@@ -311,3 +311,26 @@ def test_a_passing_candidate_is_promoted_automatically_where_the_policy_says_so(
         traffic.stop()
         up.stop()
         store.close()
+
+
+def test_a_cron_schedule_retrains_without_an_alarm(tmp_path: Path) -> None:
+    # no alarm can trigger (k is out of reach); the crontab fires at the next minute
+    text = policy(
+        trigger='on: [accuracy_stall]\nk: 1000\ncooldown_s: 3600\nbudget_per_day: 3\n'
+                'cron: "* * * * *"',
+        retrain="window_s: 3600\nshare: 0.5\nholdout: 0.3\nparams: {seed: 2}",
+    )  # fmt: skip
+    up = start_up(tmp_path / "s", tmp_path / "up.log", policy=write_policy(tmp_path, text))
+    store = registry(up)
+    try:
+        jobs = wait_for(lambda: [e for e in up.events() if e.get("event") == "watching"])
+        assert jobs[0]["cron"] == "* * * * *"
+        started = wait_for(lambda: events(store, "retrain_started"), every_s=0.5)
+        assert started[0]["detail"]["trigger"] == "cron"
+        assert events(store, "alarm") == []
+        runs = wait_for(lambda: [r for r in store.runs(20) if r["trigger"] == "cron"
+                                 and r["status"] != "running"], every_s=0.5)  # fmt: skip
+        assert runs[0]["status"] == "succeeded" and runs[0]["model"] == "digits"
+    finally:
+        up.stop()
+        store.close()
