@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,16 +40,10 @@ sys.path.insert(0, str(ROOT))
 
 from serving.grpc_stubs import pb  # noqa: E402
 from servo.demo import digits_holdout, export_digits, export_medium_mlp  # noqa: E402
+from tests.servers import free_port  # noqa: E402
 
 LOAD_CPU, SERVER_CPU = "0", "1"
 PROTOCOLS = ("rest-json", "rest-binary", "grpc")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -14,11 +15,46 @@ from pathlib import Path
 import httpx
 
 
+def _port_slice() -> range:
+    """The ports this test process hands out: below the kernel's ephemeral range (so no
+    outgoing connection, of this process or another, holds one between `free_port` and
+    the server's bind), one slice per pytest-xdist worker (so two workers never pick the
+    same). Empty where the ephemeral range leaves no room below it."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return range(0)
+    first, last = 10_000, min(low, 65_536)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    index = int(worker) if worker.isdigit() else 0
+    span = (last - first) // max(count, 1)
+    if span < 100:
+        return range(0)
+    return range(first + index * span, first + (index + 1) * span)
+
+
+_PORTS = _port_slice()
+#: the next candidate: a random start in the slice, then in turn (a port just handed out
+#: is not offered again soon)
+_NEXT = [random.randrange(len(_PORTS)) if _PORTS else 0]
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A port on 127.0.0.1 that a server started after this call can bind."""
+    for _ in range(len(_PORTS)):
+        port = _PORTS[_NEXT[0] % len(_PORTS)]
+        _NEXT[0] += 1
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # no slice of our own: any port the kernel gives
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        any_port: int = sock.getsockname()[1]
+        return any_port
 
 
 def read_http_reply(sock: socket.socket) -> tuple[int, bytes]:
