@@ -143,6 +143,8 @@ class Controller(PromotionSteps):
             self.scheduler.schedule_checks(model, float(policy.check_every_s))
             self.scheduler.schedule_cron(model, policy.trigger.cron)
             self._scheduled.add(model)
+            if model not in self.store.loop_states():  # shown (admin API, metrics) at once
+                self.store.set_loop_state(model, WATCHING)
             state, _ = self.state(model)
             logs.decision("watching", model=model, state=state,
                           check_every_s=policy.check_every_s, cron=policy.trigger.cron)  # fmt: skip

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from registry.store import RegistryStore
 from servo import logs
 from servo.demo import digits_holdout
 from servo.loop_metrics import LoopMetrics
@@ -47,6 +48,13 @@ def test_up_bootstraps_serves_and_stops_cleanly(tmp_path: Path) -> None:
         assert reply.json()["model_version"] == "1"
         request_id = reply.json()["id"]
         assert reply.json()["outputs"][0]["data"][:2] == [int(y[0]), int(y[1])]
+        # the loop state is there from the start, not from the first check (60 s)
+        wait_for(lambda: up.named("watching"))
+        store = RegistryStore(f"sqlite:///{(directory / 'registry.db').resolve()}")
+        try:
+            assert store.loop_states()["digits"]["state"] == "watching"
+        finally:
+            store.close()
         metrics = wait_for(lambda: _metrics_with(up.url, MODEL_INFO))
         assert 'servo_pipeline_runs_total{model="digits",status="succeeded",trigger="bootstrap"}' \
             in metrics  # fmt: skip
