@@ -22,6 +22,7 @@ path and the value (`servo.yaml: models.digits.trigger.k: must be >= 1 (got 0)`)
 from __future__ import annotations
 
 import copy
+import itertools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -163,7 +164,7 @@ class Rollout(_Section):
             raise ValueError("needs at least one step")
         if any(not 0 < v <= 100 for v in value):
             raise ValueError("each step must be a percent in (0, 100]")
-        if any(b <= a for a, b in zip(value, value[1:], strict=False)):
+        if any(b <= a for a, b in itertools.pairwise(value)):
             raise ValueError("steps must be strictly increasing")
         if value[-1] != 100:
             raise ValueError("the last step must be 100 (the candidate becomes champion)")
@@ -403,12 +404,12 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 
 __all__ = [
     "DEFAULT_FILE",
+    "LATENCY_EDGES",
     "Approval",
     "Gates",
     "LoopConfig",
     "Policy",
     "PolicyError",
-    "LATENCY_EDGES",
     "Retrain",
     "Rollout",
     "Shadow",
