@@ -240,7 +240,7 @@ class CanaryRollout:
         """Whether a runner of this process carries the rollout of `request_id` on."""
         with self._lock:
             return any(
-                r.request_id == request_id and r.thread is not None and r.thread.is_alive()
+                r.request_id == request_id and not r.stopped.is_set()
                 for r in self._runners.values()
             )
 
@@ -288,7 +288,7 @@ class CanaryRollout:
             return False
         with self._lock:
             old = self._runners.get(rollout_id)
-            if old is not None and old.thread is not None and old.thread.is_alive():
+            if old is not None and not old.stopped.is_set():
                 return False
             runner = self._runner(doc)
             self._runners[rollout_id] = runner
@@ -335,28 +335,31 @@ class CanaryRollout:
         return self.counts.cumulative(str(doc["model"]), versions, threshold)
 
     def _loop(self, runner: _Runner, every: float) -> None:
-        try:
-            while not runner.stopped.wait(every):
-                try:
-                    if self.look(runner.rollout_id):
-                        break
-                except Exception:  # the registry or the counts failed: the next look retries
-                    log.exception("rollout %s: look failed", runner.rollout_id)
-        finally:
-            with self._lock:
-                if self._runners.get(runner.rollout_id) is runner and not runner.stopped.is_set():
-                    del self._runners[runner.rollout_id]
+        while not runner.stopped.wait(every):
+            try:
+                self.look(runner.rollout_id)
+            except Exception:  # the registry or the counts failed: the next look retries
+                log.exception("rollout %s: look failed", runner.rollout_id)
 
     # one look
 
     def look(self, rollout_id: int) -> bool:
         """One look of rollout `rollout_id`'s runner: read, judge, record, decide. True
-        when the rollout is over (finished here or elsewhere)."""
+        when the rollout is over (finished here or elsewhere): its runner ends."""
         with self._lock:
             runner = self._runners.get(rollout_id)
         if runner is None:
             raise KeyError(f"no runner of rollout {rollout_id} in this process")
-        store = self.store
+        over = self._look(runner)
+        if over:
+            runner.stopped.set()
+            with self._lock:
+                if self._runners.get(rollout_id) is runner:
+                    del self._runners[rollout_id]
+        return over
+
+    def _look(self, runner: _Runner) -> bool:
+        store, rollout_id = self.store, runner.rollout_id
         doc = store.rollout(rollout_id)
         if doc["status"] != "running":
             return True  # finished elsewhere (an operator's rollback, another process)

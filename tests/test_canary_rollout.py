@@ -304,11 +304,14 @@ def test_the_immediate_strategy_swaps_at_once(store: RegistryStore) -> None:
 def test_a_refused_canary_fails_the_request_and_keeps_the_champion(store: RegistryStore) -> None:
     rollout = canary(store, FakeCounts())
     request = approved(store)
-    store.set_status("digits", 2, "rolled_back", actor="ops")  # no longer servable
+    store.register_version("digits", "file:///m/digits/3", {})
+    hand_made = [(1, "champion", 100.0), (3, "canary", 5.0)]  # someone's own canary
+    store.set_deployments("digits", hand_made, actor="ops")
     assert rollout.start(request, "loop") == "failed"
     doc = store.promotion(request["id"])
     assert doc["status"] == "failed" and "canary refused" in doc["status_reason"]
-    assert routes(store)[0] == (1, "champion", 100.0)
+    assert "version 3 as its canary" in doc["status_reason"]
+    assert routes(store) == hand_made
     assert not rollout.running(request["id"])
     # a request no longer approved is left as it is
     assert rollout.start(request, "loop") == "failed"
@@ -398,7 +401,8 @@ def test_the_latency_edges_are_the_recorders_buckets() -> None:
 def test_the_rollout_defaults() -> None:
     rollout = Policy().rollout
     assert rollout.strategy == "canary" and rollout.steps == [10.0, 50.0, 100.0]
-    assert (rollout.look_every_s, rollout.alpha, rollout.beta, rollout.delta) == (5, 0.05, 0.05, 0.25)
+    assert (rollout.look_every_s, rollout.alpha, rollout.beta) == (5, 0.05, 0.05)
+    assert rollout.delta == 0.25
     assert (rollout.min_requests, rollout.step_timeout_s, rollout.on_timeout) == (200, 3600, "hold")
     assert rollout.latency_threshold_s == 0.1
     assert rollout.metrics == ["errors", "latency", "incorrect"]
@@ -410,16 +414,16 @@ def test_the_rollout_defaults() -> None:
         ("steps: [10, 5, 100]", "rollout.steps: steps must be strictly increasing"),
         ("steps: [10, 50]", "rollout.steps: the last step must be 100"),
         ("steps: [0, 100]", r"rollout.steps: each step must be a percent in \(0, 100\]"),
-        ("steps: [10, 100, 101]", r"each step must be a percent in \(0, 100\]"),
-        ("steps: [100]", "needs a canary step below 100"),
-        ("steps: []", "needs at least one step"),
-        ("latency_threshold_s: 0.2", "must be one of the latency bucket edges .* \\(got 0.2\\)"),
-        ("metrics: [errors, errors]", "lists a metric twice"),
+        ("steps: [10, 100, 101]", r"rollout.steps: each step must be a percent in \(0, 100\]"),
+        ("steps: [100]", "rollout.steps: needs a canary step below 100"),
+        ("steps: []", "rollout.steps: needs at least one step"),
+        ("latency_threshold_s: 0.2", r"rollout.latency_threshold_s: must be one of .* \(got 0.2\)"),
+        ("metrics: [errors, errors]", "rollout.metrics: lists a metric twice"),
         ("metrics: [cost]", "rollout.metrics.0: must be one of"),
         ("alpha: 1", "rollout.alpha: must be < 1"),
         ("min_requests: 0", "rollout.min_requests: must be >= 1"),
-        ("on_timeout: pause", "must be one of 'hold' or 'rollback'"),
-        ("strategy: blue_green", "must be one of 'canary' or 'immediate'"),
+        ("on_timeout: pause", "rollout.on_timeout: must be one of 'hold' or 'rollback'"),
+        ("strategy: blue_green", "rollout.strategy: must be one of 'canary' or 'immediate'"),
         ("look_every_s: 0", "rollout.look_every_s: must be > 0"),
     ],
 )
