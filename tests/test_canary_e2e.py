@@ -89,6 +89,13 @@ def test_a_good_candidate_is_promoted_through_10_50_100(tmp_path: Path) -> None:
         assert doc["status"] == "approved"  # the canary runs on in servo up
         (rollout,) = store.rollouts(model="digits")
         assert rollout["steps"] == [10.0, 50.0, 100.0] and rollout["version"] == version
+        # the judge's e-values of its last look on the gateway's /metrics
+        assert wait_for(
+            lambda: (
+                'servo_rollout_e_value{metric="errors",model="digits",'
+                'test="rollback"}' in httpx.get(f"{up.url}/metrics", timeout=10).text
+            )
+        )
         wait_for(lambda: store.rollout(rollout["id"])["status"] != "running", every_s=0.5)
         finished = store.rollout(rollout["id"])
         assert finished["status"] == "promoted", finished
