@@ -1,4 +1,5 @@
-"""The loop's commands: `servo tokens`, `servo promotions`, `servo rollback`, `servo retrain`.
+"""The loop's commands: `servo tokens`, `servo promotions`, `servo rollouts`
+(servo.cli_rollouts), `servo rollback`, `servo retrain`.
 
 They act on the registry directly, as the admin API does over HTTP, with the same roles:
 with `--token` (or SERVO_TOKEN) as that token's name and role; without, as the local user
@@ -379,5 +380,7 @@ def retrain(
 
 
 def add_commands(main: click.Group) -> None:
-    for command in (tokens, promotions, rollback, retrain):
+    from servo.cli_rollouts import rollouts
+
+    for command in (tokens, promotions, rollouts, rollback, retrain):
         main.add_command(command)
