@@ -123,3 +123,10 @@ def test_list_and_rollback(cli: Cli) -> None:
         assert cli.run("rollouts", *args).returncode == 2, args
     bogus = cli.json("rollouts", "list", "--status", "done", code=1)
     assert "unknown rollout status 'done'" in bogus["error"]
+    # `servo rollback MODEL` while a rollout runs rolls that rollout back
+    other = cli.store.start_rollout(approved(cli.store, "digits", 3), "bob", steps=[10, 100],
+                                    config={})  # fmt: skip
+    back = cli.run("rollback", "digits", "--reason", "by model")
+    assert back.returncode == 0, back.stderr
+    assert f"rollout {other['id']} of version 3 rolled back; version 1 is champion" in back.stdout
+    assert cli.store.rollout(other["id"])["status"] == "rolled_back"
