@@ -216,6 +216,8 @@ class CanaryRollout:
         policy = self.policy_for(model).rollout
         if policy.strategy == "immediate":
             return ImmediateRollout(store).start(request, actor)
+        active = store.active_rollout(model)
+        resumed = active is not None and int(active["request_id"]) == request_id
         try:
             doc = store.start_rollout(
                 request_id, actor, steps=list(policy.steps), config=snapshot(policy)
@@ -231,7 +233,11 @@ class CanaryRollout:
             except Conflict:
                 return str(store.promotion(request_id)["status"])
             return "failed"
-        self._run(doc, resumed=False)
+        if not resumed:
+            note(store, model, "canary_started", rollout=doc["id"], version=doc["version"],
+                 champion=doc["champion"], steps=doc["steps"], percent=doc["percent"],
+                 request=request_id, actor=actor, look_every_s=policy.look_every_s)  # fmt: skip
+        self._run(doc, resumed=resumed)
         return "approved"
 
     # background runners
@@ -287,28 +293,30 @@ class CanaryRollout:
                      model)  # fmt: skip
             return False
         with self._lock:
-            old = self._runners.get(rollout_id)
-            if old is not None and not old.stopped.is_set():
+            if self._alive(rollout_id):
                 return False
-            runner = self._runner(doc)
+        runner = self._runner(doc)  # reads the registry: not under the lock
+        with self._lock:
+            if self._alive(rollout_id):  # started meanwhile
+                return False
             self._runners[rollout_id] = runner
-            policy = _policy(doc)
             runner.thread = threading.Thread(
                 target=self._loop,
-                args=(runner, float(policy["look_every_s"])),
+                args=(runner, float(_policy(doc)["look_every_s"])),
                 name=f"servo-canary-{rollout_id}",
                 daemon=True,
             )
         if resumed:
             note(self.store, model, "rollout_resumed", rollout=rollout_id, version=doc["version"],
                  step=doc["step"], percent=doc["percent"], looks=runner.judge.looks)  # fmt: skip
-        else:
-            note(self.store, model, "canary_started", rollout=rollout_id, version=doc["version"],
-                 champion=doc["champion"], steps=doc["steps"], percent=doc["percent"],
-                 request=doc["request_id"], look_every_s=policy["look_every_s"])  # fmt: skip
         self._baseline(runner)
         runner.thread.start()
         return True
+
+    def _alive(self, rollout_id: int) -> bool:
+        """Whether a runner of `rollout_id` goes on (call it under the lock)."""
+        old = self._runners.get(rollout_id)
+        return old is not None and not old.stopped.is_set()
 
     def _runner(self, doc: dict[str, Any]) -> _Runner:
         """A runner whose judge has seen the rollout's stored looks (a resumed rollout goes

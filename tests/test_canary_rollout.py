@@ -359,9 +359,11 @@ def test_a_process_that_may_not_run_it_leaves_it_to_the_lock_holder(
     assert rollout.start(request, "alice") == "approved"
     assert store.rollouts(model="digits")[0]["status"] == "running"  # the canary is routed
     assert not rollout.running(request["id"]) and fake.reads == 0
+    assert kinds(store) == ["canary_started"]
     other = canary(store, fake)
     try:
         assert other.resume() == [store.rollouts(model="digits")[0]["id"]]
+        assert kinds(store) == ["canary_started", "rollout_resumed"]
     finally:
         other.stop()
 
