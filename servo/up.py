@@ -308,10 +308,11 @@ def serve_loop(settings: Settings, options: UpOptions) -> None:
 
     def rollout_for(running: Running) -> Any:
         """One rollout for the admin API and the controller: the canary (or an immediate
-        swap, per the model's policy), judged on the gateway's own counts; its runners run
-        the rollouts of the models whose lock the controller holds."""
-        from retrain.rollout import CanaryRollout
-        from servo.canary import EmbeddedCounts
+        swap, per the model's policy), judged on the gateway's own counts (or Prometheus',
+        as the monitors are); its runners run the rollouts of the models whose lock the
+        controller holds."""
+        from retrain.rollout import CanaryRollout, CountsSource
+        from servo.canary import EmbeddedCounts, PrometheusCounts
         from servo.loop_promotion import GuardedRollout
 
         def may_run(model: str) -> bool:  # no controller yet: its start resumes them
@@ -319,7 +320,12 @@ def serve_loop(settings: Settings, options: UpOptions) -> None:
             return controller is not None and bool(controller.may_roll_out(model))
 
         if id(running) not in rollouts:
-            counts = EmbeddedCounts(running.server.recorder, running.reports.loop)
+            prometheus = running.reports.prometheus
+            counts: CountsSource = (
+                EmbeddedCounts(running.server.recorder, running.reports.loop)
+                if prometheus is None
+                else PrometheusCounts(prometheus)
+            )
             canary = CanaryRollout(running.store, counts, config.for_model, may_run=may_run)
             if running.loop_metrics is not None:
                 running.loop_metrics.verdicts = canary.verdicts
