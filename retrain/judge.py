@@ -200,10 +200,11 @@ def promotion_ratios(delta: float) -> Array:
 
 
 def log_mixture(log_lr: Array, weights: Array) -> Array:
-    """log sum_j w_j exp(log_lr[..., j]), w normalised to sum 1 (logsumexp, last axis)."""
-    terms = log_lr + np.log(weights / weights.sum())
-    top = terms.max(axis=-1)
-    return np.asarray(top + np.log(np.exp(terms - top[..., None]).sum(axis=-1)))
+    """log sum_j w_j exp(log_lr[..., j]), w normalised to sum 1 (logsumexp, last axis;
+    exactly 0 where every log_lr is 0)."""
+    top = log_lr.max(axis=-1)
+    scaled = (weights * np.exp(log_lr - top[..., None])).sum(axis=-1) / weights.sum()
+    return np.asarray(top + np.log(scaled))
 
 
 @dataclass
