@@ -7,19 +7,29 @@ file on disk before the kill is there with the same rows, and every label answer
 `"stored": true` is in the feedback table (once).
 
 One `servo up` lineage for both phases (each start costs seconds): killed while
-retraining, restarted with a quicker retrain, killed while shadowing, restarted."""
+retraining, restarted with a quicker retrain, killed while shadowing, restarted. And the
+payload log alone, its writer killed many times in the middle of its writes (a write every
+few milliseconds, so kills land inside them), then opened again."""
 
 from __future__ import annotations
 
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
 from monitors.payload_log import PREDICTIONS
+from serving.payload_log import PayloadLog, PayloadLogConfig
 from tests.crash import (
+    ROOT,
     check_invariants,
     check_nothing_lost,
     check_promotions,
@@ -157,3 +167,61 @@ def test_kill_9_while_retraining_then_while_shadowing_loses_nothing(lineage: Lin
     wait_for(lambda: len(lineage.traffic.stored) >= 20)
     kill_while_retraining(lineage)
     kill_while_shadowing(lineage)
+
+
+#: a payload-log writer as fast as it goes: predictions queued, a label stored (and its id
+#: printed once the store says it is durable) for every other one, files every 10 ms
+WRITER = """
+import datetime as dt, itertools, sys
+from pathlib import Path
+import numpy as np
+from monitors.payload_log import FEEDBACK, PREDICTIONS
+from serving.payload_log import PayloadLog, PayloadLogConfig
+
+log = PayloadLog(PayloadLogConfig(Path(sys.argv[1]), flush_s=0.01, batch_rows=20))
+print("ready", flush=True)
+rows = np.zeros((1, 64), dtype=np.float32)
+for i in itertools.count():
+    ident, now = f"{sys.argv[2]}-{i}", dt.datetime.now(dt.UTC)
+    log.submit(PREDICTIONS, {"id": ident, "time": now, "model": "m", "version": "1",
+                             "variant": "champion", "inputs": [("input", "FP32", rows)],
+                             "outputs": [("label", "INT64", np.array([i % 10]))]})
+    if i % 2 == 0:
+        log.store(FEEDBACK, [{"id": ident, "time": now, "model": "m", "version": "1",
+                              "label": "3", "outcome": "correct"}]).result()
+        print(ident, flush=True)
+"""
+
+
+def _collect(lines: IO[str], into: list[str]) -> None:
+    into.extend(line.strip() for line in lines)
+
+
+@pytest.mark.timeout(120)
+def test_a_payload_log_writer_killed_mid_write_loses_nothing_older(tmp_path: Path) -> None:
+    root, rng = tmp_path / "log", random.Random(11)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    recovered = 0
+    for kill in range(6):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(root), f"w{kill}"],
+                                  stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+        assert writer.stdout is not None
+        assert writer.stdout.readline().strip() == "ready"
+        acked: list[str] = []
+        reader = threading.Thread(target=_collect, args=(writer.stdout, acked))
+        reader.start()
+        try:
+            time.sleep(rng.uniform(0.2, 0.8))
+            files, labels = payload_files(root), list(acked)
+        finally:
+            writer.kill()
+            writer.wait(timeout=20)
+            reader.join(timeout=20)
+            writer.stdout.close()
+        assert labels
+        opened = PayloadLog(PayloadLogConfig(root))  # replays the killed writer's journal
+        opened.close()
+        recovered += opened.labels.recovered
+        check_nothing_lost(root, files, labels)
+        assert not list((root / "feedback" / "_journal").glob("journal-*"))
+    print(f"labels only in a journal at the kill, recovered: {recovered}")
