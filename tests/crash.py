@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlparse
 import pyarrow.parquet as pq
 
 from monitors.payload_log import FEEDBACK, PREDICTIONS, read_window
+from registry.routes import ROUTE_ACTIONS
 from retrain.pipeline import file_hash
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -336,3 +337,81 @@ def check_nothing_lost(
     assert len(feedback) == len(set(feedback)), "a label stored twice"
     assert set(labels) <= set(feedback), sorted(set(labels) - set(feedback))[:5]
     return {"files": len(files), "predictions": len(logged), "labels": len(labels)}
+
+
+#: a rollout's status -> its request's status
+ROLLOUT_REQUEST = {"running": "approved", "promoted": "promoted", "rolled_back": "rolled_back",
+                   "failed": "failed"}  # fmt: skip
+
+
+def check_rollouts(db: Path) -> list[dict[str, Any]]:
+    """Every rollout agrees with its request, the route table and the champion alias: a
+    running one has the champion it started from at 100 % and its candidate as the canary
+    at one of its steps short of 100; a finished one left no canary row, and only a
+    promoted one made its candidate champion. Its looks are numbered 1, 2, ... with steps
+    that never go back, each at its step's percent. Returns the rollouts with their looks
+    (steps, counts and verdicts decoded)."""
+    table = routes(db)
+    aliases = {a["model"]: a["version"]
+               for a in query(db, "SELECT * FROM aliases WHERE alias = 'champion'")}  # fmt: skip
+    requests = {r["id"]: r["status"] for r in query(db, "SELECT * FROM promotion_requests")}
+    made = {(h["model"], h["new_version"])
+            for h in query(db, "SELECT * FROM alias_history WHERE alias = 'champion'")}  # fmt: skip
+    out = []
+    for row in query(db, "SELECT * FROM rollouts ORDER BY id"):
+        doc = {**dict(row), "steps": json.loads(row["steps"]), "config": json.loads(row["config"])}
+        model, version, steps = doc["model"], doc["version"], doc["steps"]
+        looks = [{**dict(look), "counts": json.loads(look["counts"]),
+                  "verdict": json.loads(look["verdict"])}
+                 for look in query(db, "SELECT * FROM rollout_looks WHERE rollout_id = ? "
+                                       "ORDER BY seq", doc["id"])]  # fmt: skip
+        assert [look["seq"] for look in looks] == list(range(1, len(looks) + 1)), doc["id"]
+        at = [look["step"] for look in looks]
+        assert at == sorted(at) and all(step <= doc["step"] for step in at), (doc["id"], at)
+        assert all(look["percent"] == steps[look["step"]] for look in looks), doc["id"]
+        assert requests[doc["request_id"]] == ROLLOUT_REQUEST[doc["status"]], doc
+        routed = {v: (role, percent) for v, role, percent in table.get(model, [])}
+        if doc["status"] == "running":
+            assert doc["step"] < len(steps) - 1, doc
+            assert routed.get(version) == ("canary", steps[doc["step"]]), (doc, routed)
+            assert routed.get(doc["champion"]) == ("champion", 100.0), (doc, routed)
+            assert aliases[model] == doc["champion"], (doc, aliases)
+        else:
+            assert routed.get(version, ("none",))[0] != "canary", (doc, routed)
+            assert ((model, version) in made) == (doc["status"] == "promoted"), doc
+        out.append({**doc, "looks": looks})
+    running = [d["model"] for d in out if d["status"] == "running"]
+    assert len(running) == len(set(running)), running
+    return out
+
+
+def last_audit(db: Path) -> int:
+    return int(query(db, "SELECT COALESCE(MAX(id), 0) AS n FROM audit_log")[0]["n"])
+
+
+def check_route_chain(db: Path, killed: dict[str, list[tuple[int, str, float]]], since: int) -> int:
+    """The route table is the one the killed process last committed, or what later route
+    changes made of it: each change after audit entry `since` started from the table the
+    one before it left (the first from `killed`). Returns the number of those changes."""
+    current = {model: sorted(rows) for model, rows in killed.items()}
+    entries = query(db, "SELECT * FROM audit_log WHERE id > ? ORDER BY id", since)
+    changes = [e for e in entries if e["action"] in ROUTE_ACTIONS]
+    for entry in changes:
+        model = entry["subject"]
+        previous = sorted(tuple(r) for r in json.loads(entry["rollback"])["deployments"])
+        assert previous == current.get(model, []), (dict(entry), current.get(model))
+        current[model] = sorted(tuple(r) for r in json.loads(entry["detail"])["deployments"])
+    assert routes(db) == {model: rows for model, rows in current.items() if rows}
+    return len(changes)
+
+
+def frozen(db: Path, to: Path) -> Path:
+    """A consistent copy of a registry in use (sqlite3's backup), to check its tables
+    against each other while a process changes them."""
+    source, target = sqlite3.connect(db, timeout=30), sqlite3.connect(to)
+    try:
+        source.backup(target)
+    finally:
+        target.close()
+        source.close()
+    return to

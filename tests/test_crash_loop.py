@@ -24,18 +24,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import httpx
 import pytest
 
 from monitors.payload_log import PREDICTIONS
+from retrain.judge import JudgeConfig, counts_from_json, replay
 from serving.payload_log import PayloadLog, PayloadLogConfig
 from tests.crash import (
     ROOT,
     check_invariants,
     check_nothing_lost,
     check_promotions,
+    check_rollouts,
+    check_route_chain,
     check_routes,
+    frozen,
+    last_audit,
     payload_files,
     query,
+    routes,
 )
 from tests.loop_traffic import Traffic
 from tests.test_loop_e2e import events, registry, write_policy
@@ -51,6 +58,10 @@ SLOW = RETRAIN + "params: {hidden: [512, 512], max_iter: 500}"
 QUICK = RETRAIN + "params: {seed: 1}"
 #: labelled pairs come at about 20 a second: the evidence takes long enough to be killed
 SHADOW = "min_labelled: 300\ntimeout_s: 300"
+#: no event can be counted (no 5xx, nothing slower than 2.5 s): a good candidate's step
+#: advances once it saw `min_requests` canary requests, a few looks at 10 %
+ROLLOUT = ("steps: [10, 50, 100]\nlook_every_s: 1\nmin_requests: 100\n"
+           "latency_threshold_s: 2.5\nmetrics: [errors, latency]")  # fmt: skip
 
 
 @dataclass
@@ -60,6 +71,9 @@ class Killed:
     files: dict[Path, list[str]]
     labels: list[str]
     routes: dict[str, list[tuple[int, str, float]]]
+    #: the last audit entry then
+    audit: int
+    rollouts: list[dict[str, Any]]
 
 
 class Lineage:
@@ -81,20 +95,38 @@ class Lineage:
     def state(self) -> dict[str, Any]:
         return self.store.loop_states()["digits"]
 
+    def frozen(self) -> Path:
+        """A consistent copy of the registry now (the live one changes under a check); the
+        next copy replaces it."""
+        return frozen(self.db, self.tmp_path / "registry-copy.db")
+
     def kill_and_restart(self) -> Killed:
         """kill -9 the newest under traffic, start the next on its folder, point the
-        traffic at it, and check that nothing recorded before the kill was lost."""
+        traffic at it, and check that nothing recorded before the kill was lost and that
+        the route table is the last one committed (or what the new process made of it)."""
         root = self.up.directory / "payload"
-        killed = Killed(payload_files(root), list(self.traffic.stored), check_routes(self.db))
-        assert killed.labels and any(p.is_relative_to(root / PREDICTIONS) for p in killed.files)
+        files, labels = payload_files(root), list(self.traffic.stored)
         self.up.kill()
+        db = self.frozen()  # as the kill left it
+        killed = Killed(files, labels, check_routes(db), last_audit(db), check_rollouts(db))
+        check_promotions(db)
+        assert labels and any(p.is_relative_to(root / PREDICTIONS) for p in files)
         log = self.tmp_path / f"up-{len(self.ups)}.log"
         self.ups.append(start_up(self.up.directory, log, policy=self.policy))
         self.traffic.url = self.up.url
         # the journal was replayed before the restarted gateway answered anything
-        check_nothing_lost(root, killed.files, killed.labels)
-        check_promotions(self.db)
+        check_nothing_lost(root, files, labels)
+        self.check(killed)
         return killed
+
+    def check(self, killed: Killed) -> Path:
+        """The registry's invariants now, on a consistent copy (returned)."""
+        db = self.frozen()
+        check_route_chain(db, killed.routes, killed.audit)
+        check_routes(db)
+        check_promotions(db)
+        check_rollouts(db)
+        return db
 
     def close(self) -> None:
         self.traffic.stop()
@@ -105,7 +137,7 @@ class Lineage:
 
 @pytest.fixture
 def lineage(tmp_path: Path) -> Iterator[Lineage]:
-    made = Lineage(tmp_path, policy(retrain=SLOW, shadow=SHADOW))
+    made = Lineage(tmp_path, policy(retrain=SLOW, shadow=SHADOW, rollout=ROLLOUT))
     try:
         yield made
     finally:
@@ -122,14 +154,16 @@ def kill_while_retraining(loop: Lineage) -> None:
     wait_for(lambda: query(loop.db, "SELECT * FROM step_runs WHERE run_id = ?", run["id"]))
     assert loop.state()["state"] == "retraining"
     assert store.run(run["id"], recover=False)["status"] == "running"
-    write_policy(loop.tmp_path, policy(retrain=QUICK, shadow=SHADOW))  # read at the restart
+    # read at the restart
+    write_policy(loop.tmp_path, policy(retrain=QUICK, shadow=SHADOW, rollout=ROLLOUT))
     killed = loop.kill_and_restart()
     wait_for(lambda: loop.state()["state"] == "watching")
     assert store.run(run["id"], recover=False)["status"] in ("failed", "interrupted")
     ended = {e["detail"]["status"] for e in events(store, "retrain_finished")}
     assert ended & {"failed", "interrupted"}, ended
-    assert check_routes(loop.db) == killed.routes == {"digits": [(1, "champion", 100.0)]}
-    counts = check_invariants(loop.db, loop.up.directory)
+    db = loop.check(killed)
+    assert routes(db) == killed.routes == {"digits": [(1, "champion", 100.0)]}
+    counts = check_invariants(db, loop.up.directory)
     assert counts["servable"] == 1 and counts["failed"] <= 1, counts
     assert store.model_lock("digits") is None
 
@@ -147,8 +181,8 @@ def kill_while_shadowing(loop: Lineage) -> dict[str, Any]:
     version = shadowing["detail"]["candidate"]["version"]
     killed = loop.kill_and_restart()
     assert killed.routes == {"digits": [(1, "champion", 100.0), (version, "shadow", 100.0)]}
-    assert check_routes(loop.db) == killed.routes
-    check_invariants(loop.db, loop.up.directory)
+    assert routes(loop.check(killed)) == killed.routes
+    check_invariants(loop.frozen(), loop.up.directory)
     assert loop.state()["state"] == "shadowing"
     metrics = wait_for(lambda: _metrics_with(loop.up, f'stage="shadow",version="{version}"'))
     assert 'servo_loop_state{model="digits",state="shadowing"} 1.0' in metrics
@@ -158,15 +192,87 @@ def kill_while_shadowing(loop: Lineage) -> dict[str, Any]:
     assert store.alias("digits", "champion") == 1
     resumed = loop.up.named("resumed")
     assert resumed and resumed[0]["state"] == "shadowing"
-    check_routes(loop.db)
-    check_promotions(loop.db)
-    return filed[0]
+    wait_for(lambda: loop.state()["state"] == "awaiting_approval")
+    loop.check(killed)
+    return store.promotion(filed[0]["id"])
 
 
-def test_kill_9_while_retraining_then_while_shadowing_loses_nothing(lineage: Lineage) -> None:
+def approve(loop: Lineage, request: dict[str, Any]) -> int:
+    """An approver approves over the admin API: the canary starts; its rollout's id."""
+    token = loop.store.create_token("alice", "approver", actor="test")
+    reply = httpx.post(
+        f"{loop.up.admin}/admin/promotions/{request['id']}/approve",
+        json={"reason": "as a canary", "evidence_hash": request["evidence_hash"]},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+    assert reply.status_code == 200, reply.text
+    (rollout,) = loop.store.rollouts(model="digits")
+    return int(rollout["id"])
+
+
+def kill_in_step(loop: Lineage, rollout_id: int, step: int) -> None:
+    """During canary step `step` (a look of it stored): the rollout resumes from its
+    stored looks (kept as they were; more follow, their verdicts what a replay of all of
+    them gives: the judge went on, it did not start over), the canary and the champion
+    are the rollout's, at one of its steps."""
+    store = loop.store
+
+    def in_step() -> bool:
+        doc = store.rollout(rollout_id)
+        assert doc["status"] == "running", doc  # a good candidate, never rolled back
+        looks = store.rollout_looks(rollout_id)
+        return doc["step"] == step and any(look["step"] == step for look in looks)
+
+    wait_for(in_step, every_s=0.1)
+    killed = loop.kill_and_restart()
+    (before,) = [r for r in killed.rollouts if r["id"] == rollout_id]
+    assert before["status"] == "running" and before["step"] >= step, before
+
+    def resumed() -> dict[str, Any] | None:
+        (now,) = check_rollouts(loop.check(killed))
+        return now if len(now["looks"]) > len(before["looks"]) else None
+
+    after = wait_for(resumed, every_s=0.2)
+    assert after["looks"][: len(before["looks"])] == before["looks"]
+    assert after["step"] >= before["step"]
+    config = JudgeConfig.from_json(after["config"]["judge"])
+    looks = [(look["step"], counts_from_json(look["counts"])) for look in after["looks"]]
+    for look, verdict in zip(after["looks"], replay(config, looks), strict=True):
+        stored = look["verdict"]
+        assert (stored["decision"], stored["looks"], stored["step"]) == (
+            verdict.decision, verdict.looks, verdict.step,
+        )  # fmt: skip
+        assert stored["rollback_e"] == pytest.approx(verdict.rollback_e)
+        assert stored["promote_e"] == pytest.approx(verdict.promote_e)
+    kinds = [e["kind"] for e in store.loop_events("digits") if e["kind"] == "rollout_resumed"]
+    assert len(kinds) >= 1
+
+
+@pytest.mark.timeout(420)  # five `servo up` starts, two retrains, a shadow and a canary
+def test_kill_9_in_every_phase_of_the_loop_loses_nothing(lineage: Lineage) -> None:
     wait_for(lambda: len(lineage.traffic.stored) >= 20)
     kill_while_retraining(lineage)
-    kill_while_shadowing(lineage)
+    request = kill_while_shadowing(lineage)
+    version = int(request["version"])
+    lineage.traffic.stop()  # more traffic: each step's requests sooner
+    lineage.traffic.senders = 4
+    lineage.traffic.start()
+    rollout_id = approve(lineage, request)
+    kill_in_step(lineage, rollout_id, 0)
+    kill_in_step(lineage, rollout_id, 1)
+    store = lineage.store
+    wait_for(lambda: store.rollout(rollout_id)["status"] != "running", every_s=0.5)
+    assert store.rollout(rollout_id)["status"] == "promoted"
+    db = lineage.frozen()
+    assert routes(db) == {"digits": [(version, "champion", 100.0)]}
+    assert store.promotion(request["id"])["status"] == "promoted"
+    assert store.alias("digits", "champion") == version
+    check_routes(db)
+    check_promotions(db)
+    check_rollouts(db)
+    check_invariants(db, lineage.up.directory)
+    wait_for(lambda: lineage.state()["state"] == "watching")
 
 
 #: a payload-log writer as fast as it goes: predictions queued, a label stored (and its id
