@@ -3,7 +3,8 @@ evidence, hashed when it is filed; one decision (an approver's, or the gates'); 
 rollout's outcome.
 
     pending ─decide/auto_decide─▶ approved ─finish_promotion─▶ promoted | failed | rolled_back
-       │                            (a rollout runs: one per model at a time)
+       │                            (a rollout runs: one per model at a time; a canary
+       │                             rollout, registry.rollouts, ends the request itself)
        ├─▶ rejected   (decided so)
        ├─▶ expired    (not decided before expires_at)
        └─▶ void       (the stored evidence no longer matches its hash)

@@ -337,33 +337,22 @@ class RolloutsMixin(PromotionsMixin, RoutesMixin):
         """Undo a running rollout in one step: the champion alone at 100 %, the canary row
         gone (other shadows stay), the candidate `rolled_back`; the rollout and its request
         are rolled_back. The audit entry (canary_rollback) holds the verdict."""
-        check_reason(reason)
-        doc = _verdict(verdict)
-        self._retry(
-            lambda session: self._restore(
-                session,
-                _locked(session, rollout_id),
-                "rolled_back",
-                actor=actor,
-                reason=reason,
-                verdict=doc,
-            )
-        )
+        self._end(rollout_id, "rolled_back", actor=actor, reason=reason, verdict=verdict)
 
     def fail_rollout(self, rollout_id: int, actor: str, reason: str) -> None:
         """The same restore as `rollback_rollout` for a rollout that could not go on (the
         candidate is archived, not judged); the rollout and its request are failed."""
+        self._end(rollout_id, "failed", actor=actor, reason=reason, verdict=None)
+
+    def _end(self, rollout_id: int, status: str, *, actor: str, reason: str, verdict: Any) -> None:
         check_reason(reason)
-        self._retry(
-            lambda session: self._restore(
-                session,
-                _locked(session, rollout_id),
-                "failed",
-                actor=actor,
-                reason=reason,
-                verdict=None,
-            )
-        )
+        doc = _verdict(verdict)
+
+        def work(session: Session) -> None:
+            row = _locked(session, rollout_id)
+            self._restore(session, row, status, actor=actor, reason=reason, verdict=doc)
+
+        self._retry(work)
 
     def hold_rollout(self, rollout_id: int, held: bool, reason: str) -> None:
         """Mark a running rollout held (its step ran past the timeout undecided: the share

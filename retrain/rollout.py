@@ -388,7 +388,18 @@ class CanaryRollout:
             "promote_e": verdict.promote_e}})  # fmt: skip
         try:
             return self._decide(doc, verdict)
-        except Conflict:  # finished by another process first
+        except RegistryError as exc:
+            if store.rollout(rollout_id)["status"] != "running":
+                return True  # finished by another process first
+            # the registry refuses the step (the candidate is no longer servable, ...):
+            # the champion alone again, the rollout failed
+            why = f"{verdict.decision} refused by the registry: {exc}"
+            try:
+                store.fail_rollout(rollout_id, self.actor, why)
+            except Conflict:
+                return True
+            note(store, runner.model, "canary_failed", level=logging.ERROR, rollout=rollout_id,
+                 version=doc["version"], request=doc["request_id"], reason=why)  # fmt: skip
             return True
 
     def _decide(self, doc: dict[str, Any], verdict: Verdict) -> bool:

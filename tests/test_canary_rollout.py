@@ -2,18 +2,23 @@
 counts and a clock the test drives: each look's decision (advance through the steps,
 promotion at the last, rollback), the step timeout (hold with one alert, or rollback), a
 restart that resumes from the stored looks, the immediate strategy, a refused canary; the
-counts source on a real Recorder, and the policy's rollout section."""
+counts source on a real Recorder, a failing canary's errors counted as its own by a real
+gateway, and the policy's rollout section."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import sqlalchemy as sa
 
+from registry.models import ModelVersion
 from registry.store import RegistryStore
 from retrain.judge import JudgeConfig, counts_from_json, replay
 from retrain.policy import LATENCY_EDGES, Policy, PolicyError, parse_config
@@ -21,6 +26,10 @@ from retrain.rollout import CanaryRollout, Cumulative, increments
 from serving.recorder import LATENCY_BUCKETS, Recorder
 from servo.canary import counts
 from servo.loop_metrics import LoopMetrics
+from tests.models import failing_model, write_model
+from tests.servers import start_server
+from tests.test_routing import BODY, dep, write_routes
+from tests.test_routing import metric as scraped
 
 FAST = """
 defaults:
@@ -293,6 +302,30 @@ def test_an_operator_rollback_ends_the_runner(store: RegistryStore) -> None:
         rollout.stop()
 
 
+def test_a_step_the_registry_refuses_fails_the_rollout(store: RegistryStore) -> None:
+    fake = FakeCounts()
+    rollout = canary(store, fake)
+    request = approved(store)
+    try:
+        rollout.start(request, "loop")
+        (doc,) = store.rollouts(model="digits")
+        fake.traffic(2, 1, 150, 1350)
+        assert rollout.look(doc["id"]) is False  # to 50 %
+        with store.engine.begin() as connection:  # its folder went bad behind our back
+            connection.execute(
+                sa.update(ModelVersion).where(ModelVersion.version == 2).values(servable=False)
+            )
+        fake.traffic(2, 1, 150, 150)
+        assert rollout.look(doc["id"]) is True  # the promotion is refused
+        failed = store.rollout(doc["id"])
+        assert failed["status"] == "failed" and "refused by the registry" in failed["reason"]
+        assert routes(store) == [(1, "champion", 100.0)]
+        assert store.promotion(request["id"])["status"] == "failed"
+        assert "canary_failed" in kinds(store) and not rollout.running(request["id"])
+    finally:
+        rollout.stop()
+
+
 def test_the_immediate_strategy_swaps_at_once(store: RegistryStore) -> None:
     config = parse_config("defaults: {rollout: {strategy: immediate}}")
     rollout = CanaryRollout(store, FakeCounts(), config.for_model)
@@ -364,6 +397,31 @@ def test_counts_from_the_recorder_are_exact_at_the_threshold_edge() -> None:
     assert counts(recorder, "digits", [9], 0.1) == {
         9: {"errors": (0, 0), "latency": (0, 0), "incorrect": (0, 0)}
     }
+
+
+def test_a_failing_canary_s_errors_are_counted_against_it(model_root: Path, tmp_path: Path) -> None:
+    """A routed request that the canary fails is a 5xx of the canary's version (the
+    judge's errors), not of an unknown version."""
+    root = tmp_path / "models"
+    (root / "digits").mkdir(parents=True)
+    os.symlink(model_root / "digits" / "1", root / "digits" / "1")
+    write_model(root / "digits" / "8", failing_model(), "digits", version="8")
+    routes = tmp_path / "routes.json"
+    write_routes(routes, [{"name": "digits", "champion": dep(root, "1"),
+                           "canary": dep(root, "8", 50)}])  # fmt: skip
+    server = start_server(["--routes", str(routes)], tmp_path / "server.log",
+                          wait_for=["digits"])  # fmt: skip
+    try:
+        codes = [httpx.post(f"{server.url}/v2/models/digits/infer", content=BODY).status_code
+                 for _ in range(40)]  # fmt: skip
+        assert set(codes) == {200, 500}
+        failed = scraped(server, "servo_requests_total", model="digits", version="8",
+                        variant="canary", code="500")  # fmt: skip
+        assert failed == codes.count(500)
+        assert scraped(server, "servo_requests_total", version="1", code="200") == codes.count(200)
+        assert scraped(server, "servo_requests_total", version="", code="500") == 0
+    finally:
+        assert server.stop() == 0, server.log()
 
 
 def test_the_loop_metrics_show_the_canary(store: RegistryStore) -> None:
