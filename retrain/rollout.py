@@ -302,6 +302,12 @@ class CanaryRollout:
         if resumed:
             note(self.store, model, "rollout_resumed", rollout=rollout_id, version=doc["version"],
                  step=doc["step"], percent=doc["percent"], looks=runner.judge.looks)  # fmt: skip
+            if self._carry_out(doc, runner):  # its last stored verdict ended it
+                runner.stopped.set()
+                with self._lock:
+                    if self._runners.get(rollout_id) is runner:
+                        del self._runners[rollout_id]
+                return True
         else:
             note(self.store, model, "canary_started", rollout=rollout_id, version=doc["version"],
                  champion=doc["champion"], steps=doc["steps"], percent=doc["percent"],
@@ -321,6 +327,21 @@ class CanaryRollout:
         runner = _Runner(rollout_id, int(doc["request_id"]), str(doc["model"]), judge)
         runner.verdict = verdict
         return runner
+
+    def _carry_out(self, doc: dict[str, Any], runner: _Runner) -> bool:
+        """The decision of the last stored look, where the process that stored it died
+        before acting on it (a rollback, or an advance from the step the rollout is still
+        at): taken now, as that look decided (the next looks would judge on, past it).
+        True when the rollout is over."""
+        verdict = runner.verdict
+        if verdict is None or verdict.decision == "hold" or verdict.step != int(doc["step"]):
+            return False
+        log.warning("rollout %s: look %s decided %s before its process stopped; carried out now",
+                    doc["id"], verdict.looks, verdict.decision)  # fmt: skip
+        try:
+            return self._decide(doc, verdict)
+        except Conflict:  # finished by another process first
+            return True
 
     def _baseline(self, runner: _Runner) -> None:
         try:

@@ -6,7 +6,11 @@ loop carries on from its stored state, and nothing recorded is lost: every paylo
 file on disk before the kill is there with the same rows, and every label answered
 `"stored": true` is in the feedback table (once).
 
-One `servo up` lineage for both phases (each start costs seconds): killed while
+A kill can also fall between a look stored with its verdict and the decision it made (two
+transactions): the restarted process carries that decision out (a unit test on a real
+registry, the kill played by stopping the runner and storing its last look by hand).
+
+One `servo up` lineage for every phase (each start costs seconds): killed while
 retraining, restarted with a quicker retrain, killed while shadowing, restarted. And the
 payload log alone, its writer killed many times in the middle of its writes (a write every
 few milliseconds, so kills land inside them), then opened again."""
@@ -28,7 +32,8 @@ import httpx
 import pytest
 
 from monitors.payload_log import PREDICTIONS
-from retrain.judge import JudgeConfig, counts_from_json, replay
+from registry.store import RegistryStore
+from retrain.judge import Counts, Judge, JudgeConfig, counts_from_json, counts_to_json, replay
 from serving.payload_log import PayloadLog, PayloadLogConfig
 from tests.crash import (
     ROOT,
@@ -45,6 +50,7 @@ from tests.crash import (
     routes,
 )
 from tests.loop_traffic import Traffic
+from tests.test_canary_rollout import FakeCounts, approved, canary
 from tests.test_loop_e2e import events, registry, write_policy
 from tests.test_loop_faults import _metrics_with, policy
 from tests.upservers import Up, start_up, wait_for
@@ -331,3 +337,51 @@ def test_a_payload_log_writer_killed_mid_write_loses_nothing_older(tmp_path: Pat
         check_nothing_lost(root, files, labels)
         assert not list((root / "feedback" / "_journal").glob("journal-*"))
     print(f"labels only in a journal at the kill, recovered: {recovered}")
+
+
+@pytest.mark.parametrize("decision", ["rollback", "advance"])
+def test_a_verdict_stored_just_before_a_kill_is_carried_out_at_the_restart(
+    tmp_path: Path, decision: str
+) -> None:
+    store = RegistryStore(f"sqlite:///{tmp_path / 'registry.db'}")
+    store.create_schema()
+    for version in (1, 2):
+        store.register_version("digits", f"file:///m/digits/{version}", {})
+    store.set_deployments("digits", [(1, "champion", 100.0)], actor="bootstrap")
+    store.set_alias("digits", "champion", 1, actor="bootstrap")
+    store.add_shadow("digits", 2, actor="loop", reason="candidate")
+    fake = FakeCounts()
+    killed, again = canary(store, fake), canary(store, fake)
+    try:
+        request = approved(store)
+        assert killed.start(request, "alice") == "approved"
+        killed.stop()  # the kill: its runner is gone, the rollout stays running
+        (doc,) = store.rollouts(model="digits")
+        # its last look: 7 errors in 100 canary requests against 9 in 900 (just past the
+        # rollback threshold), or 150 canary requests and no event (advance to 50 %)
+        errors = Counts(100, 7, 900, 9) if decision == "rollback" else Counts(150, 0, 1350, 0)
+        counts = {"errors": errors, "latency": Counts(errors.canary_trials, 0,
+                                                      errors.champion_trials, 0)}  # fmt: skip
+        verdict = Judge(JudgeConfig.from_json(doc["config"]["judge"])).observe(0, counts)
+        assert verdict.decision == decision
+        store.record_look(doc["id"], step=0, percent=10.0, counts=counts_to_json(counts),
+                          verdict=verdict.to_json())  # fmt: skip
+        # the restart; then the canary looks better than the champion
+        assert again.resume() == [doc["id"]]
+        fake.traffic(2, 1, 100, 900, champion_errors=30)
+        if again.running(request["id"]):
+            again.look(doc["id"])
+        after = store.rollout(doc["id"])
+        table = routes(tmp_path / "registry.db")["digits"]
+        if decision == "rollback":
+            assert after["status"] == "rolled_back" and after["looks"] == 1, after
+            assert after["verdict"] == verdict.to_json()
+            assert table == [(1, "champion", 100.0)]
+            assert store.promotion(request["id"])["status"] == "rolled_back"
+        else:
+            assert (after["status"], after["step"]) == ("running", 1), after
+            assert table == [(1, "champion", 100.0), (2, "canary", 50.0)]
+        check_rollouts(tmp_path / "registry.db")
+    finally:
+        again.stop()
+        store.close()
