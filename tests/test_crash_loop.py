@@ -6,9 +6,11 @@ loop carries on from its stored state, and nothing recorded is lost: every paylo
 file on disk before the kill is there with the same rows, and every label answered
 `"stored": true` is in the feedback table (once).
 
-A kill can also fall between a look stored with its verdict and the decision it made (two
-transactions): the restarted process carries that decision out (a unit test on a real
-registry, the kill played by stopping the runner and storing its last look by hand).
+A kill can also fall between two transactions that belong together: a canary's look stored
+with its verdict and the decision it made; a promotion request filed and the loop state
+that records it (or the gates' decision and the shadow's removal). The restarted process
+carries on from the first (unit tests on a real registry: the kill is played by doing the
+first transaction by hand).
 
 One `servo up` lineage for every phase (each start costs seconds): killed while
 retraining, restarted with a quicker retrain, killed while shadowing, restarted. And the
@@ -34,7 +36,10 @@ import pytest
 from monitors.payload_log import PREDICTIONS
 from registry.store import RegistryStore
 from retrain.judge import Counts, Judge, JudgeConfig, counts_from_json, counts_to_json, replay
+from retrain.policy import parse_config
+from retrain.rollout import ImmediateRollout
 from serving.payload_log import PayloadLog, PayloadLogConfig
+from servo.loop import Controller, ControllerConfig, now_iso
 from tests.crash import (
     ROOT,
     check_invariants,
@@ -384,4 +389,45 @@ def test_a_verdict_stored_just_before_a_kill_is_carried_out_at_the_restart(
         check_rollouts(tmp_path / "registry.db")
     finally:
         again.stop()
+        store.close()
+
+
+@pytest.mark.parametrize("then", ["filed", "rejected"])
+def test_a_request_filed_just_before_a_kill_is_not_filed_again(
+    model_root: Path, tmp_path: Path, then: str
+) -> None:
+    """Killed after filing the shadow's request (before the loop state recorded it), or
+    after the gates rejected it (before the shadow was removed): the restarted controller
+    takes that request on (the gates judge it, or its end is carried out); never a second."""
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    store = RegistryStore(url)
+    store.create_schema()
+    for version in (1, 2):
+        store.register_version("digits", (model_root / "digits" / str(version)).as_uri(), {})
+    store.set_deployments("digits", [(1, "champion", 100.0)], actor="bootstrap")
+    store.set_alias("digits", "champion", 1, actor="bootstrap")
+    store.add_shadow("digits", 2, actor="loop", reason="candidate")
+    candidate = {"version": 2, "run_id": None, "since": now_iso(time.time() - 600),
+                 "trigger": "manual", "triggered_by": "cli:test"}  # fmt: skip
+    store.set_loop_state("digits", "shadowing", {"candidate": candidate, "reason": "test"})
+    # the killed process's last transactions: its request (evidence that passes no gate)
+    request_id = store.file_promotion("digits", 2, {"live": {}}, actor="loop")
+    if then == "rejected":
+        store.auto_decide(request_id, "rejected", "gates failed", actor="gates")
+    text = "defaults:\n  shadow: {min_labelled: 100, timeout_s: 1}\n"
+    controller = Controller(
+        store, config=parse_config(text), reports=None, rollout=ImmediateRollout(store),
+        scheduler=None, clock=time.time,
+        settings=ControllerConfig(tmp_path, url, tmp_path / "payload"),
+    )  # fmt: skip
+    try:
+        controller.tick("digits")  # shadowing: the request of the shadow is found
+        if store.loop_states()["digits"]["state"] == "awaiting_approval":
+            controller.tick("digits")  # its end carried out: the candidate leaves the shadow
+        requests = store.promotions(model="digits")
+        assert [(r["id"], r["status"]) for r in requests] == [(request_id, "rejected")]
+        assert store.loop_states()["digits"]["state"] == "watching"
+        assert routes(tmp_path / "registry.db") == {"digits": [(1, "champion", 100.0)]}
+        check_promotions(tmp_path / "registry.db")
+    finally:
         store.close()
