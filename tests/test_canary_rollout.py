@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from registry.models import ModelVersion
 from registry.store import RegistryStore
-from retrain.judge import JudgeConfig, counts_from_json, replay
+from retrain.judge import Counts, Judge, JudgeConfig, counts_from_json, counts_to_json, replay
 from retrain.policy import LATENCY_EDGES, Policy, PolicyError, parse_config
 from retrain.rollout import CanaryRollout, Cumulative, increments
 from serving.recorder import LATENCY_BUCKETS, Recorder
@@ -263,6 +263,30 @@ def test_a_restart_resumes_from_the_stored_looks(store: RegistryStore) -> None:
         assert look["verdict"]["looks"] == 2
         assert look["verdict"]["rollback_e"]["errors"] > before  # the evidence carried on
         assert "rollout_resumed" in kinds(store)
+    finally:
+        second.stop()
+
+
+def test_a_stored_decision_its_process_did_not_carry_out_is_carried_out_on_resume(
+    store: RegistryStore,
+) -> None:
+    first = canary(store, FakeCounts())
+    request = approved(store)
+    first.start(request, "loop")
+    first.stop()
+    (doc,) = store.rollouts(model="digits")
+    # the look a process stored just before it was killed: a rollback it never made
+    looked = {"errors": Counts(100, 30, 900, 9), "latency": Counts(100, 0, 900, 0)}
+    verdict = Judge(JudgeConfig.from_json(doc["config"]["judge"])).observe(0, looked)
+    assert verdict.decision == "rollback"
+    store.record_look(doc["id"], step=0, percent=10.0, counts=counts_to_json(looked),
+                      verdict=verdict.to_json())  # fmt: skip
+    second = canary(store, FakeCounts())
+    try:
+        assert second.resume() == [doc["id"]]
+        assert store.rollout(doc["id"])["status"] == "rolled_back"
+        assert routes(store) == [(1, "champion", 100.0)]
+        assert not second.running(request["id"])
     finally:
         second.stop()
 
