@@ -214,10 +214,10 @@ class CanaryRollout:
         if current != "approved":
             return current
         policy = self.policy_for(model).rollout
-        if policy.strategy == "immediate":
-            return ImmediateRollout(store).start(request, actor)
         active = store.active_rollout(model)
         resumed = active is not None and int(active["request_id"]) == request_id
+        if policy.strategy == "immediate" and not resumed:  # (a running canary goes on)
+            return ImmediateRollout(store).start(request, actor)
         try:
             doc = store.start_rollout(
                 request_id, actor, steps=list(policy.steps), config=snapshot(policy)
