@@ -4,9 +4,11 @@ Built in order: registry (SQLite under DIR unless --registry) -> bootstrap (digi
 empty registry) -> gateway following the registry's deployments (payload log under
 DIR/payload) -> monitors (the gateway's own metrics, or a Prometheus) -> loop metrics on
 the gateway's /metrics -> controller (scheduler, trigger, worker, shadow, evidence, gates,
-rollout) -> admin API on 127.0.0.1. SIGTERM or SIGINT stops them in reverse: the
-controller (a running retrain is stopped and marked interrupted, the scheduler shuts
-down), the admin API, the gateway (in-flight requests finish, the payload log is flushed).
+canary rollout judged on the gateway's counts) -> admin API on 127.0.0.1. SIGTERM or
+SIGINT stops them in reverse: the controller (a running retrain is stopped and marked
+interrupted, the scheduler shuts down, canary runners stop: their rollouts resume at the
+next start), the admin API, the gateway (in-flight requests finish, the payload log is
+flushed).
 """
 
 from __future__ import annotations
