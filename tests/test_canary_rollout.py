@@ -208,6 +208,8 @@ def test_an_undecided_step_holds_once_past_its_timeout(store: RegistryStore) -> 
         assert held["held"] is True and held["status"] == "running" and held["step"] == 0
         assert routes(store) == [(1, "champion", 100.0), (2, "canary", 10.0)]  # kept
         assert kinds(store).count("canary_held") == 1  # one alert, not one per look
+        held_metric = {f.name: f for f in LoopMetrics(store, ttl_s=0).collect()}
+        assert [s.value for s in held_metric["servo_rollout_held"].samples] == [1.0]
         reason = store.loop_events("digits", kinds=["canary_held"])[0]["detail"]["reason"]
         assert "undecided after" in reason and "min_requests 100" in reason
     finally:
