@@ -214,7 +214,9 @@ class CanaryRollout:
         if current != "approved":
             return current
         policy = self.policy_for(model).rollout
-        if policy.strategy == "immediate":
+        active = store.active_rollout(model)
+        resumed = active is not None and int(active["request_id"]) == request_id
+        if policy.strategy == "immediate" and not resumed:  # (a running canary goes on)
             return ImmediateRollout(store).start(request, actor)
         try:
             doc = store.start_rollout(
@@ -231,7 +233,11 @@ class CanaryRollout:
             except Conflict:
                 return str(store.promotion(request_id)["status"])
             return "failed"
-        self._run(doc, resumed=False)
+        if not resumed:
+            note(store, model, "canary_started", rollout=doc["id"], version=doc["version"],
+                 champion=doc["champion"], steps=doc["steps"], percent=doc["percent"],
+                 request=request_id, actor=actor, look_every_s=policy.look_every_s)  # fmt: skip
+        self._run(doc, resumed=resumed)
         return "approved"
 
     # background runners
@@ -287,34 +293,33 @@ class CanaryRollout:
                      model)  # fmt: skip
             return False
         with self._lock:
-            old = self._runners.get(rollout_id)
-            if old is not None and not old.stopped.is_set():
+            if self._alive(rollout_id):
                 return False
-            runner = self._runner(doc)
+        runner = self._runner(doc)  # reads the registry: not under the lock
+        with self._lock:
+            if self._alive(rollout_id):  # started meanwhile
+                return False
             self._runners[rollout_id] = runner
-            policy = _policy(doc)
             runner.thread = threading.Thread(
                 target=self._loop,
-                args=(runner, float(policy["look_every_s"])),
+                args=(runner, float(_policy(doc)["look_every_s"])),
                 name=f"servo-canary-{rollout_id}",
                 daemon=True,
             )
         if resumed:
             note(self.store, model, "rollout_resumed", rollout=rollout_id, version=doc["version"],
                  step=doc["step"], percent=doc["percent"], looks=runner.judge.looks)  # fmt: skip
-            if self._carry_out(doc, runner):  # its last stored verdict ended it
-                runner.stopped.set()
-                with self._lock:
-                    if self._runners.get(rollout_id) is runner:
-                        del self._runners[rollout_id]
-                return True
-        else:
-            note(self.store, model, "canary_started", rollout=rollout_id, version=doc["version"],
-                 champion=doc["champion"], steps=doc["steps"], percent=doc["percent"],
-                 request=doc["request_id"], look_every_s=policy["look_every_s"])  # fmt: skip
+        if self._carry_out(doc, runner):  # its last stored verdict ended it
+            self._end(runner)
+            return True
         self._baseline(runner)
         runner.thread.start()
         return True
+
+    def _alive(self, rollout_id: int) -> bool:
+        """Whether a runner of `rollout_id` goes on (call it under the lock)."""
+        old = self._runners.get(rollout_id)
+        return old is not None and not old.stopped.is_set()
 
     def _runner(self, doc: dict[str, Any]) -> _Runner:
         """A runner whose judge has seen the rollout's stored looks (a resumed rollout goes
@@ -338,10 +343,7 @@ class CanaryRollout:
             return False
         log.warning("rollout %s: look %s decided %s before its process stopped; carried out now",
                     doc["id"], verdict.looks, verdict.decision)  # fmt: skip
-        try:
-            return self._decide(doc, verdict)
-        except Conflict:  # finished by another process first
-            return True
+        return self._act(doc, verdict)
 
     def _baseline(self, runner: _Runner) -> None:
         try:
@@ -373,11 +375,14 @@ class CanaryRollout:
             raise KeyError(f"no runner of rollout {rollout_id} in this process")
         over = self._look(runner)
         if over:
-            runner.stopped.set()
-            with self._lock:
-                if self._runners.get(rollout_id) is runner:
-                    del self._runners[rollout_id]
+            self._end(runner)
         return over
+
+    def _end(self, runner: _Runner) -> None:
+        runner.stopped.set()
+        with self._lock:
+            if self._runners.get(runner.rollout_id) is runner:
+                del self._runners[runner.rollout_id]
 
     def _look(self, runner: _Runner) -> bool:
         store, rollout_id = self.store, runner.rollout_id
@@ -407,6 +412,11 @@ class CanaryRollout:
             "model": runner.model, "rollout": rollout_id, "step": step,
             "decision": verdict.decision, "rollback_e": verdict.rollback_e,
             "promote_e": verdict.promote_e}})  # fmt: skip
+        return self._act(doc, verdict)
+
+    def _act(self, doc: dict[str, Any], verdict: Verdict) -> bool:
+        """Carry out `verdict` on rollout `doc`; True when the rollout is over."""
+        store, rollout_id = self.store, int(doc["id"])
         try:
             return self._decide(doc, verdict)
         except RegistryError as exc:
@@ -419,8 +429,9 @@ class CanaryRollout:
                 store.fail_rollout(rollout_id, self.actor, why)
             except Conflict:
                 return True
-            note(store, runner.model, "canary_failed", level=logging.ERROR, rollout=rollout_id,
-                 version=doc["version"], request=doc["request_id"], reason=why)  # fmt: skip
+            note(store, str(doc["model"]), "canary_failed", level=logging.ERROR,
+                 rollout=rollout_id, version=doc["version"], request=doc["request_id"],
+                 reason=why)  # fmt: skip
             return True
 
     def _decide(self, doc: dict[str, Any], verdict: Verdict) -> bool:

@@ -15,6 +15,7 @@ import pytest
 
 from registry.base import aware
 from registry.store import RegistryStore
+from servo.cli_rollouts import replay_rollout
 from servo.loop_train import train_once
 from tests.loop_traffic import Traffic
 from tests.test_loop_e2e import registry
@@ -106,6 +107,7 @@ def test_a_good_candidate_is_promoted_through_10_50_100(tmp_path: Path) -> None:
         ]
         looks = store.rollout_looks(rollout["id"])
         assert {look["percent"] for look in looks} == {10.0, 50.0}
+        assert replay_rollout(finished, looks)["same"] is True  # `servo rollouts show`
         ten, n_ten = share(looks, 0)
         fifty, n_fifty = share(looks, 1)
         counted = [(lk["step"], lk["counts"]["errors"]) for lk in looks]
@@ -132,6 +134,9 @@ def test_a_good_candidate_is_promoted_through_10_50_100(tmp_path: Path) -> None:
     assert traffic.errors == [], traffic.errors[:5]  # no request failed during the swaps
     assert len(traffic.answers) > 1000
     assert code == 0, up.log()[-3000:]
+    (line,) = up.named("canary_promoted")  # each decision is also one log line
+    assert line["model"] == "digits" and line["rollout"] == rollout["id"]
+    assert "no events this step" in line["reason"]
 
 
 def test_a_bad_candidate_is_rolled_back_by_itself(tmp_path: Path) -> None:
@@ -151,6 +156,7 @@ def test_a_bad_candidate_is_rolled_back_by_itself(tmp_path: Path) -> None:
         assert finished["status"] == "rolled_back", finished
         assert finished["verdict"]["decision"] == "rollback"
         assert "incorrect" in finished["reason"]
+        assert replay_rollout(finished, store.rollout_looks(rollout["id"]))["same"] is True
         decided_at = aware(finished["finished_at"]).timestamp()
         # traffic goes on well past the bound; then no answer from the canary after it
         wait_for(lambda: any(a.at > decided_at + ROLLBACK_BOUND_S + 1
@@ -176,3 +182,5 @@ def test_a_bad_candidate_is_rolled_back_by_itself(tmp_path: Path) -> None:
         store.close()
     assert traffic.errors == [], traffic.errors[:5]
     assert code == 0, up.log()[-3000:]
+    (line,) = up.named("canary_rolled_back")
+    assert line["level"] == "warning" and line["rollback_e"]["incorrect"] >= 60
