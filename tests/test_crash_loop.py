@@ -242,7 +242,9 @@ def kill_in_step(loop: Lineage, rollout_id: int, step: int) -> None:
 
     def resumed() -> dict[str, Any] | None:
         (now,) = check_rollouts(loop.check(killed))
-        return now if len(now["looks"]) > len(before["looks"]) else None
+        # a new look; or none, where the restart carried out the last stored decision
+        over = now["status"] != "running"
+        return now if len(now["looks"]) > len(before["looks"]) or over else None
 
     after = wait_for(resumed, every_s=0.2)
     assert after["looks"][: len(before["looks"])] == before["looks"]
