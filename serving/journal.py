@@ -267,6 +267,11 @@ def _live(journal: Path) -> bool:
         pid = int(journal.name.split("-")[1])
     except (IndexError, ValueError):
         return False
+    return running_elsewhere(pid)
+
+
+def running_elsewhere(pid: int) -> bool:
+    """Whether `pid` is another process that is still running."""
     if pid == os.getpid():
         return False  # an earlier process with our pid (a restarted container's pid 1)
     try:

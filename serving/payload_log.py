@@ -8,10 +8,15 @@ in memory and retries at the next flush; only when that backlog exceeds the queu
 capacity are the oldest records dropped, and counted.
 
 Labels take another path, `store()` (`serving.journal`): durable before it completes.
+
+A file is written under a temporary name and renamed (`monitors.payload_log.StagedPart`):
+a writer killed mid-write leaves only that temporary file, never half a data file; those
+of processes no longer running are removed when a log opens on the folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import logging
@@ -28,7 +33,7 @@ from typing import Any
 import pyarrow as pa
 
 from monitors.payload_log import PREDICTIONS, SCHEMAS, as_records, partition_dir, write_part
-from serving.journal import FeedbackStore
+from serving.journal import FeedbackStore, running_elsewhere
 
 log = logging.getLogger("servo.serving")
 
@@ -50,6 +55,8 @@ class PayloadLogConfig:
 class PayloadLog:
     def __init__(self, config: PayloadLogConfig):
         self.config = config
+        #: temporary files left by writers killed mid-write, removed before any write here
+        self.swept = sweep_staged(config.root)
         self._queue: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue(config.capacity)
         self._backlog: list[tuple[str, dict[str, Any]]] = []
         self._sequence = itertools.count()
@@ -173,3 +180,29 @@ class PayloadLog:
 
     def _name(self) -> str:
         return f"part-{time.time_ns()}-{os.getpid()}-{next(self._sequence)}"
+
+
+def sweep_staged(root: Path) -> int:
+    """Remove the temporary files (".<name>.tmp", names carrying the writer's pid) that
+    writers no longer running left in the tables' date folders; another server that
+    shares the folder keeps its own. Returns how many were removed."""
+    removed = 0
+    for table in SCHEMAS:
+        for folder in Path(root, table).glob("model=*/version=*/date=*"):
+            try:
+                names = [e.name for e in os.scandir(folder) if e.name.endswith(".tmp")]
+            except OSError:
+                continue
+            for name in names:
+                try:  # ".part-<ns>-<pid>-<n>.parquet.tmp", "._part-<ns>-<pid>-<n>.ids.tmp"
+                    pid = int(name.lstrip("._").split("-")[2])
+                except (IndexError, ValueError):
+                    continue  # not one of ours
+                if name[0] != "." or running_elsewhere(pid):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    (folder / name).unlink()
+                    removed += 1
+    if removed:
+        log.info("payload log: %d temporary file(s) of stopped writers removed", removed)
+    return removed

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from monitors.payload_log import FEEDBACK, PREDICTIONS, read_window
 from registry.routes import ROUTE_ACTIONS
 from retrain.pipeline import file_hash
+from serving.journal import running_elsewhere
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,10 +93,19 @@ def folder_of(uri: str) -> Path:
 
 
 def leftovers(work: Path) -> list[Path]:
-    """Temporary folders and files left anywhere in a work folder."""
-    found = [p for p in work.rglob("*") if p.name.endswith(".tmp")]
+    """Temporary folders and files left anywhere in a work folder (not those a running
+    payload-log writer has in flight: their names carry its pid)."""
+    found = [p for p in work.rglob("*") if p.name.endswith(".tmp") and not _in_flight(p)]
     scratch = work / "pipeline" / "tmp"
     return found + (list(scratch.iterdir()) if scratch.is_dir() else [])
+
+
+def _in_flight(path: Path) -> bool:
+    try:  # ".part-<ns>-<pid>-<n>.parquet.tmp" (serving.payload_log.sweep_staged)
+        pid = int(path.name.lstrip("._").split("-")[2])
+    except (IndexError, ValueError):
+        return False
+    return path.name.startswith(".") and running_elsewhere(pid)
 
 
 def check_invariants(db: Path, work: Path) -> dict[str, int]:
