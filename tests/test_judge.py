@@ -358,6 +358,13 @@ def test_bad_config(kwargs: dict[str, object], message: str) -> None:
         JudgeConfig(**kwargs)  # type: ignore[arg-type]
 
 
+def test_numpy_integers_are_stored_as_int() -> None:
+    counts = Counts(*np.array([10, 1, 90, 2]))
+    assert counts == Counts(10, 1, 90, 2)
+    assert all(type(v) is int for v in counts.to_list())
+    json.dumps(counts_to_json({"errors": counts}))
+
+
 def test_bad_json_and_looks() -> None:
     with pytest.raises(ValueError, match="judge config: unknown keys gamma"):
         JudgeConfig.from_json({"alpha": 0.05, "gamma": 1})
