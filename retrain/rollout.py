@@ -33,13 +33,15 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from registry.base import aware
 from registry.store import Conflict, RegistryError
-from retrain.judge import METRICS, Counts, Judge, JudgeConfig, Verdict, counts_from_json
 
 if TYPE_CHECKING:
     from registry.store import RegistryStore
+    from retrain.judge import Counts, Judge, JudgeConfig, Verdict
     from retrain.policy import Policy
     from retrain.policy import Rollout as RolloutPolicy
 
+# retrain.judge (numpy) is imported where the canary needs it: the CLI's ImmediateRollout
+# stays light
 log = logging.getLogger("servo.retrain")
 #: the logger of the loop's decisions (servo.logs: one structured line each)
 decisions = logging.getLogger("servo.loop")
@@ -128,6 +130,8 @@ def _swapped(request: dict[str, Any]) -> bool:
 
 
 def judge_config(policy: RolloutPolicy) -> JudgeConfig:
+    from retrain.judge import JudgeConfig
+
     return JudgeConfig(
         alpha=policy.alpha,
         beta=policy.beta,
@@ -148,6 +152,8 @@ def increments(
 ) -> dict[str, Counts] | None:
     """Per metric, the counts of one look (after - before); None if a counter went back (a
     gateway restarted its counts: the next look starts from `after`)."""
+    from retrain.judge import METRICS, Counts
+
     out: dict[str, Counts] = {}
     for metric in METRICS:
         values = []
@@ -324,6 +330,8 @@ class CanaryRollout:
     def _runner(self, doc: dict[str, Any]) -> _Runner:
         """A runner whose judge has seen the rollout's stored looks (a resumed rollout goes
         on from its stored counts)."""
+        from retrain.judge import Judge, JudgeConfig, counts_from_json
+
         rollout_id = int(doc["id"])
         judge = Judge(JudgeConfig.from_json(doc["config"]["judge"]))
         verdict = None

@@ -275,7 +275,9 @@ def _decide(
     help="the sha256 of the evidence you read (`show`): another one refuses the approval",
 )
 @click.option(
-    "--no-rollout", is_flag=True, help="only decide: leave the rollout to the running `servo up`"
+    "--immediate",
+    is_flag=True,
+    help="swap the candidate in at once (no canary): for a registry no `servo up` serves",
 )
 @loop_options
 def promotions_approve(
@@ -283,18 +285,19 @@ def promotions_approve(
     request_id: int,
     reason: str,
     evidence_hash: str | None,
-    no_rollout: bool,
+    immediate: bool,
     registry_url: str,
     token: str | None,
     as_json: bool,
 ) -> None:
-    """Approve a pending request; its candidate then becomes champion at once."""
+    """Approve a pending request. The running `servo up` then rolls its candidate out as a
+    canary (within about 10 s); with --immediate it becomes champion at once."""
     from retrain.rollout import ImmediateRollout
 
     with session(registry_url, token, as_json) as run:
         doc = _decide(run, request_id, "approved", reason, evidence_hash)
-        status = "approved"
-        if not no_rollout:
+        status = "approved (the running servo up rolls it out as a canary)"
+        if immediate:
             status = ImmediateRollout(run.store).start(doc, run.actor.name)
             doc = run.store.promotion(request_id)
         run.out(

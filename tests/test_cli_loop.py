@@ -115,6 +115,7 @@ def test_promotions_list_show_approve_as_the_local_user(cli: Cli) -> None:
         "ahead",
         "--evidence-hash",
         shown["evidence_hash"],
+        "--immediate",
     )
     assert done["status"] == "promoted" and done["decision"]["actor"] == LOCAL
     assert cli.store.aliases("digits")["champion"] == candidate
@@ -141,7 +142,7 @@ def test_reject_with_a_token_and_the_token_from_the_environment(cli: Cli) -> Non
 def test_rollback_and_retrain(cli: Cli) -> None:
     candidate = cli.version()
     request_id = cli.store.file_promotion("digits", candidate, EVIDENCE, "gates")
-    cli.json("promotions", "approve", str(request_id), "--reason", "ok")
+    cli.json("promotions", "approve", str(request_id), "--reason", "ok", "--immediate")
     back = cli.json("rollback", "digits", "--reason", "regression")
     assert back == {"model": "digits", "champion": 1, "was": candidate}
     assert cli.store.aliases("digits")["champion"] == 1
@@ -237,7 +238,8 @@ def test_the_loop_commands_import_no_serving_stack_nor_trainers(cli: Cli) -> Non
     )
     commands = [
         ["tokens", "list"], ["promotions", "list"], ["promotions", "show", str(request_id)],
-        ["promotions", "approve", str(request_id), "--reason", "ok", "--token", token],
+        ["promotions", "approve", str(request_id), "--reason", "ok", "--token", token,
+         "--immediate"],
         ["rollback", "digits"], ["retrain", "digits"],
     ]  # fmt: skip
     run = subprocess.run(
