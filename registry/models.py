@@ -10,6 +10,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -20,8 +21,10 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 #: "failed": the version's folder was never completed (its run died or failed first)
+#: "rolled_back": a canary the rollout's judge (or an operator) rolled back
 VERSION_STATUSES = (
     "registered", "shadow", "canary", "production", "archived", "rejected", "failed",
+    "rolled_back",
 )  # fmt: skip
 
 #: a promotion request's life: pending -> approved (its rollout runs) -> promoted, failed or
@@ -34,6 +37,8 @@ PROMOTION_STATUSES = (
 LOOP_STATES = (
     "watching", "retraining", "shadowing", "awaiting_approval", "rolling_out", "paused",
 )  # fmt: skip
+#: a canary rollout's life (registry.rollouts): running -> promoted, rolled_back or failed
+ROLLOUT_STATUSES = ("running", "promoted", "rolled_back", "failed")
 #: "interrupted": stopped on purpose (SIGTERM); like failed for unpublished versions
 RUN_STATUSES = ("running", "succeeded", "failed", "interrupted")
 
@@ -268,3 +273,54 @@ class RetrainRequest(Base):
     at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     claimed_at: Mapped[dt.datetime | None] = mapped_column(nullable=True, index=True)
     claimed_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
+
+
+class Rollout(Base):
+    """An approved request's canary rollout: the candidate takes `steps[step]` percent of
+    the traffic until the judge promotes it, rolls it back, or it fails."""
+
+    __tablename__ = "rollouts"
+    __table_args__ = (
+        # at most one running rollout per model, whatever the writers do
+        Index(
+            "ix_rollouts_one_running",
+            "model",
+            unique=True,
+            sqlite_where=text("status = 'running'"),
+            postgresql_where=text("status = 'running'"),
+        ),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    request_id: Mapped[int] = mapped_column(ForeignKey("promotion_requests.id"), unique=True)
+    model: Mapped[str] = mapped_column(ForeignKey("models.name"), index=True)
+    #: the candidate, and the champion when the rollout started
+    version: Mapped[int] = mapped_column(Integer)
+    champion: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="running", index=True)
+    #: the canary's percents, one per step (the last is 100: the candidate is champion)
+    steps: Mapped[list[float]] = mapped_column(JSON)
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    #: the judge's and the policy's settings when it started (replays use them)
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    #: the step ran past its timeout undecided: the share is kept and an alert raised
+    held: Mapped[bool] = mapped_column(Boolean, default=False)
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    step_started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    #: the last decision's reason, and the verdict of the look that decided it
+    reason: Mapped[str] = mapped_column(Text, default="")
+    verdict: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class RolloutLook(Base):
+    """One look of a rollout's judge: the counts since the previous look and its verdict."""
+
+    __tablename__ = "rollout_looks"
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    step: Mapped[int] = mapped_column(Integer)
+    percent: Mapped[float] = mapped_column()
+    #: {metric: [canary trials, canary events, champion trials, champion events]}
+    counts: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    verdict: Mapped[dict[str, Any]] = mapped_column(default=dict)

@@ -3,7 +3,8 @@ evidence, hashed when it is filed; one decision (an approver's, or the gates'); 
 rollout's outcome.
 
     pending ─decide/auto_decide─▶ approved ─finish_promotion─▶ promoted | failed | rolled_back
-       │                            (a rollout runs: one per model at a time)
+       │                            (a rollout runs: one per model at a time; a canary
+       │                             rollout, registry.rollouts, ends the request itself)
        ├─▶ rejected   (decided so)
        ├─▶ expired    (not decided before expires_at)
        └─▶ void       (the stored evidence no longer matches its hash)
@@ -35,7 +36,7 @@ from registry.base import (
     json_object,
     version_row,
 )
-from registry.models import AuditEntry, Decision, PromotionRequest, utcnow
+from registry.models import AuditEntry, Decision, PromotionRequest, Rollout, utcnow
 
 DEFAULT_EXPIRES_S = 7 * 86400
 #: the statuses finish_promotion sets, and those each may follow
@@ -298,6 +299,16 @@ class PromotionsMixin(StoreBase):
 
         def work(session: Session) -> None:
             request = _locked_request(session, request_id)
+            rollout = session.execute(
+                select(Rollout.id).where(
+                    Rollout.request_id == request_id, Rollout.status == "running"
+                )
+            ).scalar_one_or_none()
+            if rollout is not None:
+                raise Conflict(
+                    f"promotion request {request_id} has rollout {rollout} running: it ends "
+                    "the request (promote, roll back or fail the rollout)"
+                )
             if request.status not in _FINISH_FROM[status]:
                 raise Conflict(
                     f"promotion request {request_id} is {request.status}: it cannot become {status}"

@@ -28,11 +28,16 @@ from registry.models import (
     Deployment,
     ModelVersion,
     PromotionRequest,
+    Rollout,
     utcnow,
 )
 
-#: the audit actions that change deployments (the gateway reloads after each)
-ROUTE_ACTIONS = ("deploy", "shadow_add", "shadow_remove", "promote", "rollback")
+#: the audit actions that change deployments (the gateway reloads after each); the canary
+#: ones are registry.rollouts'
+ROUTE_ACTIONS = (
+    "deploy", "shadow_add", "shadow_remove", "promote", "rollback",
+    "canary_start", "canary_step", "canary_promote", "canary_rollback", "canary_fail",
+)  # fmt: skip
 Row = tuple[int, str, float]
 
 
@@ -58,6 +63,21 @@ def _champion(model: str, rows: list[Row]) -> int:
         if role == "champion":
             return version
     raise Conflict(f"model '{model}' has no champion deployed (deploy one first)")
+
+
+def refuse_while_rolling_out(session: Session, model: str, what: str) -> None:
+    """Conflict naming the rollout when `model` has one running: the route table is the
+    rollout's until it ends."""
+    running = session.execute(
+        select(Rollout.id, Rollout.version)
+        .where(Rollout.model == model, Rollout.status == "running")
+        .limit(1)
+    ).first()
+    if running is not None:
+        raise Conflict(
+            f"model '{model}' has rollout {running.id} of version {running.version} running: "
+            f"{what} is refused until it ends (`servo rollouts rollback {running.id}` ends it)"
+        )
 
 
 def _servable(session: Session, model: str, version: int) -> ModelVersion:
@@ -86,6 +106,7 @@ class RoutesMixin(StoreBase):
 
         def work(session: Session) -> None:
             self._locked_model(session, model)
+            refuse_while_rolling_out(session, model, "setting its deployments")
             for version, _, _ in rows:
                 row = version_row(session, model, version)
                 if not row.servable:
@@ -151,6 +172,7 @@ class RoutesMixin(StoreBase):
 
         def work(session: Session) -> None:
             self._locked_model(session, model)
+            refuse_while_rolling_out(session, model, f"a shadow of version {version}")
             target = _servable(session, model, version)
             rows = _rows(session, model)
             _champion(model, rows)
@@ -213,6 +235,8 @@ class RoutesMixin(StoreBase):
         check_reason(reason)
 
         def work(session: Session) -> int:
+            self._locked_model(session, model)
+            refuse_while_rolling_out(session, model, f"a promotion of version {version}")
             if request_id is not None:
                 request = session.get(PromotionRequest, request_id)
                 if request is None:
@@ -234,34 +258,37 @@ class RoutesMixin(StoreBase):
     def rollback(self, model: str, actor: str, reason: str = "", to: int | None = None) -> int:
         """Make the previous champion (the alias history's, or `to`) the champion again,
         the same swap as `promote` (the version rolled back from is archived). Returns the
-        new champion. Conflict: no previous champion, or it is not servable."""
+        new champion. Conflict: no previous champion, or it is not servable. While a canary
+        rollout of the model runs, it rolls that rollout back instead (registry.rollouts):
+        the champion stays, the canary goes."""
         check_reason(reason)
+        return self._retry(lambda session: self._rollback_in(session, model, actor, reason, to))
 
-        def work(session: Session) -> int:
-            self._locked_model(session, model)
-            current = _champion(model, _rows(session, model))
-            target = to
+    def _rollback_in(
+        self, session: Session, model: str, actor: str, reason: str, to: int | None
+    ) -> int:
+        self._locked_model(session, model)
+        current = _champion(model, _rows(session, model))
+        target = to
+        if target is None:
+            target = session.execute(
+                select(AliasHistory.old_version)
+                .where(
+                    AliasHistory.model == model,
+                    AliasHistory.alias == "champion",
+                    AliasHistory.new_version == current,
+                )
+                .order_by(AliasHistory.id.desc())
+                .limit(1)
+            ).scalar_one_or_none()
             if target is None:
-                target = session.execute(
-                    select(AliasHistory.old_version)
-                    .where(
-                        AliasHistory.model == model,
-                        AliasHistory.alias == "champion",
-                        AliasHistory.new_version == current,
-                    )
-                    .order_by(AliasHistory.id.desc())
-                    .limit(1)
-                ).scalar_one_or_none()
-                if target is None:
-                    raise Conflict(
-                        f"model '{model}' has no previous champion in its alias history to roll "
-                        f"back to from version {current}: name the version to roll back to"
-                    )
-            detail = {"reason": reason, "to": to}
-            self._swap(session, model, target, actor=actor, action="rollback", detail=detail)
-            return target
-
-        return self._retry(work)
+                raise Conflict(
+                    f"model '{model}' has no previous champion in its alias history to roll "
+                    f"back to from version {current}: name the version to roll back to"
+                )
+        detail = {"reason": reason, "to": to}
+        self._swap(session, model, target, actor=actor, action="rollback", detail=detail)
+        return target
 
     def _swap(
         self,

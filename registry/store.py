@@ -1,5 +1,6 @@
 """The registry's only door to its tables: model versions, aliases with history,
-deployments and the loop's route changes (registry.routes), pipeline runs and lineage
+deployments and the loop's route changes (registry.routes), canary rollouts and their
+judge's looks (registry.rollouts), pipeline runs and lineage
 (registry.runs), promotion requests (registry.promotions), tokens (registry.tokens), model
 locks (registry.locks), the loop's state and events (registry.loop), and an append-only
 audit log (registry.audit).
@@ -43,6 +44,7 @@ from registry.loop import LoopMixin
 from registry.models import (
     LOOP_STATES,
     PROMOTION_STATUSES,
+    ROLLOUT_STATUSES,
     VERSION_STATUSES,
     Alias,
     AliasHistory,
@@ -52,6 +54,7 @@ from registry.models import (
     utcnow,
 )
 from registry.promotions import PromotionsMixin, evidence_hash
+from registry.rollouts import RolloutsMixin
 from registry.routes import RoutesMixin
 from registry.runs import RunsMixin
 from registry.tokens import ROLES, Identity, TokensMixin
@@ -62,6 +65,7 @@ __all__ = [
     "MIGRATIONS",
     "PROMOTION_STATUSES",
     "ROLES",
+    "ROLLOUT_STATUSES",
     "VERSION_STATUSES",
     "Conflict",
     "Identity",
@@ -108,7 +112,14 @@ def _info(row: ModelVersion) -> VersionInfo:
 
 
 class RegistryStore(
-    AuditMixin, TokensMixin, PromotionsMixin, RoutesMixin, LocksMixin, LoopMixin, RunsMixin
+    AuditMixin,
+    TokensMixin,
+    RolloutsMixin,
+    PromotionsMixin,
+    RoutesMixin,
+    LocksMixin,
+    LoopMixin,
+    RunsMixin,
 ):
     # model versions
 

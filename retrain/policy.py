@@ -9,6 +9,9 @@ models:
   digits: {trigger: {k: 2}}
 ```
 
+An approved candidate rolls out as a canary (`rollout`, see `Rollout`): a share of the
+traffic at each of `steps`, judged every `look_every_s` by `retrain.judge`.
+
 A model's policy is the built-in defaults, then the file's `defaults`, then its entry under
 `models`, merged key by key (nested mappings too, `retrain.params` included; a list, such as
 `trigger.on`, is replaced whole). Everything is validated when the file is loaded: an
@@ -19,6 +22,7 @@ path and the value (`servo.yaml: models.digits.trigger.k: must be >= 1 (got 0)`)
 from __future__ import annotations
 
 import copy
+import itertools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -117,6 +121,73 @@ class Approval(_Section):
     separation_of_duties: bool = True
 
 
+#: serving.recorder.LATENCY_BUCKETS (a copy: retrain must not import serving; a test
+#: checks that they are equal): the latency threshold is one of these edges, so the count of
+#: slower requests is exact, embedded and in Prometheus
+LATENCY_EDGES = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+)  # fmt: skip
+RolloutMetric = Literal["errors", "latency", "incorrect"]
+_ROLLOUT_METRICS: list[RolloutMetric] = ["errors", "latency", "incorrect"]
+
+
+class Rollout(_Section):
+    """How an approved candidate takes the traffic: a canary judged step by step
+    (retrain.rollout.CanaryRollout), or at once (ImmediateRollout)."""
+
+    strategy: Literal["canary", "immediate"] = "canary"
+    #: the canary's share of traffic at each step (percent); 100: it becomes champion
+    steps: list[float] = Field(default_factory=lambda: [10.0, 50.0, 100.0])
+    #: seconds between two looks of the judge
+    look_every_s: float = Field(5.0, gt=0)
+    #: false rollbacks of a canary no worse than the champion stay at or below alpha
+    alpha: float = Field(0.05, gt=0, lt=1)
+    #: false promotions of a canary worse by delta (relative) stay at or below beta
+    beta: float = Field(0.05, gt=0, lt=1)
+    #: the non-inferiority margin: a canary rate up to (1 + delta) x the champion's passes
+    delta: float = Field(0.25, gt=0)
+    #: canary requests a step must see before it may advance (no traffic never passes)
+    min_requests: int = Field(200, ge=1)
+    #: a step still undecided after this long holds (alert) or rolls back (on_timeout)
+    step_timeout_s: float = Field(3600.0, gt=0)
+    on_timeout: Literal["hold", "rollback"] = "hold"
+    #: a request slower than this counts as a latency event (one of LATENCY_EDGES)
+    latency_threshold_s: float = 0.1
+    #: what the judge compares between canary and champion
+    metrics: list[RolloutMetric] = Field(default_factory=_ROLLOUT_METRICS.copy, min_length=1)
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("needs at least one step")
+        if any(not 0 < v <= 100 for v in value):
+            raise ValueError("each step must be a percent in (0, 100]")
+        if any(b <= a for a, b in itertools.pairwise(value)):
+            raise ValueError("steps must be strictly increasing")
+        if value[-1] != 100:
+            raise ValueError("the last step must be 100 (the candidate becomes champion)")
+        if len(value) < 2:
+            raise ValueError("needs a canary step below 100 before the last (100)")
+        return value
+
+    @field_validator("latency_threshold_s")
+    @classmethod
+    def _edge(cls, value: float) -> float:
+        if value not in LATENCY_EDGES:
+            edges = ", ".join(f"{e:g}" for e in LATENCY_EDGES)
+            raise ValueError(f"must be one of the latency bucket edges ({edges})")
+        return value
+
+    @field_validator("metrics")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists a metric twice")
+        return value
+
+
 class Policy(_Section):
     """One model's policy, merged and validated."""
 
@@ -127,6 +198,7 @@ class Policy(_Section):
     shadow: Shadow = Field(default_factory=Shadow)
     gates: Gates = Field(default_factory=Gates)
     approval: Approval = Field(default_factory=Approval)
+    rollout: Rollout = Field(default_factory=Rollout)
 
 
 @dataclass
@@ -332,12 +404,14 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 
 __all__ = [
     "DEFAULT_FILE",
+    "LATENCY_EDGES",
     "Approval",
     "Gates",
     "LoopConfig",
     "Policy",
     "PolicyError",
     "Retrain",
+    "Rollout",
     "Shadow",
     "Trigger",
     "from_document",

@@ -155,10 +155,14 @@ class DataPlane:
         else:
             model = self.repository.model(name, version)
             variant = self.router.role(name, version)
-        feeds, output_names, specs = self._check(model, request)
         log = self.payload_log
-        started = time.perf_counter() if log is not None else 0.0
-        arrays = await model.predict(feeds, output_names)
+        try:
+            feeds, output_names, specs = self._check(model, request)
+            started = time.perf_counter() if log is not None else 0.0
+            arrays = await model.predict(feeds, output_names)
+        except ServingError as exc:
+            exc.answered_by = (model.version, variant)
+            raise
         if model.feature_sink is not None and model.profile is not None:
             model.feature_sink.add(feeds[model.profile.input])
         label_at, probs_at = (
@@ -316,7 +320,9 @@ class DataPlane:
         if not self.recording:
             return
         known = self.repository.find(name, version) if version is not None else None
-        if version is None and name in self.router.state.champions:
+        if version is None and error.answered_by is not None:  # routed, then failed
+            labels = (name, *error.answered_by, protocol)
+        elif version is None and name in self.router.state.champions:
             labels = (name, "", "", protocol)
         elif known is not None:
             labels = (name, known.version, self.router.role(name, known.version), protocol)

@@ -9,6 +9,9 @@ class ServingError(Exception):
     """An error the data plane reports to the client as OIP `{"error": message}`."""
 
     status: HTTPStatus = HTTPStatus.INTERNAL_SERVER_ERROR
+    #: (version, variant) of the routed version that failed it, counted against that
+    #: version (a canary's failures are its own); None: failed before a version was chosen
+    answered_by: tuple[str, str] | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

@@ -1,6 +1,9 @@
 """The admin API: promotions and their decisions, manual retrains, rollbacks, pausing the
 loop, the audit log, on its own port (127.0.0.1 by default), JSON in and out.
 
+Canary rollouts (registry.rollouts) are read with their judge's looks, and an operator
+can roll a running one back (`POST /admin/rollouts/{id}/rollback`, a reason required).
+
 Served by Servo's own HTTP server (`serving.httpserver.NativeHttpServer`) from the same
 kind of route table as the data plane (`serving.http.AsgiApp`), on a thread and event loop
 of its own, so an admin request never waits behind inference nor inference behind the
@@ -9,7 +12,8 @@ one (with `WWW-Authenticate: Bearer`), 403 for a role that may not act, 404 for 
 not exist, 409 for a state that forbids it, 400 for a bad body or parameter, 413 for a body
 over `max_body_bytes`. Every refused attempt to act is audited (`store.audit_attempt`).
 
-Roles: every role reads; operator retrains, rolls back, pauses and resumes; approver
+Roles: every role reads; operator retrains, rolls back (a model, or a rollout), pauses and
+resumes; approver
 approves and rejects (and the registry enforces separation of duties and the evidence
 hash). An approval starts the rollout (`retrain.rollout.Rollout`) at once.
 """
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-from registry.store import PROMOTION_STATUSES, RegistryError
+from registry.store import PROMOTION_STATUSES, ROLLOUT_STATUSES, RegistryError
 from retrain.rollout import Rollout
 from serving.errors import ServingError
 from serving.http import (
@@ -48,6 +52,7 @@ from servo.admin_wire import (
     DecisionBody,
     ReasonBody,
     RollbackBody,
+    RolloutRollbackBody,
     model_name,
     one_of,
     parse_body,
@@ -153,6 +158,10 @@ class AdminApi:
             subject = f"promotion/{ident if numeric else shown(ident, 32)}"
             if numeric:
                 detail["request"] = int(ident)  # links it to the request's own audit
+        elif "rollout" in params:
+            ident = params["rollout"]
+            numeric = ident.isascii() and ident.isdigit() and len(ident) <= MAX_DIGITS
+            subject = f"rollout/{ident if numeric else shown(ident, 32)}"
         else:
             name = params.get("model", "")
             subject = name if valid_name(name) else shown(name)
@@ -199,6 +208,21 @@ class AdminApi:
             action=query.get("action"),
         )
         return 200, {"entries": entries}
+
+    def list_rollouts(self, call: Call) -> tuple[int, Any]:
+        query = parse_query(call.request.query, ("model", "status", "limit"))
+        model = query.get("model")
+        if model is not None:
+            model_name(model)
+        status = one_of(query.get("status"), ROLLOUT_STATUSES, "status")
+        limit = min(positive_int(query.get("limit", "100"), "limit"), 1000)
+        return 200, {"rollouts": self.store.rollouts(model=model, status=status, limit=limit)}
+
+    def show_rollout(self, call: Call) -> tuple[int, Any]:
+        """A rollout and every look of its judge (counts and verdict), in order."""
+        rollout_id = _rollout_id(call)
+        doc = self.store.rollout(rollout_id)
+        return 200, {"rollout": doc, "looks": self.store.rollout_looks(rollout_id)}
 
     def loop(self, call: Call) -> tuple[int, Any]:
         return 200, {"models": self.store.loop_states()}
@@ -270,6 +294,13 @@ class AdminApi:
         champion = self.store.rollback(name, call.actor, body.reason, to=body.to)
         return 200, {"model": name, "champion": champion, "was": was}
 
+    def rollback_rollout(self, call: Call) -> tuple[int, Any]:
+        rollout_id = _rollout_id(call)
+        body = parse_body(call.request.body, RolloutRollbackBody)
+        self.store.rollback_rollout(rollout_id, call.actor, body.reason, None)
+        log.warning("rollout %s rolled back by %s: %s", rollout_id, call.actor, body.reason)
+        return 200, self.store.rollout(rollout_id)
+
     def pause(self, call: Call) -> tuple[int, Any]:
         name = self._registered(call)
         self.store.pause_loop(name, call.actor, parse_body(call.request.body, ReasonBody).reason)
@@ -293,6 +324,13 @@ class AdminApi:
             ),
             Route("POST", "/admin/models/{model}/pause", e(self.pause, "pause", "operator")),
             Route("POST", "/admin/models/{model}/resume", e(self.resume, "resume", "operator")),
+            Route("GET", "/admin/rollouts", e(self.list_rollouts)),
+            Route("GET", "/admin/rollouts/{rollout}", e(self.show_rollout)),
+            Route(
+                "POST",
+                "/admin/rollouts/{rollout}/rollback",
+                e(self.rollback_rollout, "rollback rollout", "operator"),
+            ),
             Route("GET", "/admin/audit", e(self.audit)),
             Route("GET", "/admin/loop", e(self.loop)),
             Route("GET", "/admin/tokens", e(self.tokens)),
@@ -302,6 +340,10 @@ class AdminApi:
 
 def _request_id(call: Call) -> int:
     return positive_int(call.request.params["id"], "a promotion request id")
+
+
+def _rollout_id(call: Call) -> int:
+    return positive_int(call.request.params["rollout"], "a rollout id")
 
 
 def build_admin_app(

@@ -66,6 +66,11 @@ class DecisionBody(ReasonBody):
     evidence_hash: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
 
 
+class RolloutRollbackBody(_Body):
+    #: required: an operator ending a rollout says why (the audit keeps it)
+    reason: str = Field(min_length=1, max_length=MAX_REASON)
+
+
 class RollbackBody(ReasonBody):
     #: the version to go back to (None: the previous champion)
     to: int | None = Field(None, ge=1, lt=10**MAX_DIGITS)

@@ -1,4 +1,5 @@
-"""The loop's commands: `servo tokens`, `servo promotions`, `servo rollback`, `servo retrain`.
+"""The loop's commands: `servo tokens`, `servo promotions`, `servo rollouts`
+(servo.cli_rollouts), `servo rollback`, `servo retrain`.
 
 They act on the registry directly, as the admin API does over HTTP, with the same roles:
 with `--token` (or SERVO_TOKEN) as that token's name and role; without, as the local user
@@ -344,18 +345,23 @@ def _registered(run: Session, model: str, action: str) -> None:
 def rollback(
     *, model: str, to: int | None, reason: str, registry_url: str, token: str | None, as_json: bool
 ) -> None:
-    """Make the previous champion (or --to V) the champion again, at once."""
+    """Make the previous champion (or --to V) the champion again, at once; while a canary
+    rollout of MODEL runs, roll that rollout back (the champion stays, the canary goes)."""
     with session(registry_url, token, as_json) as run:
         run.need("operator", "rollback", model[:64])
         _registered(run, model, "rollback")
         was = run.store.aliases(model).get("champion")
+        rolling = run.store.active_rollout(model)  # a running canary is what goes back
         champion = acting(
             run, "rollback", model, lambda: run.store.rollback(model, run.actor.name, reason, to=to)
         )
-        run.out(
-            {"model": model, "champion": champion, "was": was},
-            f"{model}: version {champion} is champion (was {was})",
-        )
+        text = f"{model}: version {champion} is champion (was {was})"
+        if rolling is not None:
+            text = (
+                f"{model}: rollout {rolling['id']} of version {rolling['version']} rolled back; "
+                f"version {champion} is champion alone"
+            )
+        run.out({"model": model, "champion": champion, "was": was}, text)
 
 
 @click.command("retrain")
@@ -379,5 +385,7 @@ def retrain(
 
 
 def add_commands(main: click.Group) -> None:
-    for command in (tokens, promotions, rollback, retrain):
+    from servo.cli_rollouts import rollouts
+
+    for command in (tokens, promotions, rollouts, rollback, retrain):
         main.add_command(command)

@@ -7,7 +7,8 @@ process stopped.
     shadowing (the candidate answers copies; evidence from the payload log) --(min_labelled
     labelled requests, or the timeout)--> request filed --gates fail--> rejected, watching
                                           '--gates pass--> awaiting_approval --approved-->
-    rolling_out (Rollout.start) --> watching
+    rolling_out (Rollout.start: a canary judged step by step, promoted or rolled back by
+    itself) --> watching
 
 One pipeline per model, also across processes: a model's lease row in the registry
 (lock_model) is taken when it leaves `watching` and given back when it returns; a process
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from monitors.monitor import MonitorConfig, MonitorReport
+from retrain.rollout import Background
 from servo import logs
 from servo.loop_promotion import PromotionSteps
 from servo.loop_train import WORKER_NICE
@@ -114,6 +116,10 @@ class Controller(PromotionSteps):
         self.scheduler.on("check", self.tick)
         self.scheduler.on("retrain", self.cron)
         self.sync()
+        if isinstance(self.rollout, Background):  # the rollouts a stopped process left
+            resumed = self.rollout.resume(self.may_roll_out)
+            if resumed:
+                logs.decision("rollouts_resumed", rollouts=resumed)
         self.scheduler.start()
         self._heartbeat = threading.Thread(target=self._beat, name="servo-loop-lease", daemon=True)
         self._heartbeat.start()
@@ -123,6 +129,8 @@ class Controller(PromotionSteps):
         (the worker marks its run interrupted), the model locks are given back."""
         self._stopping.set()
         self.scheduler.shutdown(wait=True)
+        if isinstance(self.rollout, Background):  # they stay running: a restart resumes them
+            self.rollout.stop()
         for model, job in list(self._jobs.items()):
             outcome = job.stop()
             self._jobs.pop(model, None)
@@ -194,6 +202,11 @@ class Controller(PromotionSteps):
             return True
         return False
 
+    def may_roll_out(self, model: str) -> bool:
+        """Whether this process runs `model`'s rollout: it holds (or takes) the model's
+        lock, as for any step of its pipeline (one runner across processes)."""
+        return not self._stopping.is_set() and self.acquire(model, ROLLING_OUT)
+
     def release(self, model: str) -> None:
         self._held.discard(model)
         try:
@@ -258,6 +271,15 @@ class Controller(PromotionSteps):
 
         champion = self.champion(model)
         if champion is None:
+            return
+        active = self.store.active_rollout(model)
+        if active is not None:  # started elsewhere (an approval while watching): followed
+            if self.acquire(model, ROLLING_OUT):
+                detail.update({"request": int(active["request_id"]), "job": None,
+                               "candidate": {"version": int(active["version"])}})  # fmt: skip
+                self.note(model, None, "rollout_followed", rollout=active["id"],
+                          request=active["request_id"], version=active["version"])  # fmt: skip
+                self.set_state(model, ROLLING_OUT, detail)
             return
         now = self.clock()
         report = self.reports.report(model, champion, monitor_config(policy))

@@ -11,6 +11,12 @@ every `ttl_s` seconds.
   canary, shadow)
 - `servo_loop_state{model,state}`: 1 for the loop's current state of each model, 0 for
   the others (watching, retraining, shadowing, awaiting_approval, rolling_out, paused)
+- `servo_rollout_canary_percent{model}`: the canary's share of traffic (0: no canary)
+- `servo_rollout_held{model}`: 1 while the model's running rollout is held (a step past
+  its timeout, undecided: an alert)
+- `servo_rollout_e_value{model,metric,test}`: the judge's e-values at its last look
+  (test: rollback, over the whole rollout; promotion, this step), from this process's
+  runners (`verdicts`)
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +47,8 @@ class LoopNumbers:
     promotions: dict[tuple[str, str], int] = field(default_factory=dict)
     info: set[tuple[str, str, str]] = field(default_factory=set)
     states: dict[str, str] = field(default_factory=dict)
+    canary: dict[str, float] = field(default_factory=dict)
+    held: dict[str, bool] = field(default_factory=dict)
 
 
 class LoopMetrics:
@@ -55,8 +63,11 @@ class LoopMetrics:
         ttl_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         max_runs: int = 100_000,
+        verdicts: Callable[[], Mapping[str, tuple[int, Any]]] | None = None,
     ):
         self.store = store
+        #: model -> (rollout id, last Verdict) of the running canaries (read per scrape)
+        self.verdicts = verdicts
         self.ttl_s = ttl_s
         self.clock = clock
         self.max_runs = max_runs
@@ -93,8 +104,16 @@ class LoopMetrics:
             pair = (str(request["model"]), str(request["status"]))
             numbers.promotions[pair] = numbers.promotions.get(pair, 0) + 1
         for model, rows in self.store.deployments().items():
+            numbers.canary[model] = 0.0
+            numbers.held[model] = False
             for row in rows:
                 numbers.info.add((model, str(row["version"]), str(row["role"])))
+                if row["role"] == "canary":
+                    numbers.canary[model] = float(row["percent"])
+        rollouts = getattr(self.store, "rollouts", None)
+        if callable(rollouts):
+            for doc in rollouts(status="running"):
+                numbers.held[str(doc["model"])] = bool(doc["held"])
         states = getattr(self.store, "loop_states", None)
         if callable(states):
             for model, doc in states().items():
@@ -145,8 +164,40 @@ class LoopMetrics:
         for model, current in sorted(numbers.states.items()):
             for name in LOOP_STATES:
                 state.add_metric([model, name], 1.0 if name == current else 0.0)
+        canary = GaugeMetricFamily(
+            "servo_rollout_canary_percent", "The canary's share of traffic (percent).",
+            labels=["model"],
+        )  # fmt: skip
+        for model, percent in sorted(numbers.canary.items()):
+            canary.add_metric([model], percent)
+        held = GaugeMetricFamily(
+            "servo_rollout_held", "1 while the model's rollout is held (undecided past its "
+            "step timeout).", labels=["model"],
+        )  # fmt: skip
+        for model, flag in sorted(numbers.held.items()):
+            held.add_metric([model], 1.0 if flag else 0.0)
         yield runs
         yield steps
         yield promotions
         yield info
         yield state
+        yield canary
+        yield held
+        yield self._e_values()
+
+    def _e_values(self) -> Metric:
+        family = GaugeMetricFamily(
+            "servo_rollout_e_value", "The canary judge's e-values at its last look.",
+            labels=["model", "metric", "test"],
+        )  # fmt: skip
+        try:
+            verdicts = dict(self.verdicts()) if self.verdicts is not None else {}
+        except Exception as exc:
+            log.warning("rollout e-values not read: %s", exc)
+            verdicts = {}
+        for model, (_, verdict) in sorted(verdicts.items()):
+            for test, values in (("rollback", verdict.rollback_e),
+                                 ("promotion", verdict.promote_e)):  # fmt: skip
+                for metric, value in sorted(values.items()):
+                    family.add_metric([model, metric, test], float(value))
+        return family

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from retrain.rollout import Background
 from servo.loop_evidence import gather_evidence
 
 if TYPE_CHECKING:
@@ -27,7 +28,9 @@ AUTOMATIC = ("policy", "gates")
 
 class GuardedRollout:
     """One rollout per request at a time in this process, whoever asks (the admin API
-    after an approval, or the controller for an approval whose rollout did not run)."""
+    after an approval, or the controller for an approval whose rollout did not run); a
+    rollout that runs on in the background (retrain.rollout.Background: the canary) is
+    running while its runner is."""
 
     def __init__(self, inner: Rollout):
         self.inner = inner
@@ -36,7 +39,18 @@ class GuardedRollout:
 
     def running(self, request_id: int) -> bool:
         with self._lock:
-            return request_id in self._active
+            if request_id in self._active:
+                return True
+        inner = self.inner
+        return isinstance(inner, Background) and inner.running(request_id)
+
+    def resume(self, may_run: Callable[[str], bool] | None = None) -> list[int]:
+        inner = self.inner
+        return inner.resume(may_run) if isinstance(inner, Background) else []
+
+    def stop(self) -> None:
+        if isinstance(self.inner, Background):
+            self.inner.stop()
 
     def start(self, request: dict[str, Any], actor: str) -> str:
         request_id = int(request["id"])
@@ -144,7 +158,8 @@ class PromotionSteps:
         version = int(request["version"])
         decision = request.get("decision") or {}
         if request["status"] == "approved":
-            if isinstance(self.rollout, GuardedRollout) and self.rollout.running(request_id):
+            if isinstance(self.rollout, Background) and self.rollout.running(request_id):
+                self.set_state(model, ROLLING_OUT, detail)  # also one the admin API started
                 return
             decided = decision.get("at")
             age = self.clock() - timestamp(decided) if decided else ORPHAN_APPROVAL_S

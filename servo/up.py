@@ -164,6 +164,7 @@ def _unavailable(
 class LoopController(Protocol):
     def start(self) -> None: ...
     def stop(self) -> None: ...
+    def may_roll_out(self, model: str) -> bool: ...
 
 
 @dataclass
@@ -175,6 +176,8 @@ class Running:
     reports: Reports
     controller: LoopController | None
     admin_port: int | None
+    #: the loop's metrics on the gateway's /metrics (the rollout gives it its e-values)
+    loop_metrics: LoopMetrics | None = None
 
 
 def run_up(
@@ -207,8 +210,9 @@ def run_up(
             RegistryRouteSource(store, settings.routes_poll_s),
             authenticate=Authenticator(store).feedback_caller,
         )
-        server.registry.register(LoopMetrics(store))
-        up = _Up(settings, options, store, server, controller_factory, admin_factory)
+        loop_metrics = LoopMetrics(store)
+        server.registry.register(loop_metrics)
+        up = _Up(settings, options, store, server, controller_factory, admin_factory, loop_metrics)
         uvloop.run(up.main())
     finally:
         store.close()
@@ -222,6 +226,7 @@ class _Up:
     server: Server
     controller_factory: Callable[[Running], LoopController | None] | None
     admin_factory: Callable[[Running], Any] | None
+    loop_metrics: LoopMetrics | None = None
 
     async def start_loop(self, running: Running, serving: asyncio.Task[None]) -> Any:
         """The admin API and the controller, once the gateway listens; returns the admin
@@ -259,7 +264,7 @@ class _Up:
         server = self.server
         serving = asyncio.create_task(server.run())
         reports = Reports(server, loop, prometheus_url=self.options.prometheus_url)
-        running = Running(server, self.store, reports, None, None)
+        running = Running(server, self.store, reports, None, None, self.loop_metrics)
         admin = None
         try:
             admin = await self.start_loop(running, serving)
@@ -301,11 +306,25 @@ def serve_loop(settings: Settings, options: UpOptions) -> None:
     logs.decision("policy_loaded", path=config.source, models=sorted(config.models))
     rollouts: dict[int, Any] = {}
 
-    def rollout_for(store: RegistryStore) -> Any:
-        from retrain.rollout import ImmediateRollout
+    def rollout_for(running: Running) -> Any:
+        """One rollout for the admin API and the controller: the canary (or an immediate
+        swap, per the model's policy), judged on the gateway's own counts; its runners run
+        the rollouts of the models whose lock the controller holds."""
+        from retrain.rollout import CanaryRollout
+        from servo.canary import EmbeddedCounts
         from servo.loop_promotion import GuardedRollout
 
-        return rollouts.setdefault(id(store), GuardedRollout(ImmediateRollout(store)))
+        def may_run(model: str) -> bool:  # no controller yet: its start resumes them
+            controller = running.controller
+            return controller is not None and bool(controller.may_roll_out(model))
+
+        if id(running) not in rollouts:
+            counts = EmbeddedCounts(running.server.recorder, running.reports.loop)
+            canary = CanaryRollout(running.store, counts, config.for_model, may_run=may_run)
+            if running.loop_metrics is not None:
+                running.loop_metrics.verdicts = canary.verdicts
+            rollouts[id(running)] = GuardedRollout(canary)
+        return rollouts[id(running)]
 
     def admin(running: Running) -> Any:
         from servo.admin import AdminServer, build_admin_app
@@ -313,7 +332,7 @@ def serve_loop(settings: Settings, options: UpOptions) -> None:
 
         app = build_admin_app(
             running.store,
-            rollout=rollout_for(running.store),
+            rollout=rollout_for(running),
             authenticator=Authenticator(running.store),
             policy_for=config.for_model,
         )
@@ -329,7 +348,7 @@ def serve_loop(settings: Settings, options: UpOptions) -> None:
             running.store,
             config=config,
             reports=running.reports,
-            rollout=rollout_for(running.store),
+            rollout=rollout_for(running),
             scheduler=LoopScheduler(settings.registry_url),
             settings=ControllerConfig(
                 directory=options.dir.resolve(),

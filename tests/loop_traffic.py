@@ -38,9 +38,9 @@ class Answer:
 
 
 class Traffic:
-    """`start()` sends requests on a thread until `stop()`; `drift = True` switches the
-    traffic; labels follow each answer after `label_delay_s` (batched, with a labeler's
-    bearer token if given)."""
+    """`start()` sends requests on `senders` threads (each one request at a time) until
+    `stop()`; `drift = True` switches the traffic; labels follow each answer after
+    `label_delay_s` (batched, with a labeler's bearer token if given)."""
 
     def __init__(
         self,
@@ -51,6 +51,7 @@ class Traffic:
         every_s: float = 0.01,
         model: str = "digits",
         seed: int = 0,
+        senders: int = 1,
     ):
         self.url = url
         self.model = model
@@ -61,7 +62,8 @@ class Traffic:
         self.x, self.y = x.astype(np.float32), y.astype(int)
         keep = np.isin(self.y, DRIFT_CLASSES)
         self.x_drift, self.y_drift = drifted(self.x[keep]), self.y[keep]
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
+        self.senders = senders
         self.drift = False
         self.labels = True
         self.answers: list[Answer] = []
@@ -71,15 +73,15 @@ class Traffic:
         self._threads: list[threading.Thread] = []
         self._clients: list[httpx.Client] = []
 
-    def _row(self) -> tuple[npt.NDArray[Any], int, bool]:
+    def _row(self, rng: np.random.Generator) -> tuple[npt.NDArray[Any], int, bool]:
         drift = self.drift
         xs, ys = (self.x_drift, self.y_drift) if drift else (self.x, self.y)
-        i = int(self.rng.integers(0, len(ys)))
+        i = int(rng.integers(0, len(ys)))
         return xs[i], int(ys[i]), drift
 
-    def _send(self, client: httpx.Client) -> None:
+    def _send(self, client: httpx.Client, rng: np.random.Generator) -> None:
         while not self._stop.is_set():
-            row, truth, drift = self._row()
+            row, truth, drift = self._row(rng)
             body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
                                 "data": [float(v) for v in row]}]}  # fmt: skip
             try:
@@ -120,10 +122,13 @@ class Traffic:
 
     def start(self) -> Traffic:
         self._stop.clear()
-        for target in (self._send, self._label):
+        first = np.random.default_rng(self.seed)
+        rngs = [first, *first.spawn(self.senders - 1)]
+        jobs: list[tuple[Any, tuple[Any, ...]]] = [(self._send, (rng,)) for rng in rngs]
+        for target, args in [*jobs, (self._label, ())]:
             client = httpx.Client(timeout=10)
             self._clients.append(client)
-            thread = threading.Thread(target=target, args=(client,), daemon=True)
+            thread = threading.Thread(target=target, args=(client, *args), daemon=True)
             thread.start()
             self._threads.append(thread)
         return self

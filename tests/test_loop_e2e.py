@@ -39,6 +39,8 @@ defaults:
     latency_p99_ratio: 20.0
   approval:
     auto: false
+  rollout:
+    strategy: immediate     # the canary has its own end-to-end test (test_canary_e2e.py)
 """
 
 
