@@ -50,6 +50,11 @@ defaults:
   shadow: {min_labelled: 200, timeout_s: 120}
   gates: {live_margin: 0.02, offline_margin: 0.05, latency_p99_ratio: 20.0}
   approval: {auto: false}
+  # the canary: a look every second, 100 canary requests at least per step; judged on
+  # errors and wrong answers (not latency: on a busy laptop a rare slow request in one arm
+  # leaves the latency test without evidence either way, and the step would hold)
+  rollout: {strategy: canary, steps: [10, 50, 100], look_every_s: 1, min_requests: 100,
+            metrics: [errors, incorrect], step_timeout_s: 60}
 """
 
 
@@ -71,7 +76,7 @@ class DemoOptions:
     #: seconds of undrifted traffic before the drift
     before_s: float = 15.0
     #: answers of the new champion measured after its promotion
-    after_n: int = 600
+    after_n: int = 1500
     #: how long any one phase may take before the demo gives up
     phase_timeout_s: float = 120.0
     seed: int = 0
@@ -280,7 +285,9 @@ class Demo:
 
     def _finished(self, run: Run) -> bool:
         assert self.store is not None
-        self.poll(run)
+        held = self.event(run, "canary_held")
+        if held is not None:
+            raise DemoError(f"the canary holds: {(held['detail'] or {}).get('reason')}")
         return str(self.store.promotion(int(run.request["id"]))["status"]) != "approved"
 
     def _approve(self, run: Run, request: dict[str, Any], token: str, log: Path) -> None:
@@ -360,8 +367,8 @@ def _unix(value: Any) -> float:
 
 def _brief(event: dict[str, Any]) -> str:
     detail = event.get("detail") or {}
-    keys = ("signals", "trigger", "status", "version", "request", "n_labelled", "step",
-            "percent", "decision", "reason")  # fmt: skip
+    keys = ("signals", "trigger", "status", "version", "request", "n_labelled", "percent",
+            "to_percent", "decision", "reason")  # fmt: skip
     shown = [f"{k}={detail[k]}" for k in keys if detail.get(k) not in (None, [], "")]
     text = ", ".join(shown)
     return f" ({text[:150]})" if text else ""

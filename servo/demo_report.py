@@ -25,9 +25,10 @@ DURATION_MAX_S = 180.0
 #: the plot's resolution (seconds per point)
 BIN_S = 2.0
 #: what the timeline shows of the loop's events (its checks are counted, not listed)
-MARKED = {"drift": "drift", "alarm": "alarm", "retrain_started": "retrain",
+MARKED = {"drift": "drift", "seen": "monitors see it", "alarm": "alarm: retrain",
           "shadow_started": "shadow", "promotion_filed": "request filed",
-          "approved": "approved", "promoted": "promoted"}  # fmt: skip
+          "approved": "approved", "canary_started": "canary 10%", "canary_step": "canary 50%",
+          "promoted": "promoted"}  # fmt: skip
 
 
 def oracle_predictions(rows: npt.NDArray[np.float32], pools: Pools, drift: Drift,
@@ -254,23 +255,27 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
                       step="mid", label="share answered by the candidate")  # fmt: skip
     axes.axhline(summary["accuracy"]["oracle"], color="#7f7f7f", ls=":", lw=1.5,
                  label="oracle (trained on drifted digits)")  # fmt: skip
-    seen: set[str] = set()
-    top = 1.02
-    for entry in summary["timeline"]:
+    marks = list(summary["timeline"])
+    if summary["detection"]["seen_t"] is not None:
+        marks.append({"t": summary["detection"]["seen_t"], "event": "seen"})
+    drawn: set[str] = set()
+    for entry in sorted(marks, key=lambda e: float(e["t"])):
         name = MARKED.get(entry["event"])
-        if name is None or name in seen:
+        if name is None or name in drawn:
             continue
-        seen.add(name)
-        color = "#d62728" if name in ("drift", "alarm") else "#444444"
+        color = "#d62728" if entry["event"] in ("drift", "seen", "alarm") else "#444444"
         axes.axvline(entry["t"], color=color, ls="--", lw=1)
-        axes.text(entry["t"], top, name, rotation=60, fontsize=8, ha="left", va="bottom",
-                  color=color)  # fmt: skip
+        height = 0.62 - 0.07 * (len(drawn) % 5)  # staggered: close events stay readable
+        box = {"facecolor": "white", "edgecolor": "none", "pad": 1}
+        axes.text(entry["t"], height, " " + name, fontsize=8, ha="left", va="center",
+                  color=color, bbox=box)  # fmt: skip
+        drawn.add(name)
     axes.set_ylim(0, 1.0)
     axes.set_xlabel("seconds since the demo started")
     axes.set_ylabel("accuracy (per 2 s)")
     acc = summary["accuracy"]
     axes.set_title(f"servo demo: before {_p(acc['before'])}, during {_p(acc['during'])}, "
-                   f"after {_p(acc['after'])} (oracle {_p(acc['oracle'])})", pad=48)  # fmt: skip
+                   f"after {_p(acc['after'])} (oracle {_p(acc['oracle'])})")  # fmt: skip
     axes.legend(loc="lower left", fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
