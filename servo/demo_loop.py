@@ -40,12 +40,12 @@ MARKER = ".servo-demo"
 POLICY = """\
 # servo demo's policy: a loop that reacts in seconds, not hours. The monitors look every
 # second at the last 2 s (about 500 requests: the held-out digits are 450, a longer window
-# would repeat them); 5 alarmed checks in a row start the retrain (the debounce also lets
-# the drifted labelled rows of the last 8 s, which it trains on, accumulate)
+# would repeat them). 8 alarmed checks in a row start the retrain: a debounce, which also
+# lets the 8 s of labelled rows it trains on be all drifted ones
 defaults:
   check_every_s: 1
   monitor_window_s: 2
-  trigger: {on: [accuracy_stall, input_drift], k: 5, cooldown_s: 3600, budget_per_day: 3}
+  trigger: {on: [accuracy_stall, input_drift], k: 8, cooldown_s: 3600, budget_per_day: 3}
   retrain: {window_s: 8, share: 0.5, holdout: 0.1}
   shadow: {min_labelled: 200, timeout_s: 120}
   gates: {live_margin: 0.02, offline_margin: 0.05, latency_p99_ratio: 20.0}
