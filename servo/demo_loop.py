@@ -46,7 +46,7 @@ defaults:
   check_every_s: 1
   monitor_window_s: 2
   trigger: {on: [accuracy_stall, input_drift], k: 8, cooldown_s: 3600, budget_per_day: 3}
-  retrain: {window_s: 8, share: 0.5, holdout: 0.1}
+  retrain: {window_s: 8, share: 0.6, holdout: 0.1, params: {holdout: 0.15}}
   shadow: {min_labelled: 200, timeout_s: 120}
   gates: {live_margin: 0.02, offline_margin: 0.05, latency_p99_ratio: 20.0}
   approval: {auto: false}
