@@ -272,7 +272,7 @@ class Demo:
                             f"{promoted.get('status_reason')}")  # fmt: skip
         self.mark(run, "promoted", f"version {run.candidate} is champion")
         since = run.marks["promoted"]
-        self.until(lambda: traffic.count(version=str(run.candidate), since=since) >= o.after_n,
+        self.until(lambda: traffic.answered_by(str(run.candidate), since) >= o.after_n,
                    f"{o.after_n} answers of the new champion", log)  # fmt: skip
 
     def _filed(self, run: Run) -> dict[str, Any] | None:

@@ -169,7 +169,7 @@ class Traffic:
             return self.drift.apply(pools.x[i : i + 1], self.rng)[0], int(pools.y[i])
 
     def _send(self) -> None:
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=10)
+        client = _Client(self.host, self.port)
         path = f"/v2/models/{self.model}/infer"
         every = self.senders / self.rate
         due = time.monotonic()
@@ -180,17 +180,9 @@ class Traffic:
                 tensor = {"name": "input", "datatype": "FP32", "shape": [1, 64],
                           "data": row.tolist()}  # fmt: skip
                 body = json.dumps({"inputs": [tensor]})
-                try:
-                    connection.request("POST", path, body, self.headers)
-                    reply = connection.getresponse()
-                    text = reply.read()
-                except (OSError, http.client.HTTPException) as exc:
-                    self.failed.append(f"{phase}: {type(exc).__name__}: {exc}")
-                    connection.close()
-                    connection = http.client.HTTPConnection(self.host, self.port, timeout=10)
-                    continue
-                if reply.status != 200:
-                    self.failed.append(f"{phase}: HTTP {reply.status} {text[:200]!r}")
+                status, text = client.post(path, body, self.headers)
+                if status != 200:
+                    self.failed.append(f"{phase}: {_failure(status, text)}")
                 else:
                     self._keep(json.loads(text), phase, row, truth)
                 due += every
@@ -200,7 +192,7 @@ class Traffic:
                 else:
                     due = time.monotonic()  # behind (a loaded machine): no burst to catch up
         finally:
-            connection.close()
+            client.close()
 
     def _keep(self, doc: dict[str, Any], phase: str, row: npt.NDArray[np.float32],
               truth: int) -> None:  # fmt: skip
@@ -221,7 +213,7 @@ class Traffic:
     # labels
 
     def _label(self) -> None:
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=10)
+        client = _Client(self.host, self.port)
         path = f"/v2/models/{self.model}/feedback"
         try:
             while not self._stop.wait(0.1):
@@ -233,24 +225,16 @@ class Traffic:
                 if not due:
                     continue
                 body = json.dumps([{"id": rid, "label": truth} for _, rid, truth in due])
-                try:
-                    connection.request("POST", path, body, self.label_headers)
-                    reply = connection.getresponse()
-                    text = reply.read()
-                except (OSError, http.client.HTTPException) as exc:
-                    self.label_failures.append(f"{type(exc).__name__}: {exc}")
-                    connection.close()
-                    connection = http.client.HTTPConnection(self.host, self.port, timeout=10)
-                    continue
-                if reply.status != 200 or not json.loads(text).get("stored"):
-                    self.label_failures.append(f"HTTP {reply.status} {text[:200]!r}")
+                status, text = client.post(path, body, self.label_headers)
+                if status != 200 or not json.loads(text).get("stored"):
+                    self.label_failures.append(_failure(status, text))
                     continue
                 stored_at = self.clock()
                 with self._lock:
                     for index, _, _ in due:
                         self.answers.labelled_at[index] = stored_at
         finally:
-            connection.close()
+            client.close()
 
     def start(self) -> Traffic:
         self._stop.clear()
@@ -269,15 +253,11 @@ class Traffic:
 
     # what it saw
 
-    def count(self, *, phase: str | None = None, version: str | None = None,
-              since: float = 0.0) -> int:  # fmt: skip
-        a = self.answers
+    def answered_by(self, version: str, since: float) -> int:
+        """Answers of `version` at or after `since` (Unix seconds)."""
         with self._lock:
-            return sum(
-                1 for t, p, v in zip(a.at, a.phase, a.version, strict=False)
-                if t >= since and (phase is None or p == phase)
-                and (version is None or v == version)
-            )  # fmt: skip
+            at, versions = list(self.answers.at), list(self.answers.version)
+        return sum(v == version for t, v in zip(at, versions, strict=True) if t >= since)
 
     def labelled(self, *, phases: tuple[str, ...], until: float) -> int:
         """Labels of `phases` stored at or before `until`."""
@@ -287,3 +267,32 @@ class Traffic:
                 1 for p, at in zip(a.phase, a.labelled_at, strict=False)
                 if p in phases and at is not None and at <= until
             )  # fmt: skip
+
+
+class _Client:
+    """One keep-alive HTTP connection; a request that fails closes it (the next one opens
+    a new one). `post` returns the status and body, or status 0 and the error."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.connection: http.client.HTTPConnection | None = None
+
+    def post(self, path: str, body: str, headers: dict[str, str]) -> tuple[int, bytes]:
+        try:
+            if self.connection is None:
+                self.connection = http.client.HTTPConnection(self.host, self.port, timeout=10)
+            self.connection.request("POST", path, body, headers)
+            reply = self.connection.getresponse()
+            return reply.status, reply.read()
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            return 0, f"{type(exc).__name__}: {exc}".encode()
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+
+def _failure(status: int, text: bytes) -> str:
+    return text.decode(errors="replace") if status == 0 else f"HTTP {status} {text[:200]!r}"
