@@ -104,6 +104,9 @@ def summarize(run: Run) -> dict[str, Any]:
         "seen_t": None if seen is None else seen["t"],
         "delay_s": None if seen is None else seen["t"] - drift_t,
         "delay_labelled": labelled(seen),
+        "delay_requests": None
+        if seen is None
+        else int(((phase != BEFORE) & (at <= seen["t"])).sum()),
         "signals": None if seen is None else (seen["detail"] or {}).get("signals"),
         # the trigger's alarm (k alarmed checks in a row) starts the retrain
         "alarm_t": None if alarm is None else alarm["t"],
@@ -203,7 +206,8 @@ def table(summary: dict[str, Any]) -> str:
         ("after / oracle", _p(summary["after_vs_oracle"]),
          _goal(goals["after_at_least_95pct_of_oracle"], ">= 95%")),
         ("drift seen by the monitors (first alarmed check)",
-         "never" if delay is None else f"after {delay} labelled ({det['delay_s']:.1f} s)",
+         "never" if delay is None else f"after {delay} labelled, {det['delay_requests']} "
+         f"requests ({det['delay_s']:.1f} s)",
          _goal(goals["detection_within_500_labelled"], "<= 500 labelled")),
         ("alarm (k alarmed checks in a row), retrain starts",
          "never" if det["alarm_t"] is None
