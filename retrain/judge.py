@@ -16,7 +16,7 @@ whatever the base rate does from one look to the next. So, per metric:
   inequality it ever reaches m/alpha with probability at most alpha/m: rolling back when
   any of the m judged metrics reaches it keeps false rollbacks at or below alpha however
   often the judge looks. It runs over the whole rollout.
-- promotion e-process: the mirror, a mixture over r < 1 + delta (`PROMOTION_RATIOS`,
+- promotion e-process: the mirror, a mixture over r < 1 + delta (`promotion_ratios`,
   `PROMOTION_WEIGHTS`) against theta(1 + delta); a canary worse by delta or more reaches
   1/beta with probability at most beta. It restarts at each step. A step advances when
   every judged metric has reached 1/beta or saw no event at all in the step (no evidence
@@ -26,14 +26,21 @@ whatever the base rate does from one look to the next. So, per metric:
 
 The mixtures are fixed before any data (any such prior keeps the guarantees); they were
 chosen with `benchmarks/canary_sim.py` (100 req/s, 10 % canary, 1 % base error rate, a
-look a second, alpha = beta = 0.05, delta = 0.25):
+look a second, alpha = beta = 0.05, delta = 0.25; tuned on seeds other than the
+benchmark's):
 
 - rollback: r in {1.25, 1.5, 2, 3, 5, 10}, weights 0.1, 0.25, 0.3, 0.2, 0.1, 0.05: most
-  mass on the doublings people fear (2x: p90 rollback time under 5 minutes), some on
-  gross failures (10x: decided in seconds) and on a small rise (1.25x: caught in time);
-- promotion: r in {0.25, 0.5, 0.75, 0.9, 1}, half the mass on r = 1 (an A/A canary: it
-  must pass within the hour at p90, which leaves little for the mixture's price), the
-  rest on better canaries, which then pass sooner.
+  mass on the doublings people fear (2x: p90 rollback time 3.6 minutes, goal 5), some on
+  gross failures (10x: decided in seconds) and on a small rise (1.25x: mostly caught
+  within the hour);
+- promotion: r = (1 + delta) ** (1 - f) for f in {0.5, 0.75, 1, 2, 4, 7} "margins below
+  the null" (at delta = 0.25: r = 1.118, 1.057, 1, 0.8, 0.41, 0.21), weights 0.3, 0.3,
+  0.2, 0.1, 0.05, 0.05. Every point lies below 1 + delta for any delta (a point above it
+  would break the guarantee). An A/A canary must pass within the hour at p90 (the tight
+  goal: 47 minutes), and the fastest single point for it is not r = 1 but about
+  f = 0.75 (its log-likelihood ratio grows almost as fast and wobbles less), so 80 % of
+  the mass is on f <= 1; the rest lets clearly better canaries pass sooner.
+  Relative to the margin, so a policy's delta moves the whole grid with it.
 
 Everything is in log space (logsumexp over the grid): one look costs O(grid), and a
 million looks lose nothing. `log_likelihood_ratios` is the one formula, vectorised: the
@@ -54,8 +61,8 @@ METRICS = ("errors", "latency", "incorrect")
 
 ROLLBACK_RATIOS = np.array([1.25, 1.5, 2.0, 3.0, 5.0, 10.0])
 ROLLBACK_WEIGHTS = np.array([0.1, 0.25, 0.3, 0.2, 0.1, 0.05])
-PROMOTION_RATIOS = np.array([0.25, 0.5, 0.75, 0.9, 1.0])
-PROMOTION_WEIGHTS = np.array([0.05, 0.1, 0.15, 0.2, 0.5])
+PROMOTION_MARGINS = np.array([0.5, 0.75, 1.0, 2.0, 4.0, 7.0])
+PROMOTION_WEIGHTS = np.array([0.3, 0.3, 0.2, 0.1, 0.05, 0.05])
 
 #: e-values are reported as at most e**LOG_E_CAP (1e299), far past any threshold, so a
 #: verdict stays finite JSON
@@ -187,11 +194,17 @@ def log_likelihood_ratios(counts: npt.ArrayLike, ratios: Array, null_ratio: floa
     return np.asarray(e_c * (log_r - log_r0) - (e_c + e_b) * growth)
 
 
+def promotion_ratios(delta: float) -> Array:
+    """The promotion mixture's points: r = (1 + delta) ** (1 - f), f in PROMOTION_MARGINS."""
+    return np.asarray((1 + delta) ** (1 - PROMOTION_MARGINS))
+
+
 def log_mixture(log_lr: Array, weights: Array) -> Array:
-    """log sum_j w_j exp(log_lr[..., j]), w normalised to sum 1 (logsumexp, last axis)."""
-    terms = log_lr + np.log(weights / weights.sum())
-    top = terms.max(axis=-1)
-    return np.asarray(top + np.log(np.exp(terms - top[..., None]).sum(axis=-1)))
+    """log sum_j w_j exp(log_lr[..., j]), w normalised to sum 1 (logsumexp, last axis;
+    exactly 0 where every log_lr is 0)."""
+    top = log_lr.max(axis=-1)
+    scaled = (weights * np.exp(log_lr - top[..., None])).sum(axis=-1) / weights.sum()
+    return np.asarray(top + np.log(scaled))
 
 
 @dataclass
@@ -208,6 +221,7 @@ class Judge:
     def __init__(self, config: JudgeConfig) -> None:
         self.config = config
         self.looks = 0
+        self._promotion_ratios = promotion_ratios(config.delta)
         self._rollback = {m: np.zeros(ROLLBACK_RATIOS.shape) for m in config.metrics}
         self._step: _Step | None = None
 
@@ -216,7 +230,7 @@ class Judge:
         return _Step(
             index,
             events={m: [0, 0] for m in metrics},
-            log_lr={m: np.zeros(PROMOTION_RATIOS.shape) for m in metrics},
+            log_lr={m: np.zeros(PROMOTION_MARGINS.shape) for m in metrics},
         )
 
     def observe(self, step: int, counts: Mapping[str, Counts]) -> Verdict:
@@ -244,7 +258,9 @@ class Judge:
                 continue
             row = look.to_list()
             self._rollback[metric] += log_likelihood_ratios(row, ROLLBACK_RATIOS, 1.0)
-            current.log_lr[metric] += log_likelihood_ratios(row, PROMOTION_RATIOS, 1 + cfg.delta)
+            current.log_lr[metric] += log_likelihood_ratios(
+                row, self._promotion_ratios, 1 + cfg.delta
+            )
             current.events[metric][0] += look.canary_events
             current.events[metric][1] += look.champion_events
         rollback_log = {

@@ -214,10 +214,10 @@ class CanaryRollout:
         if current != "approved":
             return current
         policy = self.policy_for(model).rollout
-        if policy.strategy == "immediate":
-            return ImmediateRollout(store).start(request, actor)
         active = store.active_rollout(model)
         resumed = active is not None and int(active["request_id"]) == request_id
+        if policy.strategy == "immediate" and not resumed:  # (a running canary goes on)
+            return ImmediateRollout(store).start(request, actor)
         try:
             doc = store.start_rollout(
                 request_id, actor, steps=list(policy.steps), config=snapshot(policy)
@@ -309,6 +309,9 @@ class CanaryRollout:
         if resumed:
             note(self.store, model, "rollout_resumed", rollout=rollout_id, version=doc["version"],
                  step=doc["step"], percent=doc["percent"], looks=runner.judge.looks)  # fmt: skip
+        if self._carry_out(doc, runner):  # its last stored verdict ended it
+            self._end(runner)
+            return True
         self._baseline(runner)
         runner.thread.start()
         return True
@@ -329,6 +332,18 @@ class CanaryRollout:
         runner = _Runner(rollout_id, int(doc["request_id"]), str(doc["model"]), judge)
         runner.verdict = verdict
         return runner
+
+    def _carry_out(self, doc: dict[str, Any], runner: _Runner) -> bool:
+        """The decision of the last stored look, where the process that stored it died
+        before acting on it (a rollback, or an advance from the step the rollout is still
+        at): taken now, as that look decided (the next looks would judge on, past it).
+        True when the rollout is over."""
+        verdict = runner.verdict
+        if verdict is None or verdict.decision == "hold" or verdict.step != int(doc["step"]):
+            return False
+        log.warning("rollout %s: look %s decided %s before its process stopped; carried out now",
+                    doc["id"], verdict.looks, verdict.decision)  # fmt: skip
+        return self._act(doc, verdict)
 
     def _baseline(self, runner: _Runner) -> None:
         try:
@@ -360,11 +375,14 @@ class CanaryRollout:
             raise KeyError(f"no runner of rollout {rollout_id} in this process")
         over = self._look(runner)
         if over:
-            runner.stopped.set()
-            with self._lock:
-                if self._runners.get(rollout_id) is runner:
-                    del self._runners[rollout_id]
+            self._end(runner)
         return over
+
+    def _end(self, runner: _Runner) -> None:
+        runner.stopped.set()
+        with self._lock:
+            if self._runners.get(runner.rollout_id) is runner:
+                del self._runners[runner.rollout_id]
 
     def _look(self, runner: _Runner) -> bool:
         store, rollout_id = self.store, runner.rollout_id
@@ -394,6 +412,11 @@ class CanaryRollout:
             "model": runner.model, "rollout": rollout_id, "step": step,
             "decision": verdict.decision, "rollback_e": verdict.rollback_e,
             "promote_e": verdict.promote_e}})  # fmt: skip
+        return self._act(doc, verdict)
+
+    def _act(self, doc: dict[str, Any], verdict: Verdict) -> bool:
+        """Carry out `verdict` on rollout `doc`; True when the rollout is over."""
+        store, rollout_id = self.store, int(doc["id"])
         try:
             return self._decide(doc, verdict)
         except RegistryError as exc:
@@ -406,8 +429,9 @@ class CanaryRollout:
                 store.fail_rollout(rollout_id, self.actor, why)
             except Conflict:
                 return True
-            note(store, runner.model, "canary_failed", level=logging.ERROR, rollout=rollout_id,
-                 version=doc["version"], request=doc["request_id"], reason=why)  # fmt: skip
+            note(store, str(doc["model"]), "canary_failed", level=logging.ERROR,
+                 rollout=rollout_id, version=doc["version"], request=doc["request_id"],
+                 reason=why)  # fmt: skip
             return True
 
     def _decide(self, doc: dict[str, Any], verdict: Verdict) -> bool:

@@ -1,5 +1,6 @@
 """The canary judge's counts (retrain.rollout.CountsSource) from the embedded gateway's own
-metrics (serving.recorder.Recorder), cumulative per version since it was loaded:
+metrics (serving.recorder.Recorder), cumulative per version since it was loaded, or, with
+`servo up --prometheus`, the same series summed over every gateway Prometheus scrapes:
 
 - errors: requests (servo_requests, every code) and the 5xx answers among them;
 - latency: requests (servo_request_duration_seconds) and those slower than the threshold,
@@ -7,7 +8,9 @@ metrics (serving.recorder.Recorder), cumulative per version since it was loaded:
 - incorrect: labelled rows (servo_feedback) and the incorrect ones.
 
 The recorder is mutated on the serving event loop, so the counts are read there (one
-snapshot per look, a few dict walks), never from the runner's thread directly.
+snapshot per look, a few dict walks), never from the runner's thread directly. Prometheus
+answers as of its last scrape (the looks lag by a scrape interval; a gateway that restarts
+makes a sum go back, and the runner takes that look as its new baseline).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING
 from retrain.rollout import Cumulative
 
 if TYPE_CHECKING:
+    from monitors.sources import PrometheusSource
     from serving.recorder import Recorder
 
 
@@ -78,3 +82,47 @@ class EmbeddedCounts:
 
         future = asyncio.run_coroutine_threadsafe(on_loop(), self.loop)
         return future.result(self.timeout_s)
+
+
+class PrometheusCounts:
+    """The same counts from PromQL instant queries (three per look)."""
+
+    def __init__(self, source: PrometheusSource):
+        self.source = source
+
+    def cumulative(
+        self, model: str, versions: Sequence[int], latency_threshold_s: float
+    ) -> Cumulative:
+        wanted = {str(int(v)): int(v) for v in versions}
+        selector = f'model="{model}",version=~"{"|".join(wanted)}"'
+        out: dict[int, dict[str, list[int]]] = {
+            v: {"errors": [0, 0], "latency": [0, 0], "incorrect": [0, 0]} for v in wanted.values()
+        }
+        by = self._sums
+        for (version, code), n in by("servo_requests_total", selector, "code").items():
+            row = out[wanted[version]]["errors"]
+            row[0] += n
+            row[1] += n if code.startswith("5") else 0
+        for (version, le), n in by("servo_request_duration_seconds_bucket", selector, "le").items():
+            row = out[wanted[version]]["latency"]
+            if le == "+Inf":
+                row[0] += n
+                row[1] += n
+            elif float(le) == latency_threshold_s:  # requests at or under the threshold
+                row[1] -= n
+        for (version, outcome), n in by("servo_feedback_total", selector, "outcome").items():
+            row = out[wanted[version]]["incorrect"]
+            if outcome in ("correct", "incorrect"):
+                row[0] += n
+                row[1] += n if outcome == "incorrect" else 0
+        return {v: {m: (pair[0], pair[1]) for m, pair in metrics.items()}
+                for v, metrics in out.items()}  # fmt: skip
+
+    def _sums(self, metric: str, selector: str, label: str) -> dict[tuple[str, str], int]:
+        rows = self.source.query(f"sum by (version, {label}) ({metric}{{{selector}}})")
+        return {
+            (str(r["metric"].get("version", "")), str(r["metric"].get(label, ""))): round(
+                float(r["value"][1])
+            )
+            for r in rows
+        }

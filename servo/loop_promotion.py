@@ -106,24 +106,35 @@ class PromotionSteps:
             self.back_to_watching(model, detail)
             return
         version = int(candidate["version"])
-        timed_out = self.clock() - timestamp(candidate["since"]) >= policy.shadow.timeout_s
-        doc, n_labelled = gather_evidence(
-            self.store, model, champion=champion, candidate=version, policy=policy,
-            detail=detail, payload_root=self.settings.payload_root, timed_out=timed_out,
-        )  # fmt: skip
-        if doc is None:
-            detail["candidate"] = {**candidate, "n_labelled": n_labelled}
-            self.set_state(model, SHADOWING, detail)
+        filed = self._filed(model, version, candidate)
+        if filed is not None and filed["status"] != "pending":
+            detail["request"] = int(filed["id"])  # decided: awaiting carries on from there
+            self.set_state(model, AWAITING, detail)
             return
-        insufficient = bool(doc.get("insufficient_evidence"))
-        request_id = self.store.file_promotion(
-            model, version, doc, ACTOR, run_id=candidate.get("run_id"),
-            triggered_by=candidate.get("triggered_by"),
-            expires_s=float(policy.approval.expires_s),
-        )  # fmt: skip
-        detail["request"] = request_id
-        self.note(model, "promotion_filed", version=version, request=request_id,
-                  n_labelled=n_labelled, insufficient=insufficient)  # fmt: skip
+        if filed is not None:  # filed by a process that stopped before the gates judged it
+            doc, request_id = dict(filed["evidence"]), int(filed["id"])
+            insufficient = bool(doc.get("insufficient_evidence"))
+            detail["request"] = request_id
+        else:
+            timed_out = self.clock() - timestamp(candidate["since"]) >= policy.shadow.timeout_s
+            gathered, n_labelled = gather_evidence(
+                self.store, model, champion=champion, candidate=version, policy=policy,
+                detail=detail, payload_root=self.settings.payload_root, timed_out=timed_out,
+            )  # fmt: skip
+            if gathered is None:
+                detail["candidate"] = {**candidate, "n_labelled": n_labelled}
+                self.set_state(model, SHADOWING, detail)
+                return
+            doc = gathered
+            insufficient = bool(doc.get("insufficient_evidence"))
+            request_id = self.store.file_promotion(
+                model, version, doc, ACTOR, run_id=candidate.get("run_id"),
+                triggered_by=candidate.get("triggered_by"),
+                expires_s=float(policy.approval.expires_s),
+            )  # fmt: skip
+            detail["request"] = request_id
+            self.note(model, "promotion_filed", version=version, request=request_id,
+                      n_labelled=n_labelled, insufficient=insufficient)  # fmt: skip
         results = gates.evaluate(doc, policy.gates)
         why = gates.reason(results)
         decision = gates.outcome(doc, results, policy.approval)
@@ -143,6 +154,19 @@ class PromotionSteps:
             self.note(model, None, "awaiting_approval", version=version, request=request_id,
                       reason=why, insufficient=insufficient)  # fmt: skip
         self.set_state(model, AWAITING, detail)
+
+    def _filed(self, model: str, version: int, candidate: dict[str, Any]) -> dict[str, Any] | None:
+        """The request for the candidate filed since its shadow started, where the process
+        that filed it stopped (a kill) before the loop state recorded it; else None. Filing
+        and recording are two transactions: without this, a restart files a second one."""
+        from servo.loop import timestamp
+
+        since = timestamp(candidate["since"]) if candidate.get("since") else 0.0
+        for request in self.store.promotions(model=model):
+            # the state keeps whole seconds: a request of this shadow is not older than it
+            if request["version"] == version and timestamp(request["created_at"]) >= since:
+                return request
+        return None
 
     def awaiting(self, model: str, policy: Policy, detail: dict[str, Any]) -> None:
         """A pending request waits; an approved one is rolled out (unless the admin API

@@ -4,9 +4,11 @@ Built in order: registry (SQLite under DIR unless --registry) -> bootstrap (digi
 empty registry) -> gateway following the registry's deployments (payload log under
 DIR/payload) -> monitors (the gateway's own metrics, or a Prometheus) -> loop metrics on
 the gateway's /metrics -> controller (scheduler, trigger, worker, shadow, evidence, gates,
-rollout) -> admin API on 127.0.0.1. SIGTERM or SIGINT stops them in reverse: the
-controller (a running retrain is stopped and marked interrupted, the scheduler shuts
-down), the admin API, the gateway (in-flight requests finish, the payload log is flushed).
+canary rollout judged on the gateway's counts) -> admin API on 127.0.0.1. SIGTERM or
+SIGINT stops them in reverse: the controller (a running retrain is stopped and marked
+interrupted, the scheduler shuts down, canary runners stop: their rollouts resume at the
+next start), the admin API, the gateway (in-flight requests finish, the payload log is
+flushed).
 """
 
 from __future__ import annotations
@@ -308,10 +310,11 @@ def serve_loop(settings: Settings, options: UpOptions) -> None:
 
     def rollout_for(running: Running) -> Any:
         """One rollout for the admin API and the controller: the canary (or an immediate
-        swap, per the model's policy), judged on the gateway's own counts; its runners run
-        the rollouts of the models whose lock the controller holds."""
-        from retrain.rollout import CanaryRollout
-        from servo.canary import EmbeddedCounts
+        swap, per the model's policy), judged on the gateway's own counts (or Prometheus',
+        as the monitors are); its runners run the rollouts of the models whose lock the
+        controller holds."""
+        from retrain.rollout import CanaryRollout, CountsSource
+        from servo.canary import EmbeddedCounts, PrometheusCounts
         from servo.loop_promotion import GuardedRollout
 
         def may_run(model: str) -> bool:  # no controller yet: its start resumes them
@@ -319,7 +322,12 @@ def serve_loop(settings: Settings, options: UpOptions) -> None:
             return controller is not None and bool(controller.may_roll_out(model))
 
         if id(running) not in rollouts:
-            counts = EmbeddedCounts(running.server.recorder, running.reports.loop)
+            prometheus = running.reports.prometheus
+            counts: CountsSource = (
+                EmbeddedCounts(running.server.recorder, running.reports.loop)
+                if prometheus is None
+                else PrometheusCounts(prometheus)
+            )
             canary = CanaryRollout(running.store, counts, config.for_model, may_run=may_run)
             if running.loop_metrics is not None:
                 running.loop_metrics.verdicts = canary.verdicts

@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+import pyarrow.parquet as pq
+
+from monitors.payload_log import FEEDBACK, PREDICTIONS, read_window
+from registry.routes import ROUTE_ACTIONS
 from retrain.pipeline import file_hash
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,3 +251,167 @@ def timed(processes: list[subprocess.Popen[bytes]], db: Path, start: str, end: s
         for process in processes:
             kill(process)
     return max(marks[p.pid, end] - marks[p.pid, start] for p in processes)
+
+
+# the loop's crash tests (`servo up` killed; tests/test_crash_loop.py)
+
+#: the version status each role gives a routed version, and the statuses a version routed
+#: in that role may have ("registered": deployed directly, e.g. the bootstrap's champion)
+ROLE_STATUS = {"champion": "production", "canary": "canary", "shadow": "shadow"}
+ROLE_MAY_HAVE = {"champion": ("production", "registered"), "canary": ("canary",),
+                 "shadow": ("shadow",)}  # fmt: skip
+
+
+def routes(db: Path) -> dict[str, list[tuple[int, str, float]]]:
+    """The route table: per model, (version, role, percent) rows by version."""
+    out: dict[str, list[tuple[int, str, float]]] = {}
+    for row in query(db, "SELECT * FROM deployments ORDER BY model, version"):
+        out.setdefault(row["model"], []).append((row["version"], row["role"], row["percent"]))
+    return out
+
+
+def check_routes(db: Path) -> dict[str, list[tuple[int, str, float]]]:
+    """The route table is consistent: per model one champion (the alias's version), at most
+    one canary, every routed version servable with its role's status, and no version holds
+    a role's status without its row (a half-done swap); returns the table."""
+    table = routes(db)
+    versions = {(v["model"], v["version"]): v for v in query(db, "SELECT * FROM model_versions")}
+    aliases = {a["model"]: a["version"]
+               for a in query(db, "SELECT * FROM aliases WHERE alias = 'champion'")}  # fmt: skip
+    for model, rows in table.items():
+        roles = [role for _, role, _ in rows]
+        assert roles.count("champion") == 1 and roles.count("canary") <= 1, rows
+        champion = next(version for version, role, _ in rows if role == "champion")
+        assert aliases.get(model) == champion, (model, aliases.get(model), rows)
+        for version, role, _ in rows:
+            row = versions[(model, version)]
+            assert row["servable"], dict(row)
+            assert row["status"] in ROLE_MAY_HAVE.get(role, (row["status"],)), (dict(row), role)
+    for (model, version), row in versions.items():
+        routed = {v: role for v, role, _ in table.get(model, [])}
+        for role, status in ROLE_STATUS.items():
+            if row["status"] == status:
+                assert routed.get(version) == role, (dict(row), table.get(model))
+    return table
+
+
+def check_promotions(db: Path) -> None:
+    """Nothing half-promoted: a promoted request's version became champion (and may have
+    been archived since); any other request's version never held the alias after it was
+    filed; a pending request's version is still in shadow."""
+    history = query(db, "SELECT * FROM alias_history WHERE alias = 'champion'")
+    rows = query(db, "SELECT * FROM model_versions")
+    versions = {(v["model"], v["version"]): v["status"] for v in rows}
+    for request in query(db, "SELECT * FROM promotion_requests"):
+        key = (request["model"], request["version"])
+        made = [h for h in history if (h["model"], h["new_version"]) == key]
+        if request["status"] == "promoted":
+            assert made and versions[key] in ("production", "archived"), dict(request)
+        else:
+            assert not made, (dict(request), [dict(h) for h in made])
+            assert versions[key] != "production", dict(request)
+        if request["status"] == "pending":
+            assert versions[key] == "shadow", dict(request)
+
+
+def payload_files(root: Path) -> dict[Path, list[str]]:
+    """Every published data file of the payload log (both tables) with its ids, in order."""
+    found = sorted(p for p in root.rglob("*.parquet") if p.name[0] not in "._")
+    return {part: pq.read_table(part, columns=["id"])["id"].to_pylist() for part in found}
+
+
+def check_nothing_lost(
+    root: Path, files: dict[Path, list[str]], labels: list[str]
+) -> dict[str, int]:
+    """After a restart: every payload-log file on disk before the kill is still there with
+    the same rows; the tables read whole (no torn file breaks a reader); every label the
+    killed process answered `"stored": true` is in the feedback table, and none twice."""
+    now = payload_files(root)
+    for part, ids in files.items():
+        assert now.get(part) == ids, f"{part}: {len(ids)} rows before the kill"
+    predictions = read_window(root, table=PREDICTIONS, columns=["id"])["id"].to_pylist()
+    feedback = read_window(root, table=FEEDBACK, columns=["id"])["id"].to_pylist()
+    logged = {i for part, ids in files.items() if part.is_relative_to(root / PREDICTIONS)
+              for i in ids}  # fmt: skip
+    assert logged <= set(predictions), sorted(logged - set(predictions))[:5]
+    assert len(feedback) == len(set(feedback)), "a label stored twice"
+    assert set(labels) <= set(feedback), sorted(set(labels) - set(feedback))[:5]
+    return {"files": len(files), "predictions": len(logged), "labels": len(labels)}
+
+
+#: a rollout's status -> its request's status
+ROLLOUT_REQUEST = {"running": "approved", "promoted": "promoted", "rolled_back": "rolled_back",
+                   "failed": "failed"}  # fmt: skip
+
+
+def check_rollouts(db: Path) -> list[dict[str, Any]]:
+    """Every rollout agrees with its request, the route table and the champion alias: a
+    running one has the champion it started from at 100 % and its candidate as the canary
+    at one of its steps short of 100; a finished one left no canary row, and only a
+    promoted one made its candidate champion. Its looks are numbered 1, 2, ... with steps
+    that never go back, each at its step's percent. Returns the rollouts with their looks
+    (steps, counts and verdicts decoded)."""
+    table = routes(db)
+    aliases = {a["model"]: a["version"]
+               for a in query(db, "SELECT * FROM aliases WHERE alias = 'champion'")}  # fmt: skip
+    requests = {r["id"]: r["status"] for r in query(db, "SELECT * FROM promotion_requests")}
+    made = {(h["model"], h["new_version"])
+            for h in query(db, "SELECT * FROM alias_history WHERE alias = 'champion'")}  # fmt: skip
+    out = []
+    for row in query(db, "SELECT * FROM rollouts ORDER BY id"):
+        doc = {**dict(row), "steps": json.loads(row["steps"]), "config": json.loads(row["config"])}
+        model, version, steps = doc["model"], doc["version"], doc["steps"]
+        looks = [{**dict(look), "counts": json.loads(look["counts"]),
+                  "verdict": json.loads(look["verdict"])}
+                 for look in query(db, "SELECT * FROM rollout_looks WHERE rollout_id = ? "
+                                       "ORDER BY seq", doc["id"])]  # fmt: skip
+        assert [look["seq"] for look in looks] == list(range(1, len(looks) + 1)), doc["id"]
+        at = [look["step"] for look in looks]
+        assert at == sorted(at) and all(step <= doc["step"] for step in at), (doc["id"], at)
+        assert all(look["percent"] == steps[look["step"]] for look in looks), doc["id"]
+        assert requests[doc["request_id"]] == ROLLOUT_REQUEST[doc["status"]], doc
+        routed = {v: (role, percent) for v, role, percent in table.get(model, [])}
+        if doc["status"] == "running":
+            assert doc["step"] < len(steps) - 1, doc
+            assert routed.get(version) == ("canary", steps[doc["step"]]), (doc, routed)
+            assert routed.get(doc["champion"]) == ("champion", 100.0), (doc, routed)
+            assert aliases[model] == doc["champion"], (doc, aliases)
+        else:
+            assert routed.get(version, ("none",))[0] != "canary", (doc, routed)
+            assert ((model, version) in made) == (doc["status"] == "promoted"), doc
+        out.append({**doc, "looks": looks})
+    running = [d["model"] for d in out if d["status"] == "running"]
+    assert len(running) == len(set(running)), running
+    return out
+
+
+def last_audit(db: Path) -> int:
+    return int(query(db, "SELECT COALESCE(MAX(id), 0) AS n FROM audit_log")[0]["n"])
+
+
+def check_route_chain(db: Path, killed: dict[str, list[tuple[int, str, float]]], since: int) -> int:
+    """The route table is the one the killed process last committed, or what later route
+    changes made of it: each change after audit entry `since` started from the table the
+    one before it left (the first from `killed`). Returns the number of those changes."""
+    current = {model: sorted(rows) for model, rows in killed.items()}
+    entries = query(db, "SELECT * FROM audit_log WHERE id > ? ORDER BY id", since)
+    changes = [e for e in entries if e["action"] in ROUTE_ACTIONS]
+    for entry in changes:
+        model = entry["subject"]
+        previous = sorted(tuple(r) for r in json.loads(entry["rollback"])["deployments"])
+        assert previous == current.get(model, []), (dict(entry), current.get(model))
+        current[model] = sorted(tuple(r) for r in json.loads(entry["detail"])["deployments"])
+    assert routes(db) == {model: rows for model, rows in current.items() if rows}
+    return len(changes)
+
+
+def frozen(db: Path, to: Path) -> Path:
+    """A consistent copy of a registry in use (sqlite3's backup), to check its tables
+    against each other while a process changes them."""
+    source, target = sqlite3.connect(db, timeout=30), sqlite3.connect(to)
+    try:
+        source.backup(target)
+    finally:
+        target.close()
+        source.close()
+    return to

@@ -68,6 +68,8 @@ class Traffic:
         self.labels = True
         self.answers: list[Answer] = []
         self.errors: list[str] = []
+        #: ids of the labels the gateway answered `"stored": true` (durable, it says)
+        self.stored: list[str] = []
         self._pending: deque[tuple[float, str, int]] = deque()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -117,6 +119,8 @@ class Traffic:
                                     headers=self.headers)  # fmt: skip
                 if reply.status_code != 200:
                     self.errors.append(f"feedback {reply.status_code} {reply.text[:200]}")
+                elif reply.json().get("stored") is True:
+                    self.stored.extend(item["id"] for item in due)
             except httpx.TransportError as exc:
                 self.errors.append(f"feedback: {exc}")
 

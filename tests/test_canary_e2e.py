@@ -134,6 +134,9 @@ def test_a_good_candidate_is_promoted_through_10_50_100(tmp_path: Path) -> None:
     assert traffic.errors == [], traffic.errors[:5]  # no request failed during the swaps
     assert len(traffic.answers) > 1000
     assert code == 0, up.log()[-3000:]
+    (line,) = up.named("canary_promoted")  # each decision is also one log line
+    assert line["model"] == "digits" and line["rollout"] == rollout["id"]
+    assert "no events this step" in line["reason"]
 
 
 def test_a_bad_candidate_is_rolled_back_by_itself(tmp_path: Path) -> None:
@@ -179,3 +182,5 @@ def test_a_bad_candidate_is_rolled_back_by_itself(tmp_path: Path) -> None:
         store.close()
     assert traffic.errors == [], traffic.errors[:5]
     assert code == 0, up.log()[-3000:]
+    (line,) = up.named("canary_rolled_back")
+    assert line["level"] == "warning" and line["rollback_e"]["incorrect"] >= 60

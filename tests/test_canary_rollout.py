@@ -20,11 +20,12 @@ import sqlalchemy as sa
 
 from registry.models import ModelVersion
 from registry.store import RegistryStore
-from retrain.judge import JudgeConfig, counts_from_json, replay
+from retrain.judge import Counts, Judge, JudgeConfig, counts_from_json, counts_to_json, replay
 from retrain.policy import LATENCY_EDGES, Policy, PolicyError, parse_config
 from retrain.rollout import CanaryRollout, Cumulative, increments
 from serving.recorder import LATENCY_BUCKETS, Recorder
 from servo.canary import counts
+from servo.demo import digits_holdout
 from servo.loop_metrics import LoopMetrics
 from tests.models import failing_model, write_model
 from tests.servers import start_server
@@ -207,6 +208,8 @@ def test_an_undecided_step_holds_once_past_its_timeout(store: RegistryStore) -> 
         assert held["held"] is True and held["status"] == "running" and held["step"] == 0
         assert routes(store) == [(1, "champion", 100.0), (2, "canary", 10.0)]  # kept
         assert kinds(store).count("canary_held") == 1  # one alert, not one per look
+        held_metric = {f.name: f for f in LoopMetrics(store, ttl_s=0).collect()}
+        assert [s.value for s in held_metric["servo_rollout_held"].samples] == [1.0]
         reason = store.loop_events("digits", kinds=["canary_held"])[0]["detail"]["reason"]
         assert "undecided after" in reason and "min_requests 100" in reason
     finally:
@@ -262,6 +265,30 @@ def test_a_restart_resumes_from_the_stored_looks(store: RegistryStore) -> None:
         assert look["verdict"]["looks"] == 2
         assert look["verdict"]["rollback_e"]["errors"] > before  # the evidence carried on
         assert "rollout_resumed" in kinds(store)
+    finally:
+        second.stop()
+
+
+def test_a_stored_decision_its_process_did_not_carry_out_is_carried_out_on_resume(
+    store: RegistryStore,
+) -> None:
+    first = canary(store, FakeCounts())
+    request = approved(store)
+    first.start(request, "loop")
+    first.stop()
+    (doc,) = store.rollouts(model="digits")
+    # the look a process stored just before it was killed: a rollback it never made
+    looked = {"errors": Counts(100, 30, 900, 9), "latency": Counts(100, 0, 900, 0)}
+    verdict = Judge(JudgeConfig.from_json(doc["config"]["judge"])).observe(0, looked)
+    assert verdict.decision == "rollback"
+    store.record_look(doc["id"], step=0, percent=10.0, counts=counts_to_json(looked),
+                      verdict=verdict.to_json())  # fmt: skip
+    second = canary(store, FakeCounts())
+    try:
+        assert second.resume() == [doc["id"]]
+        assert store.rollout(doc["id"])["status"] == "rolled_back"
+        assert routes(store) == [(1, "champion", 100.0)]
+        assert not second.running(request["id"])
     finally:
         second.stop()
 
@@ -401,6 +428,7 @@ def test_counts_from_the_recorder_are_exact_at_the_threshold_edge() -> None:
     }
 
 
+@pytest.mark.slow
 def test_a_failing_canary_s_errors_are_counted_against_it(model_root: Path, tmp_path: Path) -> None:
     """A routed request that the canary fails is a 5xx of the canary's version (the
     judge's errors), not of an unknown version."""
@@ -423,6 +451,62 @@ def test_a_failing_canary_s_errors_are_counted_against_it(model_root: Path, tmp_
         assert scraped(server, "servo_requests_total", version="1", code="200") == codes.count(200)
         assert scraped(server, "servo_requests_total", version="", code="500") == 0
     finally:
+        assert server.stop() == 0, server.log()
+
+
+@pytest.mark.slow
+def test_prometheus_counts_are_the_gateways_counts(model_root: Path, tmp_path: Path) -> None:
+    """PromQL over a real Prometheus scraping a real gateway (champion digits 1, a canary
+    that fails every request at 50 %) gives the counts the traffic made."""
+    from monitors.sources import PrometheusSource
+    from servo.canary import PrometheusCounts
+    from tests.prometheus import binary, start_prometheus
+
+    if binary() is None:
+        pytest.skip("the Debian package prometheus is not installed")
+    root = tmp_path / "models"
+    (root / "digits").mkdir(parents=True)
+    os.symlink(model_root / "digits" / "1", root / "digits" / "1")
+    write_model(root / "digits" / "8", failing_model(), "digits", version="8")
+    routes = tmp_path / "routes.json"
+    write_routes(routes, [{"name": "digits", "champion": dep(root, "1"),
+                           "canary": dep(root, "8", 50)}])  # fmt: skip
+    server = start_server(["--routes", str(routes)], tmp_path / "server.log",
+                          wait_for=["digits"])  # fmt: skip
+    prometheus = start_prometheus(tmp_path / "prom", [f"127.0.0.1:{server.http_port}"])
+    try:
+        x, y = digits_holdout()
+        answered: dict[str, tuple[int, int]] = {}  # id -> (predicted, truth)
+        failed = 0
+        for i in range(40):
+            body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                                "data": x[i].tolist()}]}  # fmt: skip
+            reply = httpx.post(f"{server.url}/v2/models/digits/infer", json=body)
+            if reply.status_code == 500:
+                failed += 1
+                continue
+            assert reply.status_code == 200 and reply.json()["model_version"] == "1"
+            doc = reply.json()
+            answered[doc["id"]] = (int(doc["outputs"][0]["data"][0]), int(y[i]))
+        labels = [{"id": rid, "label": truth} for rid, (_, truth) in answered.items()]
+        reply = httpx.post(f"{server.url}/v2/models/digits/feedback", json=labels)
+        assert reply.status_code == 200, reply.text
+        wrong = sum(p != t for p, t in answered.values())
+        n = len(answered)
+        assert 0 < failed < 40
+        expected = {
+            1: {"errors": (n, 0), "latency": (n, 0), "incorrect": (n, wrong)},
+            8: {"errors": (failed, failed), "latency": (failed, 0), "incorrect": (0, 0)},
+        }
+        source = PrometheusCounts(PrometheusSource(prometheus.url))
+        deadline = time.monotonic() + 30
+        while (got := source.cumulative("digits", [1, 8], 10.0)) != expected:
+            assert time.monotonic() < deadline, (got, expected)
+            time.sleep(0.5)
+        slow = source.cumulative("digits", [1, 8], 0.0001)  # nearly all slower than 0.1 ms
+        assert slow[1]["latency"][0] == n and 0 < slow[1]["latency"][1] <= n
+    finally:
+        prometheus.stop()
         assert server.stop() == 0, server.log()
 
 
