@@ -1,4 +1,5 @@
-# Servo: `make demo` trains and serves the digits model; `make test` installs what the tests
+# Servo: `make demo` runs the whole loop (servo demo: train, serve, drift, retrain, canary,
+# recovery; a table and DEMO_DIR/demo.png); `make test` installs what the tests
 # need (scripts/test-deps.sh), then runs lint, types and tests.
 PYTHON ?= python3
 VENV   := .venv

@@ -575,49 +575,56 @@ def export_demo(folder: Path, name: str, version_: str) -> None:
 
 
 @main.command()
-@click.option("--dir", "work_dir", default=".servo-demo", type=click.Path(path_type=Path))
+@click.option("--dir", "work_dir", default=".servo-demo", show_default=True,
+              type=click.Path(path_type=Path, file_okay=False),
+              help="a new folder, or one an earlier demo made (emptied first)")  # fmt: skip
 @click.option("--http-port", envvar="SERVO_HTTP_PORT", default=8080, show_default=True)
 @click.option("--grpc-port", envvar="SERVO_GRPC_PORT", default=8081, show_default=True)
-def demo(work_dir: Path, http_port: int, grpc_port: int) -> None:
-    """Train the digits model, serve it, and print a request that works."""
-    import urllib.request
+@click.option("--admin-port", envvar="SERVO_ADMIN_PORT", default=8082, show_default=True)
+@click.option("--interactive", is_flag=True,
+              help="wait for a person to approve the promotion (the demo prints how)")  # fmt: skip
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="the PNG [default: DIR/demo.png]; its JSON summary goes beside")  # fmt: skip
+@click.option("--exit", "exit_after", is_flag=True,
+              help="stop servo up after the summary [default: it serves until Ctrl-C]")  # fmt: skip
+def demo(*, work_dir: Path, http_port: int, grpc_port: int, admin_port: int,
+         interactive: bool, plot_path: Path | None, exit_after: bool) -> None:  # fmt: skip
+    """The whole loop in a few minutes: `servo up` trains and serves digits, traffic with
+    labels, a drift, the monitors alarm, the loop retrains, shadows, asks for approval,
+    rolls the candidate out, and the accuracy recovers. Prints the timeline and a summary
+    table, writes a PNG and a JSON summary; then keeps serving (a curl that works)."""
+    import time
 
-    from servo.demo import digits_holdout, export_digits
-    from servo.settings import Settings
+    started = time.time()
+    from servo.demo_loop import Demo, DemoError, DemoOptions, serve_until_stopped
+    from servo.demo_report import table, timeline_text, write
 
-    settings = Settings(http_port=http_port, grpc_port=grpc_port, log_level="WARNING")
-    _configure_logging(settings.log_level)
-    folder = work_dir / "digits" / "1"
-    card = export_digits(folder)
-    click.echo(f"trained digits: holdout accuracy {card.metrics['accuracy']:.3f} -> {folder}")
-    x_test, y_test = digits_holdout()
-    body = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "input",
-                    "datatype": "FP32",
-                    "shape": [1, 64],
-                    "data": [float(v) for v in x_test[0]],
-                }
-            ]
-        }
-    )
-
-    def on_ready(server: object) -> None:
-        port = getattr(server, "http_port", http_port)
-        url = f"http://127.0.0.1:{port}/v2/models/digits/infer"
-        request = urllib.request.Request(
-            url, data=body.encode(), headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=10) as reply:
-            answer = json.loads(reply.read())
-        label = answer["outputs"][0]["data"][0]
-        click.echo(f"served: the first holdout digit (a {y_test[0]}) is predicted as {label}")
-        click.echo("try it (Ctrl-C stops the server):\n")
-        click.echo(f"curl -s {url} -H 'Content-Type: application/json' -d '{body}'\n")
-
-    _serve(settings, [folder], on_ready=on_ready)
+    options = DemoOptions(dir=work_dir, http_port=http_port, grpc_port=grpc_port,
+                          admin_port=admin_port, interactive=interactive, plot=plot_path,
+                          exit=exit_after)  # fmt: skip
+    runner = Demo(options, echo=click.echo)
+    try:
+        summary = runner.run()
+    except DemoError as exc:
+        runner.stop_up()
+        raise click.ClickException(str(exc)) from None
+    except BaseException:
+        runner.stop_up()
+        raise
+    png, doc = write(summary, plot_path or runner.directory / "demo.png", started)
+    click.echo("\ntimeline:\n" + timeline_text(summary))
+    click.echo("\n" + table(summary) + "\n")
+    click.echo(f"plot: {png}\nsummary: {doc}")
+    missed = [name for name, met in summary["goals"].items() if not met]
+    if missed:
+        click.echo(f"goals missed: {', '.join(missed)}")
+    url, body, said = runner.example()
+    click.echo(said)
+    click.echo("\nthe loop keeps serving; try it (Ctrl-C stops it):\n")
+    click.echo(f"curl -s {url} -H 'Content-Type: application/json' -d '{body}'\n")
+    code = runner.stop_up() if exit_after else serve_until_stopped(runner)
+    if code not in (0, None):
+        raise click.ClickException(f"servo up exited with {code} (log: {summary['up_log']})")
 
 
 cli_loop.add_commands(main)
