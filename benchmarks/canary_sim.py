@@ -9,8 +9,9 @@ see the same streams:
 
   judge     `retrain.judge` (its own vectorised formula and mixtures): roll back at the
             first look where the rollback e-value reaches 1/alpha, advance at the first
-            look where the promotion e-value reaches 1/beta (or the step saw no event) and
-            the step saw min_requests canary requests; otherwise hold
+            look where the promotion e-value reaches 1/(beta w) or the floor e-value
+            (canary rate below negligible_rate 0.001) reaches 1/(beta (1 - w)), and the
+            step saw min_requests canary requests; otherwise hold
   z-test    a one-sided pooled two-proportion z-test on the cumulative counts at every
             look: roll back the first time z > z_alpha (1.645); promoted when the hour
             ends without a rollback (what a fixed-level test repeated at every interval
@@ -46,10 +47,12 @@ import numpy.typing as npt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from retrain.judge import (
+    FLOOR_WEIGHTS,
     PROMOTION_WEIGHTS,
     ROLLBACK_RATIOS,
     ROLLBACK_WEIGHTS,
     JudgeConfig,
+    floor_log_likelihood_ratios,
     log_likelihood_ratios,
     log_mixture,
     promotion_ratios,
@@ -138,10 +141,16 @@ def judge(counts: IntArray, config: JudgeConfig, look_s: float) -> Outcomes:
         np.cumsum(log_likelihood_ratios(counts, ratios, 1 + config.delta), axis=1),
         PROMOTION_WEIGHTS,
     )
-    total = np.cumsum(counts, axis=1)
-    no_events = total[..., 1] + total[..., 3] == 0
-    ready = (promote >= math.log(1 / config.beta)) | no_events
-    ready &= total[..., 0] >= config.min_requests
+    ready = promote >= math.log(config.promotion_threshold)
+    if config.negligible_rate > 0:
+        floor = log_mixture(
+            np.cumsum(floor_log_likelihood_ratios(counts, config.negligible_rate), axis=1),
+            FLOOR_WEIGHTS,
+        )
+        ready |= floor >= math.log(config.floor_threshold)
+    # one metric, "errors": its canary trials are the step's canary requests, so a step
+    # where they are 0 (the metric not judged) never reaches max(min_requests, 1) anyway
+    ready &= np.cumsum(counts[..., 0], axis=1) >= max(config.min_requests, 1)
     stop = first(rollback >= math.log(len(config.metrics) / config.alpha))
     go = first(ready)
     return _outcomes(stop, go, counts.shape[1], look_s)

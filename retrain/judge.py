@@ -18,11 +18,33 @@ whatever the base rate does from one look to the next. So, per metric:
   often the judge looks. It runs over the whole rollout.
 - promotion e-process: the mirror, a mixture over r < 1 + delta (`promotion_ratios`,
   `PROMOTION_WEIGHTS`) against theta(1 + delta); a canary worse by delta or more reaches
-  1/beta with probability at most beta. It restarts at each step. A step advances when
-  every judged metric has reached 1/beta or saw no event at all in the step (no evidence
-  either way; the rollback test still guards it), and the step saw at least
-  `min_requests` canary requests (the "errors" canary trials): a canary without traffic
-  never advances.
+  its threshold with probability at most its share of beta. It restarts at each step.
+- floor e-process (`negligible_rate` f > 0): the canary arm alone, Bernoulli on its trials
+  and events of the step, against H0: canary event rate >= f. A mixture over rates
+  f * g below the floor (`FLOOR_FRACTIONS`, `FLOOR_WEIGHTS`) of the product over looks
+  of (g ** e_c) * ((1 - f*g) / (1 - f)) ** (n_c - e_c): each trial's factor has mean
+  p*g + (1 - p)(1 - f*g)/(1 - f) <= 1 for any rate p >= f (at every trial, whatever the
+  rate does over time), so it is a nonnegative supermartingale under H0. It restarts at
+  each step. It lets rare events pass: a metric whose canary rate is negligible in
+  absolute terms (one slow request in ten thousand) need not show a relative ratio the
+  few events cannot tell.
+
+A metric passes a step when its promotion e-value reaches 1 / (beta * w) OR its floor
+e-value reaches 1 / (beta * (1 - w)), w = `RELATIVE_SHARE` (0.8); with negligible_rate 0
+the floor path is off and the promotion threshold is 1 / beta. A false promotion of a
+metric (canary worse than the champion by delta AND its rate at or above the floor:
+both nulls true) needs one of the two to cross, so by Ville's inequality and the union
+bound it has probability at most beta*w + beta*(1 - w) = beta. A step advances when every
+judged metric passes and the step saw at least `min_requests` canary requests (the
+"errors" canary trials; at least one whatever min_requests). A metric the canary gave no
+trial in the step (no label came back for "incorrect") is not judged in it: there is no
+rate to test; whether a metric has trials does not depend on its events, so the bound
+holds for every metric that has them (and the rollback test guards all of them over the
+whole rollout). A step with no event at all passes only by the floor test, once
+the canary's trials show its rate below the floor (about ln(threshold / 0.3) / f canary
+requests without an event: 5,800 at f = 0.001; one event needs about 9,000): no
+evidence is no pass. A canary without traffic never advances (its floor and promotion
+e-values stay at 1 and it never reaches min_requests).
 
 The mixtures are fixed before any data (any such prior keeps the guarantees); they were
 chosen with `benchmarks/canary_sim.py` (100 req/s, 10 % canary, 1 % base error rate, a
@@ -41,6 +63,11 @@ benchmark's):
   f = 0.75 (its log-likelihood ratio grows almost as fast and wobbles less), so 80 % of
   the mass is on f <= 1; the rest lets clearly better canaries pass sooner.
   Relative to the margin, so a policy's delta moves the whole grid with it.
+- floor: g in {0.5, 0.25, 0.1, 0.01, 0} (rates f/2 to 0), weights 0.15, 0.2, 0.2, 0.15,
+  0.3: g = 0 passes a step without any canary event soonest (ln(1/(1 - f)) a trial), the
+  others tolerate a few events (g = 0.1 is the best point for one event in about 1/f
+  trials). The beta split w = 0.8 keeps most of beta on the relative test, so the A/A
+  promotion time of the simulation (1 % errors: far above the floor) moves little.
 
 Everything is in log space (logsumexp over the grid): one look costs O(grid), and a
 million looks lose nothing. `log_likelihood_ratios` is the one formula, vectorised: the
@@ -64,6 +91,10 @@ ROLLBACK_RATIOS = np.array([1.25, 1.5, 2.0, 3.0, 5.0, 10.0])
 ROLLBACK_WEIGHTS = np.array([0.1, 0.25, 0.3, 0.2, 0.1, 0.05])
 PROMOTION_MARGINS = np.array([0.5, 0.75, 1.0, 2.0, 4.0, 7.0])
 PROMOTION_WEIGHTS = np.array([0.3, 0.3, 0.2, 0.1, 0.05, 0.05])
+FLOOR_FRACTIONS = np.array([0.5, 0.25, 0.1, 0.01, 0.0])
+FLOOR_WEIGHTS = np.array([0.15, 0.2, 0.2, 0.15, 0.3])
+#: w: the share of beta spent on the relative promotion test (1 - w on the floor test)
+RELATIVE_SHARE = 0.8
 
 #: e-values are reported as at most e**LOG_E_CAP (1e299), far past any threshold, so a
 #: verdict stays finite JSON
@@ -105,6 +136,8 @@ class JudgeConfig:
     delta: float = 0.25
     metrics: tuple[str, ...] = METRICS
     min_requests: int = 200
+    #: canary event rates below this are negligible (0: no floor path)
+    negligible_rate: float = 0.001
 
     def __post_init__(self) -> None:
         for name in ("alpha", "beta"):
@@ -125,6 +158,9 @@ class JudgeConfig:
         value = self.min_requests
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"min_requests must be an integer >= 0, got {value!r}")
+        value = self.negligible_rate
+        if not _real(value) or not 0 <= value < 1:
+            raise ValueError(f"negligible_rate must be a number in [0, 1), got {value!r}")
 
     @property
     def rollback_threshold(self) -> float:
@@ -133,7 +169,17 @@ class JudgeConfig:
 
     @property
     def promotion_threshold(self) -> float:
-        return 1 / self.beta
+        """1 / (beta * w) with the floor path, 1 / beta without it."""
+        if self.negligible_rate == 0:
+            return 1 / self.beta
+        return 1 / (self.beta * RELATIVE_SHARE)
+
+    @property
+    def floor_threshold(self) -> float:
+        """1 / (beta * (1 - w)); inf without the floor path."""
+        if self.negligible_rate == 0:
+            return math.inf
+        return 1 / (self.beta * (1 - RELATIVE_SHARE))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -142,16 +188,20 @@ class JudgeConfig:
             "delta": self.delta,
             "metrics": list(self.metrics),
             "min_requests": self.min_requests,
+            "negligible_rate": self.negligible_rate,
         }
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> JudgeConfig:
         if not isinstance(doc, Mapping):
             raise ValueError(f"judge config must be an object, got {doc!r}")
-        unknown = sorted(set(doc) - {"alpha", "beta", "delta", "metrics", "min_requests"})
+        unknown = sorted(set(doc) - _CONFIG_KEYS)
         if unknown:
             raise ValueError(f"judge config: unknown keys {', '.join(map(str, unknown))}")
         return cls(**doc)
+
+
+_CONFIG_KEYS = {"alpha", "beta", "delta", "metrics", "min_requests", "negligible_rate"}
 
 
 @dataclass(frozen=True)
@@ -164,6 +214,8 @@ class Verdict:
     step_canary_requests: int
     step_events: dict[str, tuple[int, int]]  # per metric: canary, champion events this step
     reason: str  # names the metric(s), e-values and thresholds
+    #: per metric (this step): the canary's rate below negligible_rate (1.0 when off)
+    floor_e: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -172,6 +224,7 @@ class Verdict:
             "looks": self.looks,
             "rollback_e": dict(self.rollback_e),
             "promote_e": dict(self.promote_e),
+            "floor_e": dict(self.floor_e),
             "step_canary_requests": self.step_canary_requests,
             "step_events": {m: list(pair) for m, pair in self.step_events.items()},
             "reason": self.reason,
@@ -196,6 +249,19 @@ def log_likelihood_ratios(counts: npt.ArrayLike, ratios: Array, null_ratio: floa
     return np.asarray(e_c * (log_r - log_r0) - (e_c + e_b) * growth)
 
 
+def floor_log_likelihood_ratios(counts: npt.ArrayLike, floor: float) -> Array:
+    """log prod over trials of the canary's Bernoulli(f*g) / Bernoulli(f) per look and g in
+    FLOOR_FRACTIONS: e_c * log(g) + (n_c - e_c) * (log1p(-f*g) - log1p(-f)); -inf for g = 0
+    once the canary had an event; 0 for a look without canary trials. `counts` as in
+    `log_likelihood_ratios` (only the canary's columns are read); floor f in (0, 1)."""
+    c = np.asarray(counts, float)
+    n_c, e_c = c[..., 0, None], c[..., 1, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        hits = np.where(e_c > 0, e_c * np.log(FLOOR_FRACTIONS), 0.0)  # 0 * log(0) is 0
+    misses = (n_c - e_c) * (np.log1p(-floor * FLOOR_FRACTIONS) - math.log1p(-floor))
+    return np.asarray(hits + misses)
+
+
 def promotion_ratios(delta: float) -> Array:
     """The promotion mixture's points: r = (1 + delta) ** (1 - f), f in PROMOTION_MARGINS."""
     return np.asarray((1 + delta) ** (1 - PROMOTION_MARGINS))
@@ -203,7 +269,7 @@ def promotion_ratios(delta: float) -> Array:
 
 def log_mixture(log_lr: Array, weights: Array) -> Array:
     """log sum_j w_j exp(log_lr[..., j]), w normalised to sum 1 (logsumexp, last axis;
-    exactly 0 where every log_lr is 0)."""
+    exactly 0 where every log_lr is 0; a -inf point weighs 0 while another is finite)."""
     top = log_lr.max(axis=-1)
     scaled = (weights * np.exp(log_lr - top[..., None])).sum(axis=-1) / weights.sum()
     return np.asarray(top + np.log(scaled))
@@ -214,7 +280,9 @@ class _Step:
     index: int
     canary_requests: int = 0
     events: dict[str, list[int]] = field(default_factory=dict)
+    canary_trials: dict[str, int] = field(default_factory=dict)
     log_lr: dict[str, Array] = field(default_factory=dict)
+    floor_lr: dict[str, Array] = field(default_factory=dict)
 
 
 class Judge:
@@ -232,7 +300,9 @@ class Judge:
         return _Step(
             index,
             events={m: [0, 0] for m in metrics},
+            canary_trials=dict.fromkeys(metrics, 0),
             log_lr={m: np.zeros(PROMOTION_MARGINS.shape) for m in metrics},
+            floor_lr={m: np.zeros(FLOOR_FRACTIONS.shape) for m in metrics},
         )
 
     def observe(self, step: int, counts: Mapping[str, Counts]) -> Verdict:
@@ -263,15 +333,19 @@ class Judge:
             current.log_lr[metric] += log_likelihood_ratios(
                 row, self._promotion_ratios, 1 + cfg.delta
             )
+            if cfg.negligible_rate > 0:
+                current.floor_lr[metric] += floor_log_likelihood_ratios(row, cfg.negligible_rate)
             current.events[metric][0] += look.canary_events
             current.events[metric][1] += look.champion_events
+            current.canary_trials[metric] += look.canary_trials
         rollback_log = {
             m: float(log_mixture(v, ROLLBACK_WEIGHTS)) for m, v in self._rollback.items()
         }
         promote_log = {
             m: float(log_mixture(v, PROMOTION_WEIGHTS)) for m, v in current.log_lr.items()
         }
-        decision, reason = self._decide(current, rollback_log, promote_log)
+        floor_log = {m: float(log_mixture(v, FLOOR_WEIGHTS)) for m, v in current.floor_lr.items()}
+        decision, reason = self._decide(current, rollback_log, promote_log, floor_log)
         return Verdict(
             decision=decision,
             step=step,
@@ -281,10 +355,15 @@ class Judge:
             step_canary_requests=current.canary_requests,
             step_events={m: (pair[0], pair[1]) for m, pair in current.events.items()},
             reason=reason,
+            floor_e={m: _e(v) for m, v in floor_log.items()},
         )
 
     def _decide(
-        self, current: _Step, rollback_log: dict[str, float], promote_log: dict[str, float]
+        self,
+        current: _Step,
+        rollback_log: dict[str, float],
+        promote_log: dict[str, float],
+        floor_log: dict[str, float],
     ) -> tuple[Literal["rollback", "advance", "hold"], str]:
         cfg = self.config
         m = len(cfg.metrics)
@@ -296,20 +375,33 @@ class Judge:
                 f"rollback: {', '.join(fired)} >= {cfg.rollback_threshold:g} ({split}): "
                 "the canary's event rate is higher than the champion's"
             )
-        bar = math.log(cfg.promotion_threshold)
+        bar, floor_bar = math.log(cfg.promotion_threshold), math.log(cfg.floor_threshold)
+        relative, floor = f"{cfg.promotion_threshold:g}", f"{cfg.floor_threshold:g}"
         parts, ready = [], True
         for metric, value in promote_log.items():
+            below = floor_log[metric]
             if value >= bar:
-                parts.append(f"{metric} e-value {_e(value):.4g} >= {cfg.promotion_threshold:g}")
-            elif current.events[metric] == [0, 0]:
-                parts.append(f"{metric}: no events this step")
+                parts.append(f"{metric} e-value {_e(value):.4g} >= {relative}")
+            elif current.canary_trials[metric] == 0:
+                parts.append(f"{metric}: no canary trials this step (not judged)")
+            elif below >= floor_bar:
+                parts.append(
+                    f"{metric} floor e-value {_e(below):.4g} >= {floor}: canary rate below "
+                    f"negligible_rate {cfg.negligible_rate:g}"
+                )
             else:
                 ready = False
-                parts.append(f"{metric} e-value {_e(value):.4g} < {cfg.promotion_threshold:g}")
+                text = f"{metric} e-value {_e(value):.4g} < {relative}"
+                if cfg.negligible_rate > 0:
+                    text += f", floor e-value {_e(below):.4g} < {floor}"
+                parts.append(text)
         requests = current.canary_requests
-        enough = requests >= cfg.min_requests
+        enough = requests >= max(cfg.min_requests, 1)  # no canary traffic never passes
         sign = ">=" if enough else "<"
-        parts.append(f"{requests} canary requests {sign} min_requests {cfg.min_requests}")
+        if requests == 0 and cfg.min_requests == 0:
+            parts.append("0 canary requests: no canary traffic")
+        else:
+            parts.append(f"{requests} canary requests {sign} min_requests {cfg.min_requests}")
         verdict: Literal["advance", "hold"] = "advance" if ready and enough else "hold"
         return verdict, (
             f"{verdict}: {'; '.join(parts)} (non-inferiority margin delta {cfg.delta:g})"

@@ -138,6 +138,7 @@ def judge_config(policy: RolloutPolicy) -> JudgeConfig:
         delta=policy.delta,
         metrics=tuple(policy.metrics),
         min_requests=policy.min_requests,
+        negligible_rate=policy.negligible_rate,
     )
 
 

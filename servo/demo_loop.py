@@ -52,9 +52,11 @@ defaults:
   approval: {auto: false}
   # the canary: a look every second, 100 canary requests at least per step; judged on
   # errors and wrong answers (not latency: on a busy laptop a rare slow request in one arm
-  # leaves the latency test without evidence either way, and the step would hold)
+  # leaves the latency test without evidence either way, and the step would hold); a
+  # canary error rate below 5 % counts as negligible, so a step without a 5xx passes by
+  # the floor test after about 100 canary requests (0.001 would take some 6,000)
   rollout: {strategy: canary, steps: [10, 50, 100], look_every_s: 1, min_requests: 100,
-            metrics: [errors, incorrect], step_timeout_s: 60}
+            negligible_rate: 0.05, metrics: [errors, incorrect], step_timeout_s: 60}
 """
 
 

@@ -32,6 +32,7 @@ defaults:
     steps: [10, 50, 100]
     look_every_s: 1
     min_requests: 100
+    negligible_rate: 0.05       # no 5xx, nothing slower than 2.5 s: pass by the floor test
     latency_threshold_s: 2.5
     metrics: {metrics}
 """
@@ -136,7 +137,7 @@ def test_a_good_candidate_is_promoted_through_10_50_100(tmp_path: Path) -> None:
     assert code == 0, up.log()[-3000:]
     (line,) = up.named("canary_promoted")  # each decision is also one log line
     assert line["model"] == "digits" and line["rollout"] == rollout["id"]
-    assert "no events this step" in line["reason"]
+    assert "floor e-value" in line["reason"] and "below negligible_rate 0.05" in line["reason"]
 
 
 def test_a_bad_candidate_is_rolled_back_by_itself(tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ defaults:
     steps: [10, 50, 100]
     look_every_s: 3600      # the test looks (runner.look), the thread never does
     min_requests: 100
+    negligible_rate: 0.05   # a step without events passes by the floor test (~100 requests)
     step_timeout_s: 600
     on_timeout: {on_timeout}
     metrics: [errors, latency, incorrect]

@@ -70,21 +70,28 @@ def _module() -> ModuleType:
 def test_vectorised_decisions_are_the_judges() -> None:
     """The benchmark's whole-stream decisions equal `retrain.judge.Judge`'s, look by look
     (the first non-hold verdict and its look): rollbacks, promotions, holds, a canary
-    without traffic, and at 0.5 req/s steps that advance without any event once
-    min_requests is reached."""
+    without traffic, and, with a floor above the 1 % base rate (negligible_rate 0.05) or
+    with the floor off, steps that pass by the floor test or never pass without it."""
     sim = _module()
-    config = JudgeConfig(metrics=("errors",))
-    for sc, rate in ((sim.Scenario("2x", 2.0), 100.0), (sim.Scenario("A/A", 1.0), 1000.0),
-                     (sim.Scenario("none", 1.0, share=0.0), 100.0),
-                     (sim.Scenario("slow", 3.0), 2.0), (sim.Scenario("half", 1.0, 0.5), 40.0),
-                     (sim.Scenario("quiet", 1.0, share=0.9), 0.5)):  # fmt: skip
-        counts = sim.simulate(np.random.default_rng(9), 12, sim.Stream(rate, 1.0, 600), sc)
-        got = sim.judge(counts, config, 1.0)
-        for run in range(counts.shape[0]):
-            looks = [(0, {"errors": Counts(*map(int, row))}) for row in counts[run]]
-            verdicts = replay(config, looks)
-            decided = [v for v in verdicts if v.decision != "hold"]
-            want = decided[0].decision if decided else "hold"
-            assert got.decision[run] == want, (sc, run)
-            if decided:
-                assert got.seconds[run] == decided[0].looks
+    scenarios = ((sim.Scenario("2x", 2.0), 100.0), (sim.Scenario("A/A", 1.0), 1000.0),
+                 (sim.Scenario("none", 1.0, share=0.0), 100.0),
+                 (sim.Scenario("slow", 3.0), 2.0), (sim.Scenario("half", 1.0, 0.5), 40.0),
+                 (sim.Scenario("quiet", 1.0, share=0.9), 0.5))  # fmt: skip
+    floors = {}
+    for negligible_rate in (0.001, 0.05, 0.0):
+        config = JudgeConfig(metrics=("errors",), negligible_rate=negligible_rate)
+        for sc, rate in scenarios:
+            counts = sim.simulate(np.random.default_rng(9), 12, sim.Stream(rate, 1.0, 600), sc)
+            got = sim.judge(counts, config, 1.0)
+            for run in range(counts.shape[0]):
+                looks = [(0, {"errors": Counts(*map(int, row))}) for row in counts[run]]
+                verdicts = replay(config, looks)
+                decided = [v for v in verdicts if v.decision != "hold"]
+                want = decided[0].decision if decided else "hold"
+                assert got.decision[run] == want, (sc, run, negligible_rate)
+                if decided:
+                    assert got.seconds[run] == decided[0].looks
+                    floors[negligible_rate] = floors.get(negligible_rate, 0) + int(
+                        "floor e-value" in decided[0].reason
+                    )
+    assert floors[0.05] > 0  # the floor path was exercised, and matched

@@ -70,8 +70,9 @@ QUICK = RETRAIN + "params: {seed: 1}"
 #: labelled pairs come at about 20 a second: the evidence takes long enough to be killed
 SHADOW = "min_labelled: 300\ntimeout_s: 300"
 #: no event can be counted (no 5xx, nothing slower than 2.5 s): a good candidate's step
-#: advances once it saw `min_requests` canary requests, a few looks at 10 %
-ROLLOUT = ("steps: [10, 50, 100]\nlook_every_s: 1\nmin_requests: 100\n"
+#: advances by the floor test (rates below 5 %: about 100 canary requests without an
+#: event) once it saw `min_requests` canary requests, a few looks at 10 %
+ROLLOUT = ("steps: [10, 50, 100]\nlook_every_s: 1\nmin_requests: 100\nnegligible_rate: 0.05\n"
            "latency_threshold_s: 2.5\nmetrics: [errors, latency]")  # fmt: skip
 
 

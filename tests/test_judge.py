@@ -13,6 +13,8 @@ from scipy.stats import beta as beta_dist
 from scipy.stats import binom
 
 from retrain.judge import (
+    FLOOR_FRACTIONS,
+    FLOOR_WEIGHTS,
     METRICS,
     PROMOTION_MARGINS,
     PROMOTION_WEIGHTS,
@@ -23,6 +25,7 @@ from retrain.judge import (
     JudgeConfig,
     counts_from_json,
     counts_to_json,
+    floor_log_likelihood_ratios,
     log_likelihood_ratios,
     log_mixture,
     promotion_ratios,
@@ -204,8 +207,10 @@ def test_an_equal_canary_is_promoted_and_a_worse_one_is_not() -> None:
     decisions = [v.decision for v in good]
     assert "advance" in decisions and "rollback" not in decisions
     advanced = good[decisions.index("advance")]
-    assert advanced.promote_e["errors"] >= 20 and advanced.step_canary_requests >= 200
-    assert "errors e-value" in advanced.reason and ">= 20" in advanced.reason
+    # 1 / (beta * 0.8): 0.2 of beta goes to the floor test (far from passing at 1 %)
+    assert advanced.promote_e["errors"] >= 25 and advanced.step_canary_requests >= 200
+    assert "errors e-value" in advanced.reason and ">= 25" in advanced.reason
+    assert advanced.floor_e["errors"] < 1e-6
     bad = replay(ERRORS_ONLY, [(0, {"errors": c}) for c in stream(3, 3600, 1.5, rate=1000)])
     assert "advance" not in [v.decision for v in bad]
     assert bad[-1].promote_e["errors"] < 1e-3
@@ -222,28 +227,144 @@ def test_zero_canary_traffic_never_advances() -> None:
         assert verdict.decision == "hold"
     assert verdict.step_canary_requests == 0
     assert verdict.promote_e["errors"] == verdict.rollback_e["errors"] == 1.0
+    assert verdict.floor_e["errors"] == 1.0  # no canary trial: no evidence of a low rate
     assert "0 canary requests < min_requests 200" in verdict.reason
+    # without min_requests too: neither path moves without canary trials
+    judge = Judge(JudgeConfig(min_requests=0, negligible_rate=0.5))
+    for _ in range(1000):
+        verdict = judge.observe(0, {m: Counts(0, 0, 100, 0) for m in METRICS})
+        assert verdict.decision == "hold"
+    assert set(verdict.floor_e.values()) == set(verdict.promote_e.values()) == {1.0}
+    assert "0 canary requests: no canary traffic" in verdict.reason
 
 
-def test_no_events_at_all_advance_only_with_enough_canary_requests() -> None:
-    """A step whose metrics saw no event in either arm has no evidence either way: it may
-    advance, but only once min_requests canary requests were seen."""
-    judge = Judge(JudgeConfig(min_requests=200))
+def test_a_metric_without_canary_trials_is_not_judged_in_the_step() -> None:
+    """No label came back in the step: "incorrect" has no canary trial and no rate to
+    test, so the step is decided on the other metrics; once labels come, it is judged."""
+    judge = Judge(JudgeConfig(negligible_rate=0.05, min_requests=100))
+    quiet = {"errors": Counts(150, 0, 1350, 0), "latency": Counts(150, 0, 1350, 0),
+             "incorrect": Counts(0, 0, 40, 3)}  # fmt: skip
+    verdict = judge.observe(0, quiet)
+    assert verdict.decision == "advance", verdict.reason
+    assert "incorrect: no canary trials this step (not judged)" in verdict.reason
+    labelled = dict(quiet, incorrect=Counts(10, 1, 40, 3))
+    verdict = judge.observe(1, labelled)
+    assert verdict.decision == "hold" and "incorrect e-value" in verdict.reason
+
+
+def test_no_events_at_all_pass_by_the_floor_test_with_enough_canary_requests() -> None:
+    """A step without any event passes only once the canary's trials show its rates below
+    negligible_rate (floor e-value 1 / (0.2 beta) = 100: about 100 canary requests
+    without events at f = 0.05) and min_requests were seen; with the floor off it never
+    passes."""
+    judge = Judge(JudgeConfig(min_requests=200, negligible_rate=0.05))
     quiet = {m: Counts(50, 0, 450, 0) for m in METRICS}
-    assert judge.observe(0, quiet).decision == "hold"  # 50 canary requests
-    assert judge.observe(0, quiet).decision == "hold"  # 100
-    assert judge.observe(0, quiet).decision == "hold"  # 150
-    verdict = judge.observe(0, quiet)  # 200
-    assert verdict.decision == "advance"
-    assert "errors: no events this step" in verdict.reason
-    assert "200 canary requests >= min_requests 200" in verdict.reason
+    verdicts = [judge.observe(0, quiet) for _ in range(4)]  # 50, 100, 150, 200 requests
+    assert [v.decision for v in verdicts] == ["hold"] * 3 + ["advance"]
+    assert verdicts[0].floor_e["errors"] < 100 < verdicts[1].floor_e["errors"]
+    assert "150 canary requests < min_requests 200" in verdicts[2].reason
+    assert "errors floor e-value" in verdicts[3].reason
+    assert "canary rate below negligible_rate 0.05" in verdicts[3].reason
+    assert "200 canary requests >= min_requests 200" in verdicts[3].reason
+    judge = Judge(JudgeConfig(min_requests=200, negligible_rate=0.05))
+    quiet = {m: Counts(20, 0, 180, 0) for m in METRICS}
+    verdicts = [judge.observe(0, quiet) for _ in range(6)]  # 120 canary requests:
+    assert verdicts[-1].decision == "hold"  # the floor would pass, min_requests does not
+    off = Judge(JudgeConfig(min_requests=200, negligible_rate=0))
+    for _ in range(1000):
+        verdict = off.observe(0, {m: Counts(50, 0, 450, 0) for m in METRICS})
+    assert verdict.decision == "hold" and verdict.floor_e == dict.fromkeys(METRICS, 1.0)
+    assert "e-value 1 < 20" in verdict.reason and "floor" not in verdict.reason
+
+
+def test_floor_e_value_equals_the_binomial_definition() -> None:
+    """The floor e-value is the FLOOR_WEIGHTS mixture over g of the product over looks of
+    Binomial(e_c | n_c, f*g) / Binomial(e_c | n_c, f) (scipy.stats.binom; the binomial
+    coefficients cancel, so this is the per-trial Bernoulli product), restarted at each
+    step."""
+    rng = np.random.default_rng(12)
+    floor = 0.01
+    looks = []
+    for _ in range(400):
+        n_c = int(rng.integers(0, 60))
+        rate = 0.002 if len(looks) < 200 else 0.02  # events become frequent in the middle
+        looks.append(Counts(n_c, int(rng.binomial(n_c, rate)), 100, 1))
+    config = JudgeConfig(metrics=("latency",), negligible_rate=floor)
+    verdicts = replay(config, [(i // 300, {"latency": c}) for i, c in enumerate(looks)])
+    for at in (0, 49, 199, 299, 399):
+        seen = looks[(at // 300) * 300 : at + 1]  # the step restarts at look 300
+        total = np.zeros(len(FLOOR_FRACTIONS))
+        for c in seen:
+            total += binom.logpmf(c.canary_events, c.canary_trials, floor * FLOOR_FRACTIONS)
+            total -= binom.logpmf(c.canary_events, c.canary_trials, floor)
+        want = logsumexp(total, b=FLOOR_WEIGHTS / FLOOR_WEIGHTS.sum())
+        got = verdicts[at].floor_e["latency"]
+        assert math.log(got) == pytest.approx(want, abs=1e-9), at
+    assert max(v.floor_e["latency"] for v in verdicts[:200]) > 100  # it moved both ways
+    assert verdicts[299].floor_e["latency"] < 0.1  # then events came at 2 x the floor
+    assert (config.promotion_threshold, config.floor_threshold) == pytest.approx((25, 100))
+
+
+def test_ville_a_canary_at_the_floor_and_worse_by_delta_is_promoted_at_most_beta() -> None:
+    """Seeded: a canary at exactly negligible_rate and (1 + delta) x the champion's rate
+    (both nulls at their boundary) passes by either path (promotion e-value >= 25 or floor
+    e-value >= 100) in at most beta of the runs, over about 200,000 canary requests each;
+    a canary at a quarter of the floor passes by the floor test in most runs (the test
+    can tell)."""
+    runs, looks, beta, floor = 400, 2000, 0.05, 0.001
+    config = JudgeConfig(metrics=("latency",), negligible_rate=floor)
+    rng = np.random.default_rng(21)
+    requests = rng.poisson(1000, (runs, looks))
+    canary = rng.binomial(requests, 0.1)
+    champion = requests - canary
+    margin = 3 * math.sqrt(beta * (1 - beta) / runs)
+    passed = {}
+    for canary_rate in (floor, floor / 4):
+        counts = np.stack([canary, rng.binomial(canary, canary_rate), champion,
+                           rng.binomial(champion, canary_rate / 1.25)], axis=-1)  # fmt: skip
+        relative = log_mixture(
+            np.cumsum(log_likelihood_ratios(counts, promotion_ratios(0.25), 1.25), axis=1),
+            PROMOTION_WEIGHTS,
+        )
+        below = log_mixture(
+            np.cumsum(floor_log_likelihood_ratios(counts, floor), axis=1), FLOOR_WEIGHTS
+        )
+        hit = (relative >= math.log(config.promotion_threshold)) | (
+            below >= math.log(config.floor_threshold)
+        )
+        passed[canary_rate] = hit.any(axis=1).mean()
+    assert passed[floor] <= beta + margin, passed
+    assert passed[floor / 4] > 0.9, passed
+
+
+def test_rare_slow_requests_pass_by_the_floor() -> None:
+    """A loaded machine: 1 slow canary request and 2 slow champion requests among 88,000:
+    the relative test cannot tell (promotion e-value near 1), the floor test passes once
+    the canary's 8,800 requests show its slow rate below 1 / 1000; with the floor off the
+    step holds."""
+    looks = []
+    for i in range(44):
+        slow = (1 if i == 3 else 0, 1 if i in (5, 9) else 0)
+        looks.append((0, {"errors": Counts(200, 0, 1800, 0),
+                          "latency": Counts(200, slow[0], 1800, slow[1])}))  # fmt: skip
+    config = JudgeConfig(metrics=("errors", "latency"))
+    verdict = replay(config, looks)[-1]
+    assert verdict.decision == "advance", verdict.reason
+    assert verdict.step_events["latency"] == (1, 2) and verdict.step_canary_requests == 8800
+    assert 0.5 < verdict.promote_e["latency"] < 2 and verdict.floor_e["latency"] >= 100
+    assert "latency floor e-value" in verdict.reason
+    assert "canary rate below negligible_rate 0.001" in verdict.reason
+    assert replay(config, looks[:-1])[-1].decision == "hold"  # just short of it
+    off = replay(JudgeConfig(metrics=("errors", "latency"), negligible_rate=0), looks)[-1]
+    assert off.decision == "hold" and "latency e-value" in off.reason
 
 
 def test_a_metric_with_events_but_no_evidence_holds_the_step() -> None:
     judge = Judge(JudgeConfig(min_requests=0))
     verdict = judge.observe(0, {"errors": Counts(10, 0, 90, 0), "latency": Counts(10, 1, 90, 9)})
     assert verdict.decision == "hold"
-    assert "latency e-value" in verdict.reason and "< 20" in verdict.reason
+    assert "latency e-value" in verdict.reason and "< 25" in verdict.reason
+    assert "floor e-value" in verdict.reason and "< 100" in verdict.reason
 
 
 def test_a_new_step_restarts_promotion_but_not_rollback() -> None:
@@ -296,7 +417,7 @@ def test_huge_counts_and_many_looks_stay_finite() -> None:
 
 def test_json_round_trips_and_replay() -> None:
     config = JudgeConfig(alpha=0.01, beta=0.1, delta=0.2, metrics=("errors", "incorrect"),
-                         min_requests=50)  # fmt: skip
+                         min_requests=50, negligible_rate=0.02)  # fmt: skip
     assert JudgeConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
     assert JudgeConfig.from_json({}) == JudgeConfig()
     looks = []
@@ -313,8 +434,9 @@ def test_json_round_trips_and_replay() -> None:
     doc = json.loads(json.dumps(verdicts[-1].to_json(), allow_nan=False))
     assert doc["step"] == 1 and doc["looks"] == 200
     assert doc["step_events"]["incorrect"] == [0, 100]
-    assert set(doc) == {"decision", "step", "looks", "rollback_e", "promote_e",
+    assert set(doc) == {"decision", "step", "looks", "rollback_e", "promote_e", "floor_e",
                         "step_canary_requests", "step_events", "reason"}  # fmt: skip
+    assert set(doc["floor_e"]) == {"errors", "incorrect"}
 
 
 @pytest.mark.parametrize(
@@ -351,6 +473,10 @@ def test_bad_counts(values: tuple[object, ...], message: str) -> None:
         ({"metrics": "errors"}, "metrics must be a list of names, got 'errors'"),
         ({"min_requests": -1}, "min_requests must be an integer >= 0, got -1"),
         ({"min_requests": 2.5}, "min_requests must be an integer >= 0, got 2.5"),
+        ({"negligible_rate": -0.1}, r"negligible_rate must be a number in \[0, 1\), got -0.1"),
+        ({"negligible_rate": 1}, r"negligible_rate must be a number in \[0, 1\), got 1"),
+        ({"negligible_rate": math.nan}, "negligible_rate must be a number in"),
+        ({"negligible_rate": "0.01"}, "negligible_rate must be a number in .*got '0.01'"),
     ],
 )  # fmt: skip
 def test_bad_config(kwargs: dict[str, object], message: str) -> None:
