@@ -22,7 +22,7 @@ from registry.models import ModelVersion
 from registry.store import RegistryStore
 from retrain.judge import Counts, Judge, JudgeConfig, counts_from_json, counts_to_json, replay
 from retrain.policy import LATENCY_EDGES, Policy, PolicyError, parse_config
-from retrain.rollout import CanaryRollout, Cumulative, increments
+from retrain.rollout import CanaryRollout, Cumulative, increments, judge_config
 from serving.recorder import LATENCY_BUCKETS, Recorder
 from servo.canary import counts
 from servo.demo import digits_holdout
@@ -551,6 +551,10 @@ def test_the_rollout_defaults() -> None:
     assert (rollout.min_requests, rollout.step_timeout_s, rollout.on_timeout) == (200, 3600, "hold")
     assert rollout.latency_threshold_s == 0.1
     assert rollout.metrics == ["errors", "latency", "incorrect"]
+    assert rollout.negligible_rate == 0.001
+    assert judge_config(rollout).negligible_rate == 0.001  # the judge gets it
+    off = parse_config("defaults: {rollout: {negligible_rate: 0}}").for_model("digits").rollout
+    assert judge_config(off).negligible_rate == 0 and judge_config(off).promotion_threshold == 20
 
 
 @pytest.mark.parametrize(
@@ -567,6 +571,8 @@ def test_the_rollout_defaults() -> None:
         ("metrics: [cost]", "rollout.metrics.0: must be one of"),
         ("alpha: 1", "rollout.alpha: must be < 1"),
         ("min_requests: 0", "rollout.min_requests: must be >= 1"),
+        ("negligible_rate: 1", "rollout.negligible_rate: must be < 1"),
+        ("negligible_rate: -0.01", "rollout.negligible_rate: must be >= 0"),
         ("on_timeout: pause", "rollout.on_timeout: must be one of 'hold' or 'rollback'"),
         ("strategy: blue_green", "rollout.strategy: must be one of 'canary' or 'immediate'"),
         ("look_every_s: 0", "rollout.look_every_s: must be > 0"),
