@@ -377,9 +377,10 @@ def test_a_verdict_stored_just_before_a_kill_is_carried_out_at_the_restart(
         assert verdict.decision == decision
         store.record_look(doc["id"], step=0, percent=10.0, counts=counts_to_json(counts),
                           verdict=verdict.to_json())  # fmt: skip
-        # the restart; then the canary looks better than the champion
+        # the restart; then the canary looks better than the champion (50 canary requests,
+        # below min_requests: the new step cannot decide on its own)
         assert again.resume() == [doc["id"]]
-        fake.traffic(2, 1, 100, 900, champion_errors=30)
+        fake.traffic(2, 1, 50, 450, champion_errors=30)
         if again.running(request["id"]):
             again.look(doc["id"])
         after = store.rollout(doc["id"])
