@@ -41,10 +41,10 @@ trial in the step (no label came back for "incorrect") is not judged in it: ther
 rate to test; whether a metric has trials does not depend on its events, so the bound
 holds for every metric that has them (and the rollback test guards all of them over the
 whole rollout). A step with no event at all passes only by the floor test, once
-the canary's trials show its rate below the floor (about ln(threshold / 0.3) / f canary
-requests without an event: 5,800 at f = 0.001; one event needs about 9,000): no
-evidence is no pass. A canary without traffic never advances (its floor and promotion
-e-values stay at 1 and it never reaches min_requests).
+the canary's trials show its rate below the floor (at f = 0.001: 5,100 canary requests
+in the step without an event, 8,800 with one, 11,100 with two; about 5 / f, 9 / f and
+11 / f for other floors): no evidence is no pass. A canary without traffic never
+advances (its floor and promotion e-values stay at 1 and it never reaches min_requests).
 
 The mixtures are fixed before any data (any such prior keeps the guarantees); they were
 chosen with `benchmarks/canary_sim.py` (100 req/s, 10 % canary, 1 % base error rate, a
@@ -59,10 +59,11 @@ benchmark's):
   the null" (at delta = 0.25: r = 1.118, 1.057, 1, 0.8, 0.41, 0.21), weights 0.3, 0.3,
   0.2, 0.1, 0.05, 0.05. Every point lies below 1 + delta for any delta (a point above it
   would break the guarantee). An A/A canary must pass within the hour at p90 (the tight
-  goal: 47 minutes), and the fastest single point for it is not r = 1 but about
-  f = 0.75 (its log-likelihood ratio grows almost as fast and wobbles less), so 80 % of
-  the mass is on f <= 1; the rest lets clearly better canaries pass sooner.
-  Relative to the margin, so a policy's delta moves the whole grid with it.
+  goal: 49.6 minutes at the threshold 1 / (0.8 beta) = 25; 47 at 1 / beta), and the
+  fastest single point for it is not r = 1 but about f = 0.75 (its log-likelihood ratio
+  grows almost as fast and wobbles less), so 80 % of the mass is on f <= 1; the rest
+  lets clearly better canaries pass sooner. Relative to the margin, so a policy's delta
+  moves the whole grid with it.
 - floor: g in {0.5, 0.25, 0.1, 0.01, 0} (rates f/2 to 0), weights 0.15, 0.2, 0.2, 0.15,
   0.3: g = 0 passes a step without any canary event soonest (ln(1/(1 - f)) a trial), the
   others tolerate a few events (g = 0.1 is the best point for one event in about 1/f

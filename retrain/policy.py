@@ -151,8 +151,9 @@ class Rollout(_Section):
     min_requests: int = Field(200, ge=1)
     #: a canary event rate below this passes a metric whatever the champion's (rare slow
     #: requests or a stray 5xx); beta is split 0.8 / 0.2 between the relative test and
-    #: this floor test; showing a rate below it takes about 6 / negligible_rate canary
-    #: requests in a step (0: off; then a step without events never passes)
+    #: this floor test; showing a rate below it takes about 5 / negligible_rate canary
+    #: requests in a step without an event, 9 / negligible_rate with one (0: off; then a
+    #: step whose metric saw no event never passes)
     negligible_rate: float = Field(0.001, ge=0, lt=1)
     #: a step still undecided after this long holds (alert) or rolls back (on_timeout)
     step_timeout_s: float = Field(3600.0, gt=0)
