@@ -301,7 +301,8 @@ class Controller(PromotionSteps):
                           reason=verdict.reason, consecutive=state.consecutive)  # fmt: skip
                 why = (list(verdict.signals) or signals or ["alarm"])[0]
                 if policy.retrain.min_labelled > 0:
-                    self._wait(model, policy, detail, champion, why=why, reason=verdict.reason)
+                    named, why_text = list(verdict.signals) or [why], verdict.reason
+                    self._wait(model, policy, detail, champion, signals=named, reason=why_text)
                     return
             else:
                 why = str(request["trigger"])
@@ -319,13 +320,13 @@ class Controller(PromotionSteps):
     # an alarm waiting for labelled rows (retrain.min_labelled)
 
     def _wait(self, model: str, policy: Policy, detail: dict[str, Any], champion: int, *,
-              why: str, reason: str) -> None:  # fmt: skip
+              signals: list[str], reason: str) -> None:  # fmt: skip
         """Keep the alarm in the model's detail (a restart keeps waiting): the retrain
         starts once retrain.min_labelled labelled rows arrived since (or after wait_s)."""
         retrain = policy.retrain
         at = self.clock()  # after this check's report: its snapshot is the count's start
-        detail["alarm"] = {"at": at, "version": champion, "signals": [why], "reason": reason}
-        self.note(model, "retrain_waiting", version=champion, signals=[why],
+        detail["alarm"] = {"at": at, "version": champion, "signals": signals, "reason": reason}
+        self.note(model, "retrain_waiting", version=champion, signals=signals,
                   min_labelled=retrain.min_labelled, wait_s=retrain.wait_s)  # fmt: skip
         self.set_state(model, WATCHING, detail)
 
