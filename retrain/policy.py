@@ -88,6 +88,12 @@ class Retrain(_Section):
     holdout: float = Field(0.3, ge=0, lt=1)
     #: pipeline params (framework, seed, hidden, ...)
     params: dict[str, JsonValue] = Field(default_factory=dict)
+    #: an alarm-triggered retrain starts once this many labelled rows arrived since the
+    #: alarm (0: at once), so that its window holds enough rows of the changed traffic;
+    #: manual and cron retrains never wait
+    min_labelled: int = Field(0, ge=0)
+    #: then it starts anyway, with what there is
+    wait_s: float = Field(3600.0, gt=0)
 
 
 class Shadow(_Section):

@@ -2,11 +2,12 @@
 checks, its state kept in the registry (loop_state), so a restart resumes where the last
 process stopped.
 
-    watching --(k alarmed checks, cron, or a manual request; not paused, cooldown,
-    budget)--> retraining (a worker process runs the pipeline) --(new version)-->
-    shadowing (the candidate answers copies; evidence from the payload log) --(min_labelled
-    labelled requests, or the timeout)--> request filed --gates fail--> rejected, watching
-                                          '--gates pass--> awaiting_approval --approved-->
+    watching --(k alarmed checks, then retrain.min_labelled labelled rows or wait_s; cron,
+    or a manual request; not paused, cooldown, budget)--> retraining (a worker process
+    runs the pipeline) --(new version)--> shadowing (the candidate answers copies;
+    evidence from the payload log) --(min_labelled labelled requests, or the timeout)-->
+    request filed --gates fail--> rejected, watching
+                  '--gates pass--> awaiting_approval --approved-->
     rolling_out (Rollout.start: a canary judged step by step, promoted or rolled back by
     itself) --> watching
 
@@ -275,7 +276,7 @@ class Controller(PromotionSteps):
         active = self.store.active_rollout(model)
         if active is not None:  # started elsewhere (an approval while watching): followed
             if self.acquire(model, ROLLING_OUT):
-                detail.update({"request": int(active["request_id"]), "job": None,
+                detail.update({"request": int(active["request_id"]), "job": None, "alarm": None,
                                "candidate": {"version": int(active["version"])}})  # fmt: skip
                 self.note(model, None, "rollout_followed", rollout=active["id"],
                           request=active["request_id"], version=active["version"])  # fmt: skip
@@ -287,15 +288,22 @@ class Controller(PromotionSteps):
         self.store.record_loop_event(model, "check", logs.plain({
             "version": champion, "verdict": report.verdict, "reasons": report.reasons,
             "signals": signals, "source": report.source, "error": report.error}))  # fmt: skip
+        manual = self._manual.pop(model, []) + self._claim(model)
+        if detail.get("alarm") and not manual:  # an alarm waiting for labelled rows
+            self._wait_for_labels(model, policy, detail, champion, report)
+            return
         state, verdict = trigger.decide(self._trigger_state(model, detail), report, policy, now)
         detail["trigger"] = state.to_json()
-        manual = self._manual.pop(model, []) + self._claim(model)
         if verdict.retrain or manual:
             request = manual[0] if manual else None
             if request is None:
                 self.note(model, "alarm", version=champion, signals=verdict.signals,
                           reason=verdict.reason, consecutive=state.consecutive)  # fmt: skip
                 why = (list(verdict.signals) or signals or ["alarm"])[0]
+                if policy.retrain.min_labelled > 0:
+                    named, why_text = list(verdict.signals) or [why], verdict.reason
+                    self._wait(model, policy, detail, champion, signals=named, reason=why_text)
+                    return
             else:
                 why = str(request["trigger"])
             self._start_retrain(model, policy, detail, report, why=why, requests=manual)
@@ -307,6 +315,57 @@ class Controller(PromotionSteps):
         if skip is not None and detail.get("skip") != skip:  # once per spell, not per check
             self.note(model, "skipped", reason=verdict.reason)
         detail["skip"] = skip
+        self.set_state(model, WATCHING, detail)
+
+    # an alarm waiting for labelled rows (retrain.min_labelled)
+
+    def _wait(self, model: str, policy: Policy, detail: dict[str, Any], champion: int, *,
+              signals: list[str], reason: str) -> None:  # fmt: skip
+        """Keep the alarm in the model's detail (a restart keeps waiting): the retrain
+        starts once retrain.min_labelled labelled rows arrived since (or after wait_s)."""
+        retrain = policy.retrain
+        at = self.clock()  # after this check's report: its snapshot is the count's start
+        detail["alarm"] = {"at": at, "version": champion, "signals": signals, "reason": reason}
+        self.note(model, "retrain_waiting", version=champion, signals=signals,
+                  min_labelled=retrain.min_labelled, wait_s=retrain.wait_s)  # fmt: skip
+        self.set_state(model, WATCHING, detail)
+
+    def labelled_since(self, model: str, version: int, policy: Policy, since: float) -> int | None:
+        """Labels of `version` that arrived in the last `since` seconds (None: the source
+        cannot say); fewer when the source's history is shorter (embedded, after a restart:
+        only since the restart), so a count is never more than the truth."""
+        step = float(policy.check_every_s)
+        window = max(since, 1e-3)
+        config = MonitorConfig(window_s=window, history_s=window, step_s=step)
+        report = self.reports.report(model, version, config, export=False)
+        if report.accuracy is None:
+            return None
+        return int(report.accuracy.labelled)
+
+    def _wait_for_labels(self, model: str, policy: Policy, detail: dict[str, Any],
+                         champion: int, report: MonitorReport) -> None:  # fmt: skip
+        alarm = dict(detail["alarm"])
+        if int(alarm.get("version", champion)) != champion:  # another champion answers now
+            detail["alarm"] = None
+            self.note(model, None, "alarm_dropped", version=alarm.get("version"),
+                      champion=champion, reason="the champion changed while waiting")  # fmt: skip
+            self.set_state(model, WATCHING, detail)
+            return
+        retrain = policy.retrain
+        waited = max(0.0, self.clock() - float(alarm["at"]))
+        labelled = self.labelled_since(model, champion, policy, waited)
+        enough = labelled is not None and labelled >= retrain.min_labelled
+        if enough or waited >= retrain.wait_s:
+            why = str((alarm.get("signals") or ["alarm"])[0])
+            reason = "enough labelled rows" if enough else f"wait_s {retrain.wait_s:g} passed"
+            self._start_retrain(model, policy, detail, report, why=why, requests=[],
+                                waited={"labelled": labelled, "waited_s": round(waited, 3),
+                                        "min_labelled": retrain.min_labelled,
+                                        "why": reason})  # fmt: skip
+            return
+        logs.decision("retrain_waiting", model=model, version=champion, labelled=labelled,
+                      needed=retrain.min_labelled, waited_s=round(waited, 3),
+                      wait_s=retrain.wait_s)  # fmt: skip
         self.set_state(model, WATCHING, detail)
 
     def _trigger_state(self, model: str, detail: dict[str, Any]) -> Any:
@@ -342,10 +401,12 @@ class Controller(PromotionSteps):
         return trigger.limit_reason(state, policy, now)
 
     def _start_retrain(self, model: str, policy: Policy, detail: dict[str, Any],
-                       report: MonitorReport, *, why: str,
-                       requests: list[dict[str, Any]]) -> None:  # fmt: skip
+                       report: MonitorReport, *, why: str, requests: list[dict[str, Any]],
+                       waited: dict[str, Any] | None = None) -> None:  # fmt: skip
         """Start a retrain (manual `requests`, all served by this one run, skip the
-        cooldown and budget; nothing else does)."""
+        cooldown and budget; nothing else does). It serves a waiting alarm too (`waited`:
+        how long and for how many labelled rows); one refused by the cooldown or budget is
+        dropped, one that finds the model's lock held waits on."""
         from retrain import trigger
         from servo.loop_train import start_worker
         from servo.worker import TrainSpec
@@ -364,7 +425,7 @@ class Controller(PromotionSteps):
             skip = refusal.split(":", 1)[0]
             if detail.get("skip") != skip:
                 self.note(model, "skipped", reason=refusal)
-            detail["skip"] = skip
+            detail.update({"skip": skip, "alarm": None})
             self.set_state(model, WATCHING, detail)
             self.release(model)
             return
@@ -387,10 +448,10 @@ class Controller(PromotionSteps):
                     "started_at": now_iso(now)},
             "report": report.to_json(),
             "reason": request["reason"] if request else why,
-            "candidate": None, "request": None, "skip": None,
+            "candidate": None, "request": None, "skip": None, "alarm": None,
         })  # fmt: skip
         self.note(model, "retrain_started", trigger=why, triggered_by=actor, pid=job.pid,
-                  requests=[r.get("id") for r in requests])  # fmt: skip
+                  requests=[r.get("id") for r in requests], **(waited or {}))  # fmt: skip
         self.set_state(model, RETRAINING, detail)
 
     def _params(self, model: str, policy: Policy) -> dict[str, Any]:

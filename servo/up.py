@@ -129,10 +129,17 @@ class Reports:
         return build_report(data, profile, baseline=baseline, config=config, source="embedded")
 
     def report(
-        self, model: str, version: int, config: MonitorConfig, timeout_s: float = 30.0
+        self,
+        model: str,
+        version: int,
+        config: MonitorConfig,
+        timeout_s: float = 30.0,
+        *,
+        export: bool = True,
     ) -> MonitorReport:
         """The report of `model` `version` over `config.window_s` (blocking; call it from a
-        thread other than the serving loop's)."""
+        thread other than the serving loop's); `export=False`: not shown in the metrics (a
+        count the loop needs, not the monitors' window)."""
 
         async def on_loop() -> MonitorReport:
             if self.prometheus is not None:  # network I/O: off the serving loop
@@ -145,7 +152,8 @@ class Reports:
         except (SourceUnavailable, TimeoutError, RuntimeError) as exc:
             why = str(exc) or type(exc).__name__
             return _unavailable(model, str(version), config, why, self.source)
-        self.exporter.update(report)
+        if export:
+            self.exporter.update(report)
         return report
 
 

@@ -31,8 +31,13 @@ def test_demo_detects_the_drift_retrains_rolls_out_and_recovers(tmp_path: Path) 
     assert done.returncode == 0, out[-5000:]
     summary = json.loads(plot.with_suffix(".json").read_text())
     acc, detection = summary["accuracy"], summary["detection"]
-    # the goals of the issue (point 9)
+    # the goals of the issue (point 9): detection is the alarm (k alarmed checks in a row)
+    alarm = next(e for e in summary["timeline"] if e["event"] == "alarm")
+    assert detection["alarm_t"] == alarm["t"] and detection["seen_t"] <= alarm["t"]
     assert detection["delay_labelled"] is not None and detection["delay_labelled"] <= 500, out
+    # the retrain waited for retrain.min_labelled labelled rows since the alarm
+    assert detection["retrain_min_labelled"] == 3000, detection
+    assert detection["retrain_labelled"] >= 3000 and detection["retrain_t"] > alarm["t"]
     assert detection["alarms_before_drift"] == 0, out
     assert detection["checks_before_drift"] >= 10  # the champion was watched before the drift
     assert summary["after_vs_oracle"] >= 0.95, out
@@ -41,7 +46,8 @@ def test_demo_detects_the_drift_retrains_rolls_out_and_recovers(tmp_path: Path) 
     assert acc["before"] > 0.9 and acc["during"] < 0.6 and acc["after"] > acc["during"] + 0.3
     assert summary["candidate"] == 2 and summary["rollout"] == "canary"
     kinds = [e["event"] for e in summary["timeline"]]
-    expected = ["drift", "alarm", "retrain_started", "shadow_started", "promotion_filed"]
+    expected = ["drift", "alarm", "retrain_waiting", "retrain_started", "shadow_started"]
+    expected += ["promotion_filed"]
     expected += ["approved", "canary_started", "canary_step", "canary_promoted", "promoted"]
     assert [k for k in expected if k not in kinds] == [], kinds
     assert kinds.index("drift") < kinds.index("alarm") < kinds.index("canary_promoted")

@@ -24,6 +24,8 @@ defaults:                     # every model; any key may be overridden per model
     share: 0.5
     holdout: 0.3
     params: {}
+    min_labelled: 0
+    wait_s: 3600
   shadow:
     min_labelled: 200
     timeout_s: 3600
@@ -125,6 +127,11 @@ models:
         ("defaults: {trigger: {cron: '* *'}}", "got 2, expected 5"),
         ("defaults: {retrain: {share: 1.5}}", "defaults.retrain.share: must be <= 1 (got 1.5)"),
         ("defaults: {retrain: {holdout: 1}}", "defaults.retrain.holdout: must be < 1 (got 1)"),
+        (
+            "defaults: {retrain: {min_labelled: -1}}",
+            "defaults.retrain.min_labelled: must be >= 0 (got -1)",
+        ),
+        ("defaults: {retrain: {wait_s: 0}}", "defaults.retrain.wait_s: must be > 0 (got 0)"),
         ("defaults: {check_every_s: 0}", "defaults.check_every_s: must be > 0 (got 0)"),
         ("defaults: {check_every_s: .inf}", "defaults.check_every_s: must be a finite number"),
         ("defaults: {check_every_s: fast}", "defaults.check_every_s: must be a number"),
