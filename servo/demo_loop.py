@@ -52,13 +52,13 @@ defaults:
   shadow: {min_labelled: 200, timeout_s: 120}
   gates: {live_margin: 0.02, offline_margin: 0.05, latency_p99_ratio: 20.0}
   approval: {auto: false}
-  # the canary: a look every second, 100 canary requests at least per step; judged on
-  # errors and wrong answers (not latency: on a busy laptop a rare slow request in one arm
-  # leaves the latency test without evidence either way, and the step would hold); a
-  # canary error rate below 5 % counts as negligible, so a step without a 5xx passes by
-  # the floor test after about 100 canary requests (0.001 would take some 6,000)
+  # the canary: a look every second, 100 canary requests at least per step, judged on
+  # errors, latency above 0.1 s and wrong answers; an event rate below 5 % counts as
+  # negligible, so a metric without events passes by the floor test after about 100
+  # canary requests (the default 0.001 would take some 5,000)
   rollout: {strategy: canary, steps: [10, 50, 100], look_every_s: 1, min_requests: 100,
-            negligible_rate: 0.05, metrics: [errors, incorrect], step_timeout_s: 60}
+            negligible_rate: 0.05, metrics: [errors, latency, incorrect],
+            latency_threshold_s: 0.1, step_timeout_s: 60}
 """
 
 
