@@ -18,13 +18,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Debian packages the tests use (prometheus, wrk, curl, PostgreSQL server binaries), checked
-# before the venv is made; then the Python extras the suite exercises. Both are fast no-ops
-# when everything is there; where they cannot install, they stop naming the command to run.
+# before the venv is made; then the Python extras the suite exercises and .tools/helm (the
+# chart's tests). All are fast no-ops when everything is there; where they cannot install,
+# they stop naming the command to run.
 system-deps:
 	@bash scripts/test-deps.sh system $(PYTHON)
 
 deps: system-deps $(STAMP)
 	@bash scripts/test-deps.sh python $(PY)
+	@bash scripts/test-deps.sh helm
 
 demo: $(STAMP)
 	$(VENV)/bin/servo demo --dir $(DEMO_DIR)

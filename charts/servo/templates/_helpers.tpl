@@ -1,0 +1,107 @@
+{{/* Chart name, truncated to the 63 characters of a DNS label. */}}
+{{- define "servo.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* "<release>-<chart>" (or fullnameOverride), truncated to 63 characters. */}}
+{{- define "servo.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A component's name: "<fullname>-<component>" within 63 characters. */}}
+{{- define "servo.componentName" -}}
+{{- printf "%s-%s" (include "servo.fullname" .root | trunc (int (sub 62 (len .component))) | trimSuffix "-") .component -}}
+{{- end -}}
+
+{{- define "servo.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels on every object. */}}
+{{- define "servo.labels" -}}
+helm.sh/chart: {{ include "servo.chart" . }}
+{{ include "servo.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "servo.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "servo.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Selector labels of one component (gateway, controller). */}}
+{{- define "servo.componentSelectorLabels" -}}
+{{ include "servo.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "servo.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "servo.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "servo.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret holding the token: the existing one, or the chart's. */}}
+{{- define "servo.tokenSecretName" -}}
+{{- default (include "servo.componentName" (dict "root" . "component" "token")) .Values.token.existingSecret -}}
+{{- end -}}
+
+{{- define "servo.tokenEnabled" -}}
+{{- if or .Values.token.existingSecret .Values.token.value -}}true{{- end -}}
+{{- end -}}
+
+{{/* The registry URL from its Secret (SERVO_REGISTRY_URL). */}}
+{{- define "servo.registryEnv" -}}
+- name: SERVO_REGISTRY_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.registry.existingSecret }}
+      key: {{ .Values.registry.key }}
+{{- end -}}
+
+{{/* Pod-level security: non-root, the runtime's default seccomp profile. */}}
+{{- define "servo.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+fsGroup: 10001
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "servo.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: ["ALL"]
+{{- end -}}
+
+{{/* Probes on the OIP health endpoints of the named port. */}}
+{{- define "servo.probes" -}}
+livenessProbe:
+  httpGet:
+    path: /v2/health/live
+    port: {{ .port }}
+  {{- toYaml .live | nindent 2 }}
+readinessProbe:
+  httpGet:
+    path: /v2/health/ready
+    port: {{ .port }}
+  {{- toYaml .ready | nindent 2 }}
+{{- end -}}
