@@ -21,6 +21,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from retrain.policy import parse_config
+
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "servo"
 HELM = ROOT / ".tools" / "helm"
@@ -150,6 +152,7 @@ def test_gateway_ports_probes_and_defaults() -> None:
     assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     assert "resources" not in container  # unset by default
+    assert "startupProbe" not in container
     assert pod["securityContext"]["runAsNonRoot"] is True
     (env,) = container["env"]
     assert env["valueFrom"]["secretKeyRef"] == {"name": "servo-registry", "key": "url"}
@@ -160,6 +163,31 @@ def test_gateway_ports_probes_and_defaults() -> None:
     assert hook["metadata"]["annotations"]["helm.sh/hook"] == "test"
     script = hook["spec"]["containers"][0]["command"][-1]
     assert "/v2/health/ready" in script and "/metrics" in script
+
+
+def test_controller_runs_servo_up_with_a_startup_probe() -> None:
+    (controller,) = [
+        d for d in by_kind("default")["Deployment"] if d["metadata"]["name"].endswith("controller")
+    ]
+    pod = controller["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"][:3] == ["up", "--dir=/var/lib/servo", "--host=0.0.0.0"]
+    assert "--admin-port=8082" in container["args"]
+    # an empty registry is trained on before the gateway listens: 60 x 5 s to start
+    assert container["startupProbe"] == {
+        "httpGet": {"path": "/v2/health/live", "port": "http"},
+        "periodSeconds": 5,
+        "failureThreshold": 60,
+    }
+    assert pod["serviceAccountName"] == "rel-servo"
+    assert "SERVO_TOKEN" not in {e["name"] for e in container["env"]}
+    (binding,) = by_kind("default")["RoleBinding"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "rel-servo", "namespace": "ml"}
+    ]
+    (role,) = by_kind("default")["Role"]
+    resources = {r for rule in role["rules"] for r in rule["resources"]}
+    assert {"inferenceservices", "jobs", "configmaps"} <= resources
 
 
 def test_production_values_reach_the_manifests() -> None:
@@ -173,8 +201,15 @@ def test_production_values_reach_the_manifests() -> None:
     assert env["SERVO_REGISTRY_URL"]["valueFrom"]["secretKeyRef"]["name"] == "servo-postgres"
     assert env["SERVO_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "servo-ops-token"
     assert env["SERVO_PROMETHEUS_URL"]["value"] == "http://prometheus-operated.monitoring:9090"
+    assert {"name": "policy", "mountPath": "/etc/servo", "readOnly": True} in container[
+        "volumeMounts"
+    ]
+    assert env["SERVO_POLICY_FILE"]["value"] == "/etc/servo/servo.yaml"
     (config,) = kinds["ConfigMap"]
-    assert yaml.safe_load(config["data"]["servo.yaml"])["models"]["digits"]["trigger"]["k"] == 2
+    # the mounted servo.yaml is one `servo up` accepts, with the scenario's values in it
+    loop = parse_config(config["data"]["servo.yaml"], where="ConfigMap servo.yaml")
+    assert loop.for_model("digits").trigger.k == 2
+    assert loop.for_model("digits").shadow.min_labelled == 500
     (runtime,) = kinds["ServingRuntime"]
     assert runtime["spec"]["supportedModelFormats"][0] == {
         "name": "onnx",

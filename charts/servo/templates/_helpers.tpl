@@ -92,8 +92,15 @@ capabilities:
   drop: ["ALL"]
 {{- end -}}
 
-{{/* Probes on the OIP health endpoints of the named port. */}}
+{{/* Probes on the OIP health endpoints of the named port (startup: optional). */}}
 {{- define "servo.probes" -}}
+{{- with .startup }}
+startupProbe:
+  httpGet:
+    path: /v2/health/live
+    port: {{ $.port }}
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 livenessProbe:
   httpGet:
     path: /v2/health/live
