@@ -132,8 +132,20 @@ def test_what_each_scenario_renders() -> None:
     assert len(by_kind("default")["Deployment"]) == 2  # gateway and controller
     assert "Secret" not in by_kind("default")  # no token unless one is given
     assert set(by_kind("production")) == set(by_kind("default")) | {"ConfigMap"}
-    # minimal: the gateway alone, with the token Secret the chart made from `token.value`
+    # minimal: gateway and controller, and the token Secret the chart made from `token.value`
     assert set(by_kind("minimal")) == {"Deployment", "Service", "Secret"}
+    (secret,) = by_kind("minimal")["Secret"]
+    (controller,) = [
+        d for d in by_kind("minimal")["Deployment"] if "controller" in d["metadata"]["name"]
+    ]
+    pod = controller["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "default"
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["SERVO_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": secret["metadata"]["name"],
+        "key": "token",
+    }
+    assert secret["stringData"] == {"token": "servo_example_token_for_ci"}
     for scenario in SCENARIOS:  # nothing cluster-wide
         assert not {"ClusterRole", "ClusterRoleBinding"} & set(by_kind(scenario))
 
