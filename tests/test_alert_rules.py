@@ -178,3 +178,29 @@ def test_metric_names_are_read_from_expressions() -> None:
         "and c unless d offset 1h or histogram_quantile(0.99, e)"
     )
     assert metric_names(expr) == {"a_bucket", "b", "c", "d", "e"}
+
+
+def test_the_chart_s_prometheus_rule_carries_the_rules_file() -> None:
+    """templates/prometheusrule.yaml embeds the rules file unchanged, off by default."""
+    chart = RULES_DIR.parent
+    if not (chart / "Chart.yaml").exists():
+        pytest.skip(f"{chart / 'Chart.yaml'} is absent: the rest of the chart is not merged")
+    helm = chart.parent.parent / ".tools" / "helm"
+    if not helm.exists():
+        pytest.fail(f"{helm} is missing: run `bash scripts/test-deps.sh helm` (make test does)")
+
+    def render(*args: str) -> list[dict[str, Any]]:
+        result = subprocess.run(
+            [str(helm), "template", "rel", str(chart), *args],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+    assert not [d for d in render() if d["kind"] == "PrometheusRule"]
+    on = ["--set", "monitoring.prometheusRule.enabled=true",
+          "--set", "monitoring.prometheusRule.labels.release=prometheus"]  # fmt: skip
+    (rule,) = [d for d in render(*on) if d["kind"] == "PrometheusRule"]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
+    assert rule["spec"] == yaml.safe_load(RULES.read_text())
