@@ -17,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-EXTRAS="dev,kfp,torch,xgboost,tensorflow"
+EXTRAS="dev,kfp,torch,xgboost,tensorflow,k8s"
 
 assumed_missing() {
     [[ " ${DEPS_ASSUME_MISSING:-} " == *" $1 "* ]]
