@@ -194,7 +194,7 @@ def _server_message(exc: Exception) -> str:
     return str(message or body or exc)
 
 
-def _error(exc: Exception, what: str) -> DeployError:
+def api_error(exc: Exception, what: str) -> DeployError:
     """DeployError for an ApiException answering `what` (e.g. "create digits-v3")."""
     status = getattr(exc, "status", None)
     message = _server_message(exc)
@@ -280,7 +280,7 @@ class KubernetesDeployer:
         try:
             return fn(GROUP, API_VERSION, self.namespace, PLURAL, *args, **kwargs)
         except ApiException as exc:
-            raise _error(exc, what) from None
+            raise api_error(exc, what) from None
 
     def get(self, model: str, version: int) -> dict[str, Any]:
         name = service_name(model, version)
@@ -372,7 +372,8 @@ class KubernetesDeployer:
                 raise DeployError(f"{name} failed ({transition}): " + "; ".join(deployed.problems))
             if time.monotonic() >= deadline:
                 why = "; ".join(deployed.problems) or "no status conditions reported yet"
-                raise DeployError(f"{name} not Ready within {timeout:g} s: {why}")
+                pull = "image pull failing; " if "ImagePull" in why else ""
+                raise DeployError(f"{name} not Ready within {timeout:g} s: {pull}{why}")
             time.sleep(self.poll_s)
 
     def _deployed(self, obj: Mapping[str, Any]) -> Deployed:

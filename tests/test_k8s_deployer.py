@@ -5,6 +5,7 @@ the tests play it by patching `status` (conditions, url)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from servo.deploy import DeployError, KubernetesDeployer, Target, service_name
+from servo.deploy import DeployError, KubernetesDeployer, Target, api_error, service_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -217,7 +218,7 @@ def test_wait_ready_follows_the_controllers_status(deployer: KubernetesDeployer)
             ]
         },
     )
-    with pytest.raises(DeployError, match=r"not Ready within 0\.3 s") as info:
+    with pytest.raises(DeployError, match=r"not Ready within 0\.3 s: image pull failing") as info:
         deployer.wait_ready("mnist", 3, timeout=0.3)
     assert "PredictorReady: ImagePullBackOff: pull servo:9 failed" in str(info.value)
     url = "http://mnist-v3.default.example.com"
@@ -285,3 +286,20 @@ def test_target_checks_its_format() -> None:
     assert service_name("a" * 60, 1) == "a" * 60 + "-v1"
     with pytest.raises(DeployError, match="'pytorch' is not one of onnx, tensorflow"):
         Target("iris", 1, "s3://a", "pytorch")
+
+
+def test_quota_and_forbidden_are_told_apart() -> None:
+    """The test server has no ResourceQuota admission: the 403s are Status bodies as
+    kube-apiserver sends them, in the client's own ApiException."""
+    from kubernetes.client import ApiException
+
+    def status_403(message: str) -> ApiException:
+        exc = ApiException(status=403, reason="Forbidden")
+        exc.body = json.dumps({"kind": "Status", "code": 403, "message": message})
+        return exc
+
+    quota = 'inferenceservices "a-v1" is forbidden: exceeded quota: q, requested: pods=1'
+    error = api_error(status_403(quota), "create a-v1")
+    assert str(error) == f"create a-v1: namespace quota exceeded (403): {quota}"
+    rbac = api_error(status_403("User cannot create resource"), "create a-v1")
+    assert "forbidden (403; check the service account's Role)" in str(rbac)
