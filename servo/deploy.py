@@ -380,12 +380,18 @@ class KubernetesDeployer:
         meta = obj["metadata"]
         labels = meta.get("labels") or {}
         status = obj.get("status") or {}
+        problems = _problems(status)
+        # a status written for an older spec says nothing about this one
+        observed, generation = status.get("observedGeneration"), meta.get("generation")
+        stale = observed is not None and generation is not None and observed < generation
+        if stale:
+            problems += (f"status is of generation {observed}, the spec is at {generation}",)
         return Deployed(
             model=labels.get(MODEL_LABEL, ""),
             version=int(labels.get(VERSION_LABEL, 0)),
-            ready=_ready(status),
+            ready=_ready(status) and not stale,
             url=status.get("url"),
             name=meta["name"],
             resource_version=meta.get("resourceVersion", ""),
-            problems=_problems(status),
+            problems=problems,
         )

@@ -230,6 +230,14 @@ def test_wait_ready_follows_the_controllers_status(deployer: KubernetesDeployer)
     ready = deployer.wait_ready("mnist", 3, timeout=5)
     assert (ready.ready, ready.url, ready.problems) == (True, url, ())
     assert deployer.status("mnist", 3).url == url
+    # a new spec (generation 2): the Ready status of generation 1 no longer counts
+    ready_1 = {"conditions": [_cond("Ready", "True")], "url": url, "observedGeneration": 1}
+    _play_controller(deployer, "mnist-v3", ready_1)
+    deployer.apply(Target("mnist", 3, "gs://a/mnist/3b"))
+    with pytest.raises(DeployError, match="status is of generation 1, the spec is at 2"):
+        deployer.wait_ready("mnist", 3, timeout=0.2)
+    _play_controller(deployer, "mnist-v3", {**ready_1, "observedGeneration": 2})
+    assert deployer.wait_ready("mnist", 3, timeout=5).ready
     deployer.delete("mnist", 3)
 
 
