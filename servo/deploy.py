@@ -11,6 +11,7 @@ Every failure is a `DeployError` naming the object and what the server said."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -84,6 +85,8 @@ class Deployer(Protocol):
 
     def wait_ready(self, model: str, version: int, timeout: float) -> Deployed: ...
 
+    def status(self, model: str, version: int) -> Deployed: ...
+
 
 def service_name(model: str, version: int) -> str:
     """`<model>-v<version>`, refused unless it is a DNS-1035 label: lowercase letters,
@@ -136,15 +139,18 @@ class EmbeddedDeployer:
     def _find(self, model: str, version: int) -> Deployed | None:
         return next((d for d in self.versions(model) if d.version == version), None)
 
-    def apply(self, target: Target) -> Deployed:
-        found = self._find(target.model, target.version)
+    def status(self, model: str, version: int) -> Deployed:
+        found = self._find(model, version)
         if found is None:
             raise DeployError(
-                f"{target.model} version {target.version} is not in the route table: the "
-                f"embedded gateway serves what `servo deploy` routes",
+                f"{model} version {version} is not in the route table: the embedded "
+                f"gateway serves what `servo deploy` routes",
                 HTTPStatus.NOT_FOUND,
             )
         return found
+
+    def apply(self, target: Target) -> Deployed:
+        return self.status(target.model, target.version)
 
     def delete(self, model: str, version: int) -> None:
         if self._find(model, version) is not None:
@@ -154,7 +160,7 @@ class EmbeddedDeployer:
             )
 
     def wait_ready(self, model: str, version: int, timeout: float) -> Deployed:
-        found = self.apply(Target(model, version, storage_uri="registry"))
+        found = self.status(model, version)
         if not found.ready:
             raise DeployError(f"{model} version {version}: " + "; ".join(found.problems))
         return found
@@ -184,8 +190,6 @@ def _ready(status: Mapping[str, Any]) -> bool:
 
 def _server_message(exc: Exception) -> str:
     """The Status object's message of an ApiException (its body), else str(exc)."""
-    import json
-
     body = getattr(exc, "body", None)
     try:
         message = json.loads(body).get("message") if body else None
