@@ -45,8 +45,9 @@ GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 def _start(tmp: Path) -> str:
     if not (TESTENV / "start.sh").exists():
         pytest.skip(
-            f"no Kubernetes test API server: {TESTENV} is absent (it comes with the "
-            f"project's CI checkout next to the repository; see docs)"
+            f"no Kubernetes test API server: {TESTENV} is absent (CI has it as "
+            f"../shared/k8s-testenv next to the repository; SERVO_K8S_TESTENV=DIR points "
+            f"elsewhere)"
         )
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     if shutil.which("etcd", path=env["PATH"]) is None:
