@@ -312,3 +312,58 @@ def test_quota_and_forbidden_are_told_apart() -> None:
     assert str(error) == f"create a-v1: namespace quota exceeded (403): {quota}"
     rbac = api_error(status_403("User cannot create resource"), "create a-v1")
     assert "forbidden (403; check the service account's Role)" in str(rbac)
+
+
+RUNTIME_CRD = Path(__file__).parent / "k8s_schemas" / "serving.kserve.io_servingruntimes.yaml"
+
+
+def _install_runtime_crd(api: Any) -> None:
+    from kubernetes import client
+
+    crd = yaml.load(RUNTIME_CRD.read_text(), Loader=yaml.CSafeLoader)
+    extensions = client.ApiextensionsV1Api(api)
+    try:
+        extensions.create_custom_resource_definition(crd, _preload_content=False)
+    except client.ApiException as exc:
+        if exc.status != 409:  # installed by an earlier test of this module
+            raise
+    objects = client.CustomObjectsApi(api)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            objects.list_namespaced_custom_object(
+                GROUP, "v1alpha1", "ml", "servingruntimes", _preload_content=False
+            )
+            return
+        except client.ApiException as exc:
+            if exc.status != 404 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_the_charts_serving_runtime_is_accepted_by_the_server_with_strict_validation(
+    kube: Any,
+) -> None:
+    """The ServingRuntime `helm template` renders, created on the real API server with
+    strict server-side field validation; a misspelled field in a copy is refused."""
+    from kubernetes import client
+
+    from tests.test_chart import by_kind
+
+    _install_runtime_crd(kube)
+    objects = client.CustomObjectsApi(kube)
+    (runtime,) = by_kind("default")["ServingRuntime"]
+    created = objects.create_namespaced_custom_object(
+        GROUP, "v1alpha1", "ml", "servingruntimes", runtime, field_validation="Strict"
+    )
+    assert created["metadata"]["name"] == runtime["metadata"]["name"]
+    assert created["spec"]["supportedModelFormats"] == runtime["spec"]["supportedModelFormats"]
+    wrong = json.loads(json.dumps(runtime))
+    wrong["metadata"]["name"] = "misspelled"
+    wrong["spec"]["supportedModelFormat"] = wrong["spec"].pop("supportedModelFormats")
+    with pytest.raises(client.ApiException) as refused:
+        objects.create_namespaced_custom_object(
+            GROUP, "v1alpha1", "ml", "servingruntimes", wrong, field_validation="Strict"
+        )
+    assert refused.value.status in (400, 422)
+    assert "supportedModelFormat" in str(refused.value.body)
