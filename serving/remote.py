@@ -193,6 +193,8 @@ class RemoteModel(OnnxModel):
         else:
             card = ModelCard(name, version, "remote", "", signature)
         model = cls(url, card, options, executor, remote)
+        if isinstance(doc.get("platform"), str) and doc["platform"]:
+            model.platform = doc["platform"]  # the backend's runtime, as a client sees it
         model.profile = model._read_profile()
         return model
 
