@@ -14,8 +14,8 @@ import pytest
 from serving.types import InferRequest, Tensor
 from servo.demo import digits_holdout
 from tests.clients import GrpcClient, OipError, RestClient, request_of
-from tests.models import ONNX_TYPES
 from tests.conftest import good_folders
+from tests.models import ONNX_TYPES
 from tests.servers import RunningServer, start_remote_gateway
 from tests.test_routing import wait_until
 
