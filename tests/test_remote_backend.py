@@ -112,7 +112,8 @@ def backend(model_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 @pytest.fixture(scope="module")
 def faulty() -> Iterator[dict[str, FaultyBackend]]:
-    backends = {mode: FaultyBackend(mode) for mode in ("hang", "500", "400", "echo", "gone")}
+    names = ("hang", "500", "400", "echo", "gone")
+    backends = {name: FaultyBackend(name) for name in names} | {"twin": FaultyBackend("echo")}
     yield backends
     for one in backends.values():
         one.close()
@@ -135,9 +136,10 @@ def gateway(
              "canary": {"version": "2", "path": str(digits / "2"), "percent": 50},
              "others": [{"version": "3", "url": backend.url}]},
             {"name": "identity_fp32",
-             "champion": {"version": "1", "path": str(model_root / "identity_fp32/1")}},
+             "champion": {"version": "1", "path": str(model_root / "identity_fp32/1")},
+             "shadows": [{"version": "2", "url": faulty["twin"].url, "percent": 100}]},
             *({"name": mode, "champion": {"version": "1", "url": one.url}}
-              for mode, one in faulty.items()),
+              for mode, one in faulty.items() if mode != "twin"),
         ],
     )  # fmt: skip
     server = start_server(
@@ -211,6 +213,16 @@ def test_backend_down_opens_the_circuit_local_models_serve(
     assert "circuit open after 2 consecutive failures" in opened.json()["error"], opened.text
     assert infer(gateway, "identity_fp32", PAIR_BODY).status_code == 200
     assert infer(gateway, "digits/versions/2").status_code == 200
+
+
+def test_remote_shadow_of_a_local_champion(gateway: RunningServer) -> None:
+    for _ in range(5):
+        assert infer(gateway, "identity_fp32", PAIR_BODY).status_code == 200
+    wait_until(
+        lambda: metric(gateway, "servo_shadow_agreement_total", model="identity_fp32",
+                       version="2", agree="true") >= 5
+    )  # fmt: skip
+    assert metric(gateway, "servo_shadow_errors_total", model="identity_fp32") == 0
 
 
 def test_timeout_then_fail_fast(gateway: RunningServer) -> None:
