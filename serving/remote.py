@@ -237,8 +237,10 @@ class RemoteModel(OnnxModel):
         status = response.status_code
         if status != 200:
             message = f"{self.where}: {_message(response)}"
-            if 400 <= status < 500:
-                raise BackendRefused(HTTPStatus(status), message)
+            if 400 <= status < 500:  # an answer: the backend is up
+                self.breaker.success()
+                known = status in HTTPStatus._value2member_map_
+                raise BackendRefused(HTTPStatus(status if known else 400), message)
             self.breaker.failure(f"answered {status}")
             raise BadGateway(f"{message} (answered {status})")
         body = response.content
@@ -248,8 +250,14 @@ class RemoteModel(OnnxModel):
             doc = orjson.loads(body[:size])
             offset = size
             found: dict[str, npt.NDArray[Any]] = {}
+            specs = self.plan.outputs
             for item in doc["outputs"]:
                 shape = [int(d) for d in item["shape"]]
+                if item["datatype"] != specs[item["name"]].datatype:
+                    raise ValueError(
+                        f"output '{item['name']}' is {item['datatype']}, "
+                        f"not {specs[item['name']].datatype}"
+                    )
                 blob_size = (item.get("parameters") or {}).get("binary_data_size")
                 if blob_size is None:
                     found[item["name"]] = decode_json(
