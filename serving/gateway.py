@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from serving.batcher import BatchingConfig
 from serving.recorder import ModelMetrics, Recorder
@@ -64,6 +65,22 @@ class Gateway:
         for route in table.models.values():
             for _, deployment in route.deployments():
                 entry = self.repository.find(route.name, deployment.version)
+                expect = (route.name, deployment.version)
+                if deployment.url is not None:
+                    if entry is None or entry.state is not State.READY or entry.url is None:
+                        card = None if deployment.path == Path() else deployment.path
+                        loaded = await self.repository.load_remote(deployment.url, expect, card)
+                        failures = self.recorder.load_failures
+                        failures[expect] = failures.get(expect, 0) + int(
+                            loaded.state is State.FAILED
+                        )
+                    elif entry.url != deployment.url:
+                        log.error(
+                            "model %s version %s is served by %s; the route names %s "
+                            "(keeping the loaded one)",
+                            route.name, deployment.version, entry.url, deployment.url,
+                        )  # fmt: skip
+                    continue
                 if entry is not None and entry.state is State.READY:
                     if entry.folder.resolve() != deployment.path.resolve():
                         log.error(
@@ -72,7 +89,6 @@ class Gateway:
                             route.name, deployment.version, entry.folder, deployment.path,
                         )  # fmt: skip
                     continue
-                expect = (route.name, deployment.version)
                 loaded = await loop.run_in_executor(
                     None, self.repository.load_folder, deployment.path, expect
                 )

@@ -25,6 +25,10 @@ STATUS_CODES: dict[HTTPStatus, grpc.StatusCode] = {
     HTTPStatus.REQUEST_ENTITY_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
     HTTPStatus.SERVICE_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     HTTPStatus.INTERNAL_SERVER_ERROR: grpc.StatusCode.INTERNAL,
+    HTTPStatus.BAD_GATEWAY: grpc.StatusCode.UNAVAILABLE,  # a remote version's backend
+    HTTPStatus.GATEWAY_TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+    HTTPStatus.CONFLICT: grpc.StatusCode.ABORTED,
+    HTTPStatus.UNPROCESSABLE_ENTITY: grpc.StatusCode.INVALID_ARGUMENT,
 }
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from serving.errors import ModelLoadError, ModelNotFound, ModelNotReady
 from serving.model_folder import read_card, valid_name, valid_version
-from serving.runtime import OnnxModel, RuntimeOptions
+from serving.runtime import OnnxModel, RemoteOptions, RuntimeOptions
 
 log = logging.getLogger("servo.serving")
 
@@ -29,6 +29,8 @@ class Entry:
     state: State
     model: OnnxModel | None = None
     error: str | None = None
+    #: a remote version's backend (serving.remote); None: loaded from `folder`
+    url: str | None = None
 
 
 def version_key(version: str) -> tuple[int, int, str]:
@@ -37,8 +39,14 @@ def version_key(version: str) -> tuple[int, int, str]:
 
 
 class ModelRepository:
-    def __init__(self, options: RuntimeOptions | None = None, executor_threads: int = 4):
+    def __init__(
+        self,
+        options: RuntimeOptions | None = None,
+        executor_threads: int = 4,
+        remote: RemoteOptions | None = None,
+    ):
         self.options = options or RuntimeOptions()
+        self.remote = remote or RemoteOptions()
         self.executor = ThreadPoolExecutor(
             max_workers=executor_threads, thread_name_prefix="servo-infer"
         )
@@ -76,6 +84,32 @@ class ModelRepository:
             model.warmup_us or -1,
             "inline" if model.runs_inline else "worker thread",
         )
+        return entry
+
+    async def load_remote(
+        self, url: str, expect: tuple[str, str], card_folder: Path | None = None
+    ) -> Entry:
+        """A version served at `url` over OIP REST: its metadata read, FAILED with the
+        reason if that fails (like a broken folder, it stops no other model)."""
+        from serving.remote import RemoteModel  # only where a route names a backend
+
+        name, version = expect
+        entry = Entry(name, version, card_folder or Path(url), State.LOADING, url=url)
+        self._put(entry)
+        try:
+            model = await RemoteModel.open(
+                url,
+                name,
+                version,
+                card_folder=card_folder,
+                options=self.options,
+                executor=self.executor,
+                remote=self.remote,
+            )
+        except ModelLoadError as exc:
+            return self._failed(entry, str(exc))
+        entry.model, entry.state = model, State.READY
+        log.info("model %s version %s served by %s", name, version, url)
         return entry
 
     def _failed(self, entry: Entry, error: str) -> Entry:

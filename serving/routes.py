@@ -16,6 +16,9 @@ Routes file (JSON):
     ]}
 
 `percent` is the canary's share of traffic, or the share of requests copied to a shadow.
+A deployment served elsewhere over OIP REST (a KServe InferenceService, another Servo
+server) gives `"url": "http://host:port"` instead of `path` (http or https, a host, no
+query); a `path` given with it is read only for the version's model card (profile).
 `others` are loaded and answer requests that name their version, but take no traffic.
 `batching` (optional) overrides the server's batching (SERVO_BATCHING, SERVO_BATCH_MAX_ROWS,
 SERVO_BATCH_MAX_DELAY_US) for this model's versions: `true`/`false` forces it on/off with
@@ -31,6 +34,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +72,9 @@ class Deployment:
     path: Path
     #: canary: share of traffic; shadow: share of requests copied (0..100)
     percent: float = 100.0
+    #: a version served elsewhere over OIP REST (serving.remote); `path`, when the entry
+    #: gives one, is then only its model card (the reference profile)
+    url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,16 +172,35 @@ class StaticRouteSource:
         yield table_from_folders(self.folders)
 
 
+def check_url(url: str, where: str) -> str:
+    """A remote deployment's base URL: http or https, a host, no query or fragment."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError as exc:
+        raise RouteError(f"{where}: url {url[:100]!r} is not a URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RouteError(f"{where}: url {url[:100]!r} needs http:// or https:// and a host")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise RouteError(f"{where}: url {url[:100]!r} takes no query, fragment or credentials")
+    return url.rstrip("/")
+
+
 def _deployment(doc: Any, base: Path, where: str) -> Deployment:
     if not isinstance(doc, dict):
         raise RouteError(f"{where} must be an object")
-    version, path = doc.get("version"), doc.get("path")
-    if not isinstance(version, str) or not isinstance(path, str):
-        raise RouteError(f"{where} needs string 'version' and 'path'")
+    version, path, url = doc.get("version"), doc.get("path"), doc.get("url")
+    if url is not None and not isinstance(url, str):
+        raise RouteError(f"{where}: url must be a string")
+    if not isinstance(version, str) or not (isinstance(path, str) or (url and path is None)):
+        raise RouteError(f"{where} needs string 'version' and 'path' (or 'url')")
     percent = doc.get("percent", 100.0)
     if isinstance(percent, bool) or not isinstance(percent, int | float):
         raise RouteError(f"{where}: percent must be a number")
-    return Deployment(version, (base / path).resolve(), float(percent))
+    folder = Path() if path is None else (base / path).resolve()
+    return Deployment(
+        version, folder, float(percent), None if url is None else check_url(url, where)
+    )
 
 
 def _batching(doc: Any, where: str) -> BatchingOverride | None:

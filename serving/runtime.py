@@ -115,6 +115,22 @@ class RuntimeOptions:
     inline_max_us: float = 300.0
 
 
+@dataclass(frozen=True, slots=True)
+class RemoteOptions:
+    """How the gateway talks to remote versions (serving.remote)."""
+
+    #: seconds for one infer request (connect, send, wait, read)
+    timeout_s: float = 10.0
+    #: seconds to read the version's metadata at load
+    metadata_timeout_s: float = 10.0
+    #: consecutive failures that open the circuit
+    failures: int = 5
+    #: seconds the circuit stays open before one request probes the backend
+    cooldown_s: float = 5.0
+    #: keep-alive connections kept per version
+    max_connections: int = 32
+
+
 class OnnxModel:
     """One loaded model version: an ONNX Runtime session and its signature."""
 

@@ -27,7 +27,7 @@ from serving.recorder import Recorder
 from serving.repository import ModelRepository
 from serving.router import Router
 from serving.routes import RouteSource
-from serving.runtime import RuntimeOptions
+from serving.runtime import RemoteOptions, RuntimeOptions
 from serving.shadow import ShadowRunner
 
 log = logging.getLogger("servo.serving")
@@ -45,6 +45,8 @@ class ServingConfig:
     offloop_decode_bytes: int = 1024 * 1024
     offloop_decode_workers: int = 1
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    #: remote versions (a route's `url`): timeout, circuit breaker, pool
+    remote: RemoteOptions = field(default_factory=RemoteOptions)
     executor_threads: int = 4
     server_name: str = "servo"
     server_version: str = "0"
@@ -89,7 +91,7 @@ class Server:
         self.recorder = Recorder(self.registry)
         self.payload_log = PayloadLog(config.payload_log) if config.payload_log else None
         self.recorder.payload_log = self.payload_log
-        self.repository = ModelRepository(config.runtime, config.executor_threads)
+        self.repository = ModelRepository(config.runtime, config.executor_threads, config.remote)
         self.router = Router()
         self.shadows = ShadowRunner(
             self.recorder, config.shadow_max_pending, config.shadow_timeout_s

@@ -45,6 +45,15 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         30.0, gt=0, description="wait for in-flight work before unloading"
     )
+    remote_timeout_s: float = Field(
+        10.0, gt=0, description="a remote version's (route url) answer waited for at most"
+    )
+    remote_failures: int = Field(
+        5, ge=1, description="consecutive remote failures that open its circuit breaker"
+    )
+    remote_cooldown_s: float = Field(
+        5.0, gt=0, description="an open circuit fails fast this long, then one request probes"
+    )
     batching: Literal["auto", "on", "off"] = Field(
         "auto", description="auto: batch the models that run off the event loop"
     )
@@ -125,7 +134,7 @@ class Settings(BaseSettings):
         from serving.batcher import BatchingConfig
         from serving.httplimits import HttpLimits
         from serving.payload_log import PayloadLogConfig
-        from serving.runtime import RuntimeOptions
+        from serving.runtime import RemoteOptions, RuntimeOptions
         from serving.server import ServingConfig
 
         return ServingConfig(
@@ -140,6 +149,11 @@ class Settings(BaseSettings):
                 intra_op_threads=self.intra_op_threads, inline_max_us=self.inline_max_us
             ),
             executor_threads=self.executor_threads,
+            remote=RemoteOptions(
+                timeout_s=self.remote_timeout_s,
+                failures=self.remote_failures,
+                cooldown_s=self.remote_cooldown_s,
+            ),
             server_version=__version__,
             shadow_max_pending=self.shadow_max_pending,
             shadow_timeout_s=self.shadow_timeout_s,

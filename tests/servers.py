@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
@@ -161,3 +162,31 @@ def start_server(
         time.sleep(0.1)
     server.stop()
     raise RuntimeError(f"server not ready in {timeout}s (waiting for {pending}):\n{server.log()}")
+
+
+def start_remote_gateway(
+    backend: RunningServer,
+    folders: Sequence[Path],
+    log_path: Path,
+    local: Sequence[Path] = (),
+    env: dict[str, str] | None = None,
+) -> RunningServer:
+    """A gateway whose routes serve every version of `folders` remotely from `backend`
+    (each folder named .../NAME/VERSION; the highest version the champion, the folder
+    read for its model card) and `local` folders itself."""
+    by_model: dict[str, list[dict[str, str]]] = {}
+    for folder in folders:
+        by_model.setdefault(folder.parent.name, []).append(
+            {"version": folder.name, "url": backend.url, "path": str(folder)}
+        )
+    for folder in local:
+        by_model.setdefault(folder.parent.name, []).append(
+            {"version": folder.name, "path": str(folder)}
+        )
+    models = []
+    for name, deployments in by_model.items():
+        deployments.sort(key=lambda d: (d["version"].isdigit(), d["version"].zfill(20)))
+        models.append({"name": name, "champion": deployments[-1], "others": deployments[:-1]})
+    routes = log_path.with_suffix(".routes.json")
+    routes.write_text(json.dumps({"models": models}))
+    return start_server(["--routes", str(routes)], log_path, wait_for=list(by_model)[:1], env=env)

@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -13,21 +14,52 @@ import pytest
 from serving.types import InferRequest, Tensor
 from servo.demo import digits_holdout
 from tests.clients import GrpcClient, OipError, RestClient, request_of
+from tests.conftest import good_folders
 from tests.models import ONNX_TYPES
-from tests.servers import RunningServer
+from tests.servers import RunningServer, start_remote_gateway
+from tests.test_routing import wait_until
+
+
+def gateway_ready(server: RunningServer, name: str) -> bool:
+    return httpx.get(f"{server.url}/v2/models/{name}/ready").status_code == 200
+
 
 CLIENTS = ["rest-json", "rest-binary", "grpc-typed", "grpc-raw"]
 Client = RestClient | GrpcClient
 
 
+@pytest.fixture(scope="module", params=["local", "remote"])
+def served(
+    request: pytest.FixtureRequest,
+    server: RunningServer,
+    model_root: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RunningServer]:
+    """The suite against the server itself, and against a gateway in front of it that
+    serves every good version remotely (serving.remote) and the broken ones locally."""
+    if request.param == "local":
+        yield server
+        return
+    gateway = start_remote_gateway(
+        server,
+        good_folders(model_root),
+        tmp_path_factory.mktemp("gateway") / "gateway.log",
+        local=[model_root / "corrupt" / "1", model_root / "missing" / "1"],
+        env={"SERVO_MAX_REQUEST_BYTES": str(8 * 1024 * 1024)},
+    )
+    wait_until(lambda: all(gateway_ready(gateway, f.parent.name) for f in good_folders(model_root)))
+    yield gateway
+    assert gateway.stop() == 0, gateway.log()
+
+
 @pytest.fixture(params=CLIENTS)
-def client(request: pytest.FixtureRequest, server: RunningServer) -> Iterator[Client]:
+def client(request: pytest.FixtureRequest, served: RunningServer) -> Iterator[Client]:
     kind: str = request.param
     made: Client
     if kind.startswith("rest"):
-        made = RestClient(server.url, binary=kind == "rest-binary")
+        made = RestClient(served.url, binary=kind == "rest-binary")
     else:
-        made = GrpcClient(server.grpc_target, raw=kind == "grpc-raw")
+        made = GrpcClient(served.grpc_target, raw=kind == "grpc-raw")
     yield made
     made.close()
 
