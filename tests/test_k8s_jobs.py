@@ -1,0 +1,210 @@
+"""Pipeline steps as Kubernetes Jobs (retrain.k8s_jobs) against the kmock emulator.
+
+kmock (PyPI) emulates the Kubernetes API over HTTP on 127.0.0.1 (objects kept in memory:
+create, read, patch, delete, list, watch); it runs no controller and no pod. The test
+plays the Job controller: once the Job exists it creates the Job's pod, serves its log
+and patches the Job's status with the condition a real controller would set. What this
+cannot prove (a real scheduler, real pods, label selectors applied server-side): see
+docs/kubernetes.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import PurePosixPath
+from typing import Any
+
+import pytest
+
+kmock = pytest.importorskip("kmock", reason="the k8s extra (kmock) is not installed")
+client = pytest.importorskip("kubernetes.client")
+
+from retrain.k8s_jobs import JobFailed, JobRunner, JobSpec, JobTimedOut  # noqa: E402
+
+NS = "servo"
+POD = "step-pod"
+LOG = "loading digits\ntrained: accuracy 0.97\n"
+
+
+class Emulator:
+    """A kmock KubernetesEmulator served on 127.0.0.1 from a thread with its own loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.done: asyncio.Event | None = None
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+
+    async def _start(self) -> None:
+        self.handler = kmock.KubernetesEmulator()
+        await self.handler.__aenter__()
+        self.server = kmock.Server(self.handler)
+        await self.server.__aenter__()
+        self.handler[f"get /api/v1/namespaces/{NS}/pods/{POD}/log"] << LOG.encode()
+        self.url = str(self.server.url).rstrip("/")
+
+    async def _stop(self) -> None:
+        await self.server.__aexit__(None, None, None)
+        await self.handler.__aexit__(None, None, None)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    def requests(self, method: str) -> list[Any]:
+        return list(self.handler[method.lower()])  # the requests kmock saw, by method
+
+
+@pytest.fixture
+def emulator() -> Iterator[Emulator]:
+    emu = Emulator()
+    yield emu
+    emu.close()
+
+
+@pytest.fixture
+def api(emulator: Emulator) -> Iterator[Any]:
+    with client.ApiClient(client.Configuration(host=emulator.url)) as api_client:
+        yield api_client
+
+
+def spec(timeout_s: int = 60) -> JobSpec:
+    return JobSpec(
+        run_id=7, step="train", function="train_digits", params={"epochs": 3},
+        inputs={"data": PurePosixPath("/artifacts/load/abc/data.npz")},
+        outputs={"model": PurePosixPath("/artifacts/tmp/run-7/train/model.onnx")},
+        timeout_s=timeout_s,
+    )  # fmt: skip
+
+
+def play_controller(api: Any, condition: dict[str, str] | None) -> threading.Thread:
+    """Once a Job exists: create its pod (the log is served) and set `condition`."""
+    batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
+
+    def act() -> None:
+        for _ in range(200):
+            try:  # kmock answers 404 for a kind until one object of it exists
+                jobs = batch.list_namespaced_job(NS).items
+            except client.ApiException:
+                jobs = []
+            if jobs:
+                break
+            time.sleep(0.02)
+        else:
+            return
+        name = jobs[0].metadata.name
+        pod = {"metadata": {"name": POD, "namespace": NS, "labels": {"job-name": name}},
+               "spec": {"containers": [{"name": "step", "image": "x"}]}}  # fmt: skip
+        core.create_namespaced_pod(NS, pod)
+        if condition is not None:
+            status = {"status": {"conditions": [{**condition, "status": "True"}]}}
+            batch.patch_namespaced_job_status(name, NS, status)
+
+    thread = threading.Thread(target=act, daemon=True)
+    thread.start()
+    return thread
+
+
+def runner(api: Any, **kwargs: Any) -> JobRunner:
+    return JobRunner(namespace=NS, image="ghcr.io/example/servo:1.2", claim="servo-artifacts",
+                     poll_s=0.05, api_client=api, **kwargs)  # fmt: skip
+
+
+def the_job(emulator: Emulator) -> dict[str, Any]:
+    created = emulator.requests("POST")
+    jobs = [r.data for r in created if r.data.get("kind") == "Job"]
+    assert len(jobs) == 1
+    return dict(jobs[0])
+
+
+def assert_deleted(emulator: Emulator, api: Any, job: dict[str, Any]) -> None:
+    deletes = [r for r in emulator.requests("DELETE") if r.name == job["metadata"]["name"]]
+    assert len(deletes) == 1
+    assert deletes[0].data.get("propagationPolicy") == "Background"
+    assert client.BatchV1Api(api).list_namespaced_job(NS).items == []
+
+
+def test_manifest_runs_servo_step_with_the_deadline_and_labels() -> None:
+    jobs = JobRunner(namespace=NS, image="servo:9", claim="arts", service_account="servo")
+    manifest = jobs.manifest(spec(timeout_s=90), "servo-7-train-x")
+    assert manifest["apiVersion"] == "batch/v1" and manifest["kind"] == "Job"
+    job = manifest["spec"]
+    assert job["backoffLimit"] == 0 and job["activeDeadlineSeconds"] == 90
+    pod = job["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["serviceAccountName"] == "servo"
+    (container,) = pod["containers"]
+    assert container["image"] == "servo:9"
+    assert container["command"] == ["servo", "step", "train"]
+    assert container["args"] == [
+        "--function", "train_digits", "--params", '{"epochs": 3}',
+        "--input", "data", "/artifacts/load/abc/data.npz",
+        "--output", "model", "/artifacts/tmp/run-7/train/model.onnx",
+    ]  # fmt: skip
+    assert container["volumeMounts"] == [{"name": "artifacts", "mountPath": "/artifacts"}]
+    assert pod["volumes"][0]["persistentVolumeClaim"] == {"claimName": "arts"}
+    labels = manifest["metadata"]["labels"]
+    assert labels["servo.dev/run"] == "7" and labels["servo.dev/step"] == "train"
+    assert job["template"]["metadata"]["labels"] == labels
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        jobs.manifest(spec(timeout_s=0), "x")
+
+
+def test_success_returns_the_pod_log_and_deletes_the_job(emulator: Emulator, api: Any) -> None:
+    controller = play_controller(api, {"type": "Complete", "reason": "CompletionsReached"})
+    log = runner(api).run(spec())
+    controller.join(10)
+    assert log == LOG
+    job = the_job(emulator)
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/example/servo:1.2"
+    assert job["metadata"]["name"].startswith("servo-7-train-")
+    assert_deleted(emulator, api, job)
+
+
+def test_failure_raises_with_the_pod_log(emulator: Emulator, api: Any) -> None:
+    condition = {"type": "Failed", "reason": "BackoffLimitExceeded",
+                 "message": "Job has reached the specified backoff limit"}  # fmt: skip
+    controller = play_controller(api, condition)
+    with pytest.raises(JobFailed, match="BackoffLimitExceeded") as caught:
+        runner(api).run(spec())
+    controller.join(10)
+    assert not isinstance(caught.value, JobTimedOut)
+    assert "trained: accuracy 0.97" in str(caught.value) and caught.value.log == LOG
+    assert_deleted(emulator, api, the_job(emulator))
+
+
+def test_deadline_exceeded_is_a_timeout(emulator: Emulator, api: Any) -> None:
+    condition = {"type": "Failed", "reason": "DeadlineExceeded",
+                 "message": "Job was active longer than specified deadline"}  # fmt: skip
+    controller = play_controller(api, condition)
+    with pytest.raises(JobTimedOut, match=r"timed out after 60 s \(DeadlineExceeded") as caught:
+        runner(api).run(spec())
+    controller.join(10)
+    assert caught.value.log == LOG
+    assert_deleted(emulator, api, the_job(emulator))
+
+
+def test_no_condition_in_time_is_a_timeout_and_the_job_is_deleted(
+    emulator: Emulator, api: Any
+) -> None:
+    controller = play_controller(api, None)  # a pod that never ends
+    with pytest.raises(JobTimedOut, match="no Complete or Failed condition"):
+        runner(api, grace_s=0.0).run(spec(timeout_s=1))
+    controller.join(10)
+    assert_deleted(emulator, api, the_job(emulator))
+
+
+def test_create_rejected_is_a_clear_failure(emulator: Emulator, api: Any) -> None:
+    (
+        emulator.handler[f"post /apis/batch/v1/namespaces/{NS}/jobs"]
+        << 403
+        << {"kind": "Status", "message": 'jobs.batch is forbidden: User "x" cannot create'}
+    )
+    with pytest.raises(JobFailed, match=r"creating Job .* failed: 403 .*forbidden"):
+        runner(api).run(spec())
