@@ -19,10 +19,10 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from retrain.pipeline import PipelineError
+from retrain.pipeline import Step, StepContext, StepExecutionError
 
 LABEL_RUN = "servo.dev/run"
 LABEL_STEP = "servo.dev/step"
@@ -35,12 +35,8 @@ GRACE_S = 30.0
 ERROR_LOG_CHARS = 4000
 
 
-class JobError(PipelineError):
+class JobError(StepExecutionError):
     """A step's Job did not succeed; `log` is its pod's log (may be empty)."""
-
-    def __init__(self, message: str, log: str = ""):
-        super().__init__(message)
-        self.log = log
 
 
 class JobFailed(JobError):
@@ -190,7 +186,11 @@ class JobRunner:
         for pod in pods.items or []:
             pod_name = pod.metadata.name
             try:
-                text = core.read_namespaced_pod_log(pod_name, self.namespace, container="step")
+                # raw bytes: the client would parse a log that is valid JSON into a dict
+                raw = core.read_namespaced_pod_log(
+                    pod_name, self.namespace, container="step", _preload_content=False
+                )
+                text = raw.data.decode("utf-8", "replace")
             except ApiException as exc:
                 text = f"(log of pod {pod_name} not read: {exc.status} {exc.reason})"
             parts.append(text if len(pods.items) == 1 else f"--- pod {pod_name}\n{text}")
@@ -207,6 +207,60 @@ class JobRunner:
         except ApiException as exc:
             if exc.status != 404:
                 raise
+
+
+@dataclass
+class JobStepExecutor:
+    """A `retrain.pipeline.StepExecutor`: each step that runs (not a cache hit) runs as a
+    Job. The runner's folder must be the artifact volume, mounted at the same path in the
+    controller and in the Job's pod (`jobs.mount_path`), so the paths the runner hands a
+    step are the pod's paths too. Only retrain.steps' step functions can run in a pod.
+    Metrics: what `servo step` printed at the end of its log."""
+
+    jobs: JobRunner
+    #: activeDeadlineSeconds of every step, unless `timeouts` names the step
+    timeout_s: int = 3600
+    timeouts: Mapping[str, int] = field(default_factory=dict)
+
+    def __call__(self, run_id: int, step: Step, context: StepContext) -> str:
+        from retrain.steps import STEP_FUNCTIONS
+
+        function = getattr(step.fn, "__name__", "")
+        if STEP_FUNCTIONS.get(function) is not step.fn:
+            raise StepExecutionError(
+                f"step {step.name!r}: {function!r} is not one of retrain.steps' step "
+                f"functions; a Job's pod could not run it"
+            )
+        spec = JobSpec(
+            run_id=run_id, step=step.name, function=function, params=dict(context.params),
+            inputs={k: self._path(v) for k, v in context.inputs.items()},
+            outputs={o: self._path(context.output(o)) for o in step.outputs},
+            timeout_s=int(self.timeouts.get(step.name, self.timeout_s)),
+        )  # fmt: skip
+        log = self.jobs.run(spec)
+        context.metrics.update(step_metrics(log))
+        return log
+
+    def _path(self, path: Path) -> PurePosixPath:
+        posix = PurePosixPath(path.resolve().as_posix())
+        if not posix.is_relative_to(self.jobs.mount_path):
+            raise StepExecutionError(
+                f"{path} is not under the artifact volume's mount path {self.jobs.mount_path}"
+                " (run the pipeline with its folder on that volume)"
+            )
+        return posix
+
+
+def step_metrics(log: str) -> dict[str, float]:
+    """The metrics `servo step` printed last in `log` ({"step": ..., "metrics": {...}})."""
+    start = log.rfind('{\n  "step": ')
+    if start < 0:
+        return {}
+    try:
+        doc, _ = json.JSONDecoder().raw_decode(log[start:])
+        return {str(k): float(v) for k, v in dict(doc.get("metrics") or {}).items()}
+    except (ValueError, TypeError, AttributeError):
+        return {}
 
 
 def _body(exc: Any) -> str:

@@ -14,7 +14,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -208,3 +208,90 @@ def test_create_rejected_is_a_clear_failure(emulator: Emulator, api: Any) -> Non
     )
     with pytest.raises(JobFailed, match=r"creating Job .* failed: 403 .*forbidden"):
         runner(api).run(spec())
+
+
+def play_kubelet(emulator: Emulator, api: Any, jobs: int) -> threading.Thread:
+    """For each of `jobs` Jobs in turn: run its container's `servo step ...` here (the
+    runner's folder stands for the shared volume), serve the output as its pod's log and
+    set Complete or Failed by the exit code, as the Job controller would."""
+    from click.testing import CliRunner
+
+    from servo.cli import main
+
+    batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
+
+    def act() -> None:
+        done: set[str] = set()
+        for _ in range(1000):
+            if len(done) == jobs:
+                return
+            try:
+                items = batch.list_namespaced_job(NS).items
+            except client.ApiException:
+                items = []
+            for job in items:
+                name = job.metadata.name
+                if name in done:
+                    continue
+                done.add(name)
+                container = job.spec.template.spec.containers[0]
+                assert container.command[:2] == ["servo", "step"]
+                result = CliRunner().invoke(main, [*container.command[1:], *container.args])
+                pod = f"{name}-pod"
+                path = f"get /api/v1/namespaces/{NS}/pods/{pod}/log"
+                log = result.output.encode()
+                emulator.loop.call_soon_threadsafe(lambda p=path, b=log: emulator.handler[p] << b)
+                core.create_namespaced_pod(
+                    NS,
+                    {
+                        "metadata": {"name": pod, "namespace": NS, "labels": {"job-name": name}},
+                        "spec": {"containers": [{"name": "step", "image": container.image}]},
+                    },
+                )
+                kind = "Complete" if result.exit_code == 0 else "Failed"
+                condition = {"type": kind, "status": "True", "reason": "PodFailed"}
+                batch.patch_namespaced_job_status(name, NS, {"status": {"conditions": [condition]}})
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=act, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_pipeline_runs_its_steps_as_jobs(emulator: Emulator, api: Any, tmp_path: Path) -> None:
+    import numpy as np
+
+    from registry.store import RegistryStore
+    from retrain.k8s_jobs import JobStepExecutor
+    from retrain.pipeline import Pipeline, Runner, Step, StepFailed
+    from retrain.steps import ingest
+
+    sink = RegistryStore(f"sqlite:///{tmp_path / 'r.db'}")
+    sink.create_schema()
+    csv = tmp_path / "table.csv"
+    csv.write_text("a,b,y\n1.5,2,0\n3,4.25,1\n")
+    jobs = JobRunner(namespace=NS, image="servo:1", mount_path=str(tmp_path.resolve()),
+                     poll_s=0.05, api_client=api)  # fmt: skip
+    runner = Runner(
+        tmp_path / "root", sink, executor=JobStepExecutor(jobs, timeouts={"ingest": 30})
+    )
+    good = Step("ingest", ingest, ("data.npz",), {"table": f"file:{csv}"},
+                {"dataset": "csv", "label_column": "y"})  # fmt: skip
+    kubelet = play_kubelet(emulator, api, jobs=2)
+    result = runner.run(Pipeline("csv").add(good))
+    with np.load(result.output("ingest", "data.npz"), allow_pickle=False) as data:
+        np.testing.assert_array_equal(data["y"], [0, 1])
+    (step,) = sink.run(result.run_id)["steps"]
+    assert step["status"] == "succeeded"
+    assert '"step": "ingest"' in Path(step["log_uri"]).read_text()  # the pod's log, kept
+    assert step["metrics"] == {"rows": 2.0}  # what servo step printed
+    (manifest,) = [r.data for r in emulator.requests("POST") if r.data.get("kind") == "Job"]
+    assert manifest["spec"]["activeDeadlineSeconds"] == 30
+    assert manifest["metadata"]["labels"]["servo.dev/run"] == str(result.run_id)
+
+    bad = Step("ingest", ingest, ("data.npz",), {"table": f"file:{csv}"},
+               {"dataset": "csv", "label_column": "label"})  # fmt: skip
+    with pytest.raises(StepFailed, match=r"(?s)PodFailed.*no label column 'label'"):
+        runner.run(Pipeline("csv").add(bad))
+    kubelet.join(10)
+    assert client.BatchV1Api(api).list_namespaced_job(NS).items == []
