@@ -101,7 +101,7 @@ class JobRunner:
         for name_, path in spec.outputs.items():
             args += ["--output", name_, str(path)]
         labels = {**self.labels, LABEL_PART: "pipeline-step", LABEL_RUN: str(spec.run_id),
-                  LABEL_STEP: re.sub(r"[^A-Za-z0-9_.-]", "_", spec.step)[:63]}  # fmt: skip
+                  LABEL_STEP: _label_value(spec.step)}  # fmt: skip
         container: dict[str, Any] = {
             "name": "step",
             "image": self.image,
@@ -139,12 +139,15 @@ class JobRunner:
         except ApiException as exc:
             raise JobFailed(f"step {spec.step!r}: creating Job {name} failed: "
                             f"{exc.status} {exc.reason}: {_body(exc)}") from exc  # fmt: skip
+        where = f"step {spec.step!r} (Job {self.namespace}/{name})"
         try:
             outcome, reason = self._wait(name, spec.timeout_s + self.grace_s)
             log = self._log(name)
+        except ApiException as exc:
+            raise JobFailed(f"{where}: reading its status failed: {exc.status} {exc.reason}: "
+                            f"{_body(exc)}") from exc  # fmt: skip
         finally:
             self._delete(name)
-        where = f"step {spec.step!r} (Job {self.namespace}/{name})"
         if outcome == "succeeded":
             return log
         if outcome == "timeout":
@@ -261,6 +264,11 @@ def step_metrics(log: str) -> dict[str, float]:
         return {str(k): float(v) for k, v in dict(doc.get("metrics") or {}).items()}
     except (ValueError, TypeError, AttributeError):
         return {}
+
+
+def _label_value(text: str) -> str:
+    """`text` as a label value: 63 characters of [A-Za-z0-9_.-], alphanumeric at the ends."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)[:63].strip("_.-") or "step"
 
 
 def _body(exc: Any) -> str:

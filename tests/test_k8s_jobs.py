@@ -151,6 +151,8 @@ def test_manifest_runs_servo_step_with_the_deadline_and_labels() -> None:
     assert pod["volumes"][0]["persistentVolumeClaim"] == {"claimName": "arts"}
     labels = manifest["metadata"]["labels"]
     assert labels["servo.dev/run"] == "7" and labels["servo.dev/step"] == "train"
+    odd = JobSpec(**{**spec().__dict__, "step": "-évaluer le modèle-"})
+    assert jobs.manifest(odd, "x")["metadata"]["labels"]["servo.dev/step"] == "valuer_le_mod_le"
     assert job["template"]["metadata"]["labels"] == labels
     with pytest.raises(ValueError, match="timeout must be > 0"):
         jobs.manifest(spec(timeout_s=0), "x")
@@ -198,6 +200,26 @@ def test_no_condition_in_time_is_a_timeout_and_the_job_is_deleted(
         runner(api, grace_s=0.0).run(spec(timeout_s=1))
     controller.join(10)
     assert_deleted(emulator, api, the_job(emulator))
+
+
+def test_the_job_vanishing_is_a_clear_failure(emulator: Emulator, api: Any) -> None:
+    def delete_it() -> None:
+        batch = client.BatchV1Api(api)
+        for _ in range(200):
+            try:
+                jobs = batch.list_namespaced_job(NS).items
+            except client.ApiException:
+                jobs = []
+            if jobs:
+                batch.delete_namespaced_job(jobs[0].metadata.name, NS)
+                return
+            time.sleep(0.02)
+
+    thief = threading.Thread(target=delete_it, daemon=True)
+    thief.start()
+    with pytest.raises(JobFailed, match="reading its status failed: 404"):
+        runner(api).run(spec())
+    thief.join(10)
 
 
 def test_create_rejected_is_a_clear_failure(emulator: Emulator, api: Any) -> None:
@@ -294,4 +316,7 @@ def test_a_pipeline_runs_its_steps_as_jobs(emulator: Emulator, api: Any, tmp_pat
     with pytest.raises(StepFailed, match=r"(?s)PodFailed.*no label column 'label'"):
         runner.run(Pipeline("csv").add(bad))
     kubelet.join(10)
+    (failed,) = sink.run(result.run_id + 1)["steps"]
+    assert failed["status"] == "failed"
+    assert "no label column 'label'" in Path(failed["log_uri"]).read_text()  # the pod's log
     assert client.BatchV1Api(api).list_namespaced_job(NS).items == []
