@@ -320,3 +320,47 @@ def test_a_pipeline_runs_its_steps_as_jobs(emulator: Emulator, api: Any, tmp_pat
     assert failed["status"] == "failed"
     assert "no label column 'label'" in Path(failed["log_uri"]).read_text()  # the pod's log
     assert client.BatchV1Api(api).list_namespaced_job(NS).items == []
+
+
+def test_a_stop_during_the_job_deletes_it(emulator: Emulator, api: Any, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    from registry.store import RegistryStore
+    from retrain.k8s_jobs import JobStepExecutor
+    from retrain.pipeline import Pipeline, Runner, Step
+    from retrain.steps import ingest
+    from retrain.stop import Interrupted, Stop
+
+    sink = RegistryStore(f"sqlite:///{tmp_path / 'r.db'}")
+    sink.create_schema()
+    stop = Stop()
+    jobs = JobRunner(namespace=NS, image="servo:1", mount_path=str(tmp_path.resolve()),
+                     poll_s=0.05, api_client=api)  # fmt: skip
+    runner = Runner(tmp_path / "root", sink, stop=stop, executor=JobStepExecutor(jobs))
+    step = Step("ingest", ingest, ("data.npz",), params={"dataset": "digits"})
+    batch = client.BatchV1Api(api)
+
+    def signal_once_the_job_exists() -> None:
+        for _ in range(500):
+            try:
+                if batch.list_namespaced_job(NS).items:
+                    os.kill(os.getpid(), signal.SIGUSR1)  # the Job never ends by itself
+                    return
+            except client.ApiException:
+                pass
+            time.sleep(0.02)
+
+    previous = signal.signal(signal.SIGUSR1, lambda *_: stop.interrupt())
+    try:
+        signaller = threading.Thread(target=signal_once_the_job_exists, daemon=True)
+        signaller.start()
+        with pytest.raises(Interrupted):
+            runner.run(Pipeline("digits").add(step))
+        signaller.join(10)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert batch.list_namespaced_job(NS).items == []
+    (run,) = sink.runs()
+    assert run["status"] == "interrupted"
+    assert [s["status"] for s in sink.run(run["id"])["steps"]] == ["interrupted"]
