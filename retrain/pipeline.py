@@ -82,6 +82,14 @@ class StepFailed(PipelineError):
         self.error = error
 
 
+class StepExecutionError(PipelineError):
+    """A step that ran elsewhere (an executor) failed; `log` is its log there."""
+
+    def __init__(self, message: str, log: str = ""):
+        super().__init__(message)
+        self.log = log
+
+
 def file_hash(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -126,6 +134,15 @@ class Step:
 
     def upstream(self) -> set[str]:
         return {ref.split(".", 1)[0] for ref in self.inputs.values() if not ref.startswith("file:")}
+
+
+class StepExecutor(Protocol):
+    """Runs one step function somewhere else (a Kubernetes Job): its inputs at
+    `context.inputs`, its outputs written to `context.output(name)`, both on storage it
+    shares with the runner. Returns the step's log; raises (StepExecutionError with the
+    log) when the step failed."""
+
+    def __call__(self, run_id: int, step: Step, context: StepContext) -> str: ...
 
 
 @dataclass
@@ -246,7 +263,8 @@ class Runner:
     """Runs pipelines against a local artifact folder, recording lineage in `sink`; with a
     `store` (retrain.artifacts: any fsspec URL) outputs are also pushed there, cache hits
     are looked up there too, and lineage names the store's URIs. Without a sink a runner
-    can only `plan`."""
+    can only `plan`. With an `executor` (e.g. retrain.k8s_jobs.JobStepExecutor) a step
+    function runs there instead of in this process, its log kept as the step's log."""
 
     def __init__(
         self,
@@ -255,12 +273,15 @@ class Runner:
         store: ArtifactStore | None = None,
         heartbeat_s: float = HEARTBEAT_S,
         stop: Stop | None = None,
+        *,
+        executor: StepExecutor | None = None,
     ):
         self.root = Path(root)
         self.sink = sink
         self.store = store
         self.heartbeat_s = heartbeat_s
         self.stop = stop or Stop()
+        self.executor = executor
 
     @property
     def lineage(self) -> LineageSink:
@@ -401,7 +422,7 @@ class Runner:
             work.mkdir(parents=True)
             context = StepContext(dict(inputs), dict(step.params), work)
             try:
-                failure = self._call(step, context, log_path)
+                failure = self._call(run_id, step, context, log_path)
             except Interrupted:
                 self._record_ended(run_id, step, key, attempts=attempts, started=started,
                                    log_path=log_path, status="interrupted",
@@ -428,19 +449,24 @@ class Runner:
                            log_path=log_path, status="failed", error=error)  # fmt: skip
         raise StepFailed(step.name, error)
 
-    def _call(self, step: Step, context: StepContext, log_path: Path) -> str | None:
-        """Run the step function once: None, or the error it failed with. While it runs,
-        a stop's signal handler may raise Interrupted in it."""
+    def _call(self, run_id: int, step: Step, context: StepContext, log_path: Path) -> str | None:
+        """Run the step function once (here, or on the executor): None, or the error it
+        failed with. While it runs, a stop's signal handler may raise Interrupted in it."""
         try:
             self.stop.step = step.name
             # a stop asked for since the last check, before a signal could interrupt the step
             self.stop.check(f"during step '{step.name}'")
-            step.fn(context)
+            if self.executor is None:
+                step.fn(context)
+            else:
+                log_path.write_text(self.executor(run_id, step, context))
             missing = [o for o in step.outputs if not context.output(o).is_file()]
             if missing:
                 raise PipelineError(f"did not write output(s) {', '.join(missing)}")
         except Exception as exc:
-            log_path.write_text(traceback.format_exc())
+            # an executor's error may carry the remote log (StepExecutionError.log)
+            remote = exc.log + "\n" if isinstance(exc, StepExecutionError) and exc.log else ""
+            log_path.write_text(remote + traceback.format_exc())
             return f"{type(exc).__name__}: {exc}"
         finally:
             self.stop.step = None
