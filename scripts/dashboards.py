@@ -33,6 +33,7 @@ M = 'model=~"$model"'
 #: Grafana's rate window (at least four scrape intervals)
 W = "$__rate_interval"
 BY = "model, version, variant"
+LEGEND = "{{model}} v{{version}} {{variant}}"
 
 
 def panel(title: str, unit: str, *queries: tuple[str, str], description: str = "") -> Panel:
@@ -84,8 +85,8 @@ def serving() -> Dashboard:
         ]),
         ("Latency", [
             panel("Request latency p50 / p99", "s",
-                  (f"histogram_quantile(0.5, {latency})", "p50 {{model}} v{{version}} {{variant}}"),
-                  (f"histogram_quantile(0.99, {latency})", "p99 {{model}} v{{version}} {{variant}}"),
+                  (f"histogram_quantile(0.5, {latency})", "p50 " + LEGEND),
+                  (f"histogram_quantile(0.99, {latency})", "p99 " + LEGEND),
                   description="Parse to reply; the ServoLatencyP99High alert fires above 500 ms."),
             panel("Inference and queue time p99", "s",
                   ("histogram_quantile(0.99, sum by (model, version, le) "
@@ -168,7 +169,7 @@ def loop() -> Dashboard:
                   (f"sum by (model, trigger, status) (servo_pipeline_runs_total{{{M}}})",
                    "{{model}} {{trigger}} {{status}}")),
             panel("Mean step duration", "s",
-                  (f"servo_pipeline_step_seconds_sum / servo_pipeline_step_seconds_count",
+                  ("servo_pipeline_step_seconds_sum / servo_pipeline_step_seconds_count",
                    "{{step}}")),
         ]),
         ("Promotions", [
