@@ -25,20 +25,24 @@ CHART = ROOT / "charts" / "servo"
 DASHBOARDS = CHART / "dashboards"
 REGENERATE = ".venv/bin/python scripts/dashboards.py"
 
-#: expressions that need an event a short load on a fresh `servo up` cannot produce
+#: expressions (by a part of them) that need an event a short load on a fresh `servo up`
+#: cannot produce; the others, 4xx, load failures, canary percent and held included, answer
+#: (their series are exposed at 0 from the start, or the load makes them)
 NEEDS_EVENTS = {
-    # no request fails with 4xx/5xx, no version fails to load, under the well-formed load
-    "5xx share": "no request fails with 5xx under the well-formed load",
-    "Client errors and load failures": "no request is refused and no version fails to load",
+    'code=~"5.."': "no request fails with 5xx under the well-formed load",
+    'code=~"4.."': "no request is refused (4xx) under the well-formed load",
     # a shadow needs a second registered version deployed as shadow; the bootstrap has one
-    "Shadow agreement": "no shadow version is deployed (the bootstrap deploys one version)",
-    "Shadow errors and drops": "no shadow version is deployed, so none fails or is dropped",
+    "servo_shadow_agreement_total": "no shadow version is deployed by the bootstrap",
+    "servo_shadow_errors_total": "no shadow version is deployed, so no shadow copy fails",
+    "servo_shadow_dropped_total": "no shadow version is deployed, so no copy is dropped",
     # no candidate is trained in a short run, so nothing is promoted or rolled out
-    "Promotions by decision": "no promotion request is made (no candidate in a short run)",
-    "Canary share of traffic": "no canary rollout runs (no candidate in a short run)",
-    "Canary judge e-values": "the judge looks only at a running canary",
-    "Rollout held": "no rollout runs, so none is held",
+    "servo_promotions_total": "no promotion request is made (no candidate in a short run)",
+    "servo_rollout_e_value": "the judge's e-values exist only while a canary runs",
 }
+
+
+def excused(expr: str) -> bool:
+    return any(part in expr for part in NEEDS_EVENTS)
 
 
 def sdk() -> Any:
@@ -101,8 +105,8 @@ def test_the_dashboards_cover_the_issue_s_panels() -> None:
                    "servo_rollout_canary_percent", "servo_rollout_e_value",
                    "servo_rollout_held", "servo_loop_state"):  # fmt: skip
         assert metric in text, metric
-    titles = {title for _, title, _ in panels()}
-    assert set(NEEDS_EVENTS) <= titles, set(NEEDS_EVENTS) - titles
+    unused = [part for part in NEEDS_EVENTS if not any(part in e for _, _, e in panels())]
+    assert not unused, unused
     for doc in checked_in().values():
         assert {v["name"] for v in doc["templating"]["list"]} == {"datasource", "model"}
         assert all(p["datasource"]["uid"] == "${datasource}" for p in doc["panels"]
@@ -148,12 +152,15 @@ def test_every_expression_returns_data_from_a_real_gateway(
     policy = write_policy(tmp_path, "defaults:\n  check_every_s: 1\n  monitor_window_s: 30\n")
     up = start_up(tmp_path / "s", tmp_path / "up.log", http_port=port, policy=policy)
     traffic = Traffic(up.url, label_delay_s=0.2, senders=2).start()
-    expected = [(n, t, e) for n, t, e in panels() if t not in NEEDS_EVENTS]
+    expected = [(n, t, e) for n, t, e in panels() if not excused(e)]
     try:
 
         def missing() -> list[tuple[str, str, str]]:
-            return [(n, t, e) for n, t, e in expected
-                    if not query(prometheus.url, concrete(e, "15s"))[1]["data"]["result"]]  # fmt: skip
+            return [
+                (n, t, e)
+                for n, t, e in expected
+                if not query(prometheus.url, concrete(e, "15s"))[1]["data"]["result"]
+            ]
 
         deadline = time.monotonic() + 60
         while (empty := missing()) and time.monotonic() < deadline:
@@ -161,10 +168,11 @@ def test_every_expression_returns_data_from_a_real_gateway(
         assert not empty, f"no data: {empty}"
         assert not traffic.errors, traffic.errors[:5]
         # the listed ones are answered, and empty: one that has data leaves the list
-        for name, title, expr in panels():
-            if title in NEEDS_EVENTS:
-                status, body = query(prometheus.url, concrete(expr, "15s"))
-                assert status == 200 and body["data"]["result"] == [], (title, expr, body)
+        answered = {e: query(prometheus.url, concrete(e, "15s")) for _, _, e in panels()
+                    if excused(e)}  # fmt: skip
+        assert all(status == 200 for status, _ in answered.values()), answered
+        with_data = [e for e, (_, body) in answered.items() if body["data"]["result"]]
+        assert not with_data, f"these answer now, take them out of NEEDS_EVENTS: {with_data}"
     finally:
         traffic.stop()
         up.stop()
@@ -187,9 +195,10 @@ def test_the_chart_renders_the_dashboards_as_sidecar_config_maps() -> None:
                 and d["metadata"]["labels"].get("grafana_dashboard") == "1"]  # fmt: skip
 
     assert dashboards(render()) == []
-    maps = dashboards(render("--set", "monitoring.dashboards.enabled=true",
-                             "--set", "monitoring.dashboards.labels.team=ml",
-                             "--set", "monitoring.dashboards.annotations.grafana_folder=Servo"))  # fmt: skip
+    on = ["--set", "monitoring.dashboards.enabled=true",
+          "--set", "monitoring.dashboards.labels.team=ml",
+          "--set", "monitoring.dashboards.annotations.grafana_folder=Servo"]  # fmt: skip
+    maps = dashboards(render(*on))
     assert sorted(m["metadata"]["name"] for m in maps) == [
         "rel-servo-loop", "rel-servo-quality", "rel-servo-serving"]  # fmt: skip
     on_disk = checked_in()
