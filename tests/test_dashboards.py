@@ -190,6 +190,9 @@ def render(*args: str) -> list[dict[str, Any]]:
 
 
 def test_the_chart_renders_the_dashboards_as_sidecar_config_maps() -> None:
+    pytest.importorskip("kubernetes_validate", reason="the k8s extra is not installed")
+    from tests.test_chart import validate
+
     def dashboards(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [d for d in docs if d["kind"] == "ConfigMap"
                 and d["metadata"]["labels"].get("grafana_dashboard") == "1"]  # fmt: skip
@@ -203,6 +206,7 @@ def test_the_chart_renders_the_dashboards_as_sidecar_config_maps() -> None:
         "rel-servo-loop", "rel-servo-quality", "rel-servo-serving"]  # fmt: skip
     on_disk = checked_in()
     for m in maps:
+        validate(m)  # kubernetes-validate --strict, as tests/test_chart.py does
         assert m["metadata"]["labels"]["team"] == "ml"
         assert m["metadata"]["annotations"] == {"grafana_folder": "Servo"}
         ((key, text),) = m["data"].items()
