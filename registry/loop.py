@@ -53,20 +53,33 @@ class LoopMixin(StoreBase):
             session.flush()  # a concurrent insert fails here -> retried
         return row
 
-    def set_loop_state(self, model: str, state: str, detail: dict[str, Any] | None = None) -> None:
+    def set_loop_state(
+        self,
+        model: str,
+        state: str,
+        detail: dict[str, Any] | None = None,
+        *,
+        only_if: str | None = None,
+    ) -> bool:
         """Record what `model`'s loop does now; `detail` replaces the stored detail (None
-        keeps it). A pause is separate (pause_loop) and survives state changes."""
+        keeps it). A pause is separate (pause_loop) and survives state changes. With
+        `only_if`, nothing changes unless the stored state is that one (a process that
+        does not hold the model's lock must not overwrite the holder's state with what it
+        read before); returns whether it was written."""
         if state not in LOOP_STATES:
             raise Invalid(f"unknown loop state {state!r} (known: {', '.join(LOOP_STATES)})")
         doc = None if detail is None else json_object(detail, "a loop state's detail")
 
-        def work(session: Session) -> None:
+        def work(session: Session) -> bool:
             row = self._loop_row(session, model)
+            if only_if is not None and row.state != only_if:
+                return False
             row.state, row.updated_at = state, utcnow()
             if doc is not None:
                 row.detail = doc
+            return True
 
-        self._retry(work)
+        return self._retry(work)
 
     def loop_states(self) -> dict[str, dict[str, Any]]:
         """model -> {state, paused, detail, updated_at}."""

@@ -193,7 +193,12 @@ class Controller(PromotionSteps):
         return self.store.alias(model, "champion")
 
     def set_state(self, model: str, state: str, detail: dict[str, Any]) -> None:
-        self.store.set_loop_state(model, state, detail)
+        # a process that does not hold the model's lock only records its checks while the
+        # model is watching: its `detail` was read before the holder may have moved on (it
+        # once overwrote the holder's "retraining" with "watching", and the holder started
+        # a second pipeline)
+        only_if = WATCHING if state == WATCHING and model not in self._held else None
+        self.store.set_loop_state(model, state, detail, only_if=only_if)
 
     def acquire(self, model: str, purpose: str) -> bool:
         if model in self._held:
