@@ -186,7 +186,14 @@ def live_from_payload_log(
     champion_latency: list[float | None] = []
     candidate_latency: list[float | None] = []
     labelled_requests = 0
-    for ident, shadow_row in candidate_rows.items():
+
+    def request_order(ident: str) -> tuple[Any, str]:
+        # the champion answered in request order; shadow copies finish on threads in any
+        # order, and the bootstrap's pairs must not depend on which finished first
+        return (champion_rows.get(ident, candidate_rows[ident])["time"], ident)
+
+    for ident in sorted(candidate_rows, key=request_order):
+        shadow_row = candidate_rows[ident]
         champion_row = champion_rows.get(ident)
         if champion_row is None:
             skip("no_champion_answer")
