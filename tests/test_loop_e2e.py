@@ -30,6 +30,8 @@ defaults:
     window_s: 3600
     share: 0.5
     holdout: 0.3
+    min_labelled: 150   # drifted rows in the window before the retrain starts (CI once
+    wait_s: 120         # retrained on fewer and recovered to only 0.68)
   shadow:
     min_labelled: 100
     timeout_s: 300
@@ -113,9 +115,10 @@ def test_the_loop_notices_drift_retrains_once_and_recovers_after_approval(
             f"drifted accuracy: champion {champion_drifted:.3f}, candidate live "
             f"{live['candidate_accuracy']:.3f}, after promotion {recovered:.3f}"
         )
-        # 0.80-0.86 on an idle machine; 0.75 once on a loaded one (fewer drifted labels
-        # before the retrain): recovered means well above the champion on the same traffic
-        assert recovered > 0.7 and recovered > champion_drifted + 0.3, (recovered, live)
+        # 0.97 twice on an idle machine since the retrain waits for 150 drifted labels
+        # (0.68 once in CI when it started at the alarm): recovered means well above the
+        # champion on the same traffic
+        assert recovered > 0.8 and recovered > champion_drifted + 0.3, (recovered, live)
         # retrained once (not once per alarmed check), and the loop is back to watching
         assert len(events(store, "retrain_started")) == 1
         assert _time(events(store, "retrain_started")[0]) >= drift_at
