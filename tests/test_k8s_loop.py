@@ -278,7 +278,7 @@ def test_reconciler_endpoints_remote_answers_fallback_and_grace(
     ]
     gateway = ServoThread(RegistryRouteSource(store, poll_s=0.05))
     try:
-        wait_for(lambda: gateway.server.dataplane.ready())
+        wait_for(gateway.server.dataplane.ready)
         assert gateway.server.repository.find("digits", "1").url is None  # its folder, for now
         kserve.fail.add(("digits", 2))
         kserve.play()  # v1: a real model server and Ready; v2: a failed load
@@ -310,25 +310,44 @@ def test_reconciler_endpoints_remote_answers_fallback_and_grace(
             local = http.post("/v2/models/digits/versions/2/infer", content=BODY)
             assert local.status_code == 200 and local.json()["model_version"] == "2"
             assert backend.requests("digits", "2") == 0
-        # unrouted: kept through the grace, then deleted with its endpoint
-        store.set_deployments("digits", [(1, "champion", 100.0)], actor="ops")
-        reconciler.reconcile()
-        clock.now += 59.0
-        reconciler.reconcile()
-        assert [d.version for d in deployer.managed()] == [1, 2]
-        clock.now += 1.0
-        reconciler.reconcile()
-        assert [d.version for d in deployer.managed()] == [1]
-        with pytest.raises(DeployError, match="not found"):
-            deployer.get("digits", 2)
-        assert [e.version for e in store.endpoints()] == [1]
-        # someone deletes a routed one: the next round creates it again
-        deployer.delete("digits", 1)
-        reconciler.reconcile()
-        assert [d.version for d in deployer.managed()] == [1]
-        assert store.endpoints()[0].ready is False  # a new object, no status yet
     finally:
         gateway.close()
+
+
+def test_unrouted_inference_services_go_after_the_grace(
+    deployer: KubernetesDeployer, store: RegistryStore, data: Path
+) -> None:
+    clock = Clock()
+    config = KubernetesConfig(storage_prefix=PREFIX, data_dir=data, grace_s=60.0)
+    reconciler = Reconciler(store, deployer, config, clock=clock)
+    store.set_deployments("digits", [(1, "champion", 100.0), (2, "other", 100.0)], actor="ops")
+    reconciler.reconcile()
+    assert [e.version for e in store.endpoints()] == [1, 2]
+    # unrouted: kept through the grace, then deleted with its endpoint
+    store.set_deployments("digits", [(1, "champion", 100.0)], actor="ops")
+    reconciler.reconcile()
+    clock.now += 59.0
+    reconciler.reconcile()
+    assert [d.version for d in deployer.managed()] == [1, 2]
+    clock.now += 1.0
+    reconciler.reconcile()
+    assert [d.version for d in deployer.managed()] == [1]
+    with pytest.raises(DeployError, match="not found"):
+        deployer.get("digits", 2)
+    assert [e.version for e in store.endpoints()] == [1]
+    # routed again within the grace: kept, and its timer starts over
+    both, one = [(1, "champion", 100.0), (2, "other", 100.0)], [(1, "champion", 100.0)]
+    for rows, seconds in ((both, 0.0), (one, 50.0), (both, 0.0), (one, 50.0)):
+        store.set_deployments("digits", rows, actor="ops")
+        reconciler.reconcile()
+        clock.now += seconds
+    reconciler.reconcile()  # 100 s since it was first unrouted, 50 s since the last time
+    assert [d.version for d in deployer.managed()] == [1, 2]
+    # someone deletes a routed one: the next round creates it again
+    uid = deployer.get("digits", 1)["metadata"]["uid"]
+    deployer.delete("digits", 1)
+    reconciler.reconcile()
+    assert deployer.get("digits", 1)["metadata"]["uid"] != uid
 
 
 def test_reconciler_errors_are_decisions_and_retried(
@@ -392,7 +411,8 @@ def _controller(
     kubernetes = KubernetesConfig(storage_prefix=PREFIX, data_dir=data, ready_timeout_s=timeout_s,
                                   every_s=0.05, grace_s=0.0)  # fmt: skip
     settings = ControllerConfig(directory=tmp_path, registry_url=str(store.engine.url),
-                                payload_root=tmp_path / "payload", kubernetes=kubernetes)  # fmt: skip
+                                payload_root=tmp_path / "payload",
+                                kubernetes=kubernetes)  # fmt: skip
     return Controller(store, config=parse_config("{}"), reports=object(),  # type: ignore[arg-type]
                       rollout=object(), scheduler=Scheduler(), settings=settings,  # type: ignore[arg-type]
                       clock=clock, deployer=deployer)  # fmt: skip
