@@ -85,6 +85,15 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
         time.sleep(0.05)
 
 
+def champion_served_by(gateway: ServoThread, url: str | None) -> bool:
+    """Whether the gateway's digits champion (version 1) is loaded from `url` (None: its
+    folder) and its route installed."""
+    entry = gateway.server.repository.find("digits", "1")
+    live = gateway.server.router.state.live.get("digits")
+    return entry is not None and entry.url == url and live is not None and (
+        live.champion is entry.model)  # fmt: skip
+
+
 # KServe's part, played
 
 
@@ -131,6 +140,17 @@ class KServe:
             wait_for(lambda b=backend: b.server.dataplane.ready())  # type: ignore[misc]
             self._status(name, {"url": backend.url, "conditions": [
                 _cond("PredictorReady", "True"), _cond("Ready", "True")]})  # fmt: skip
+
+    def unready(self, name: str, message: str) -> None:
+        self._status(
+            name,
+            {
+                "conditions": [
+                    _cond("PredictorReady", "False", "PodEvicted", message),
+                    _cond("Ready", "False", "PodEvicted", message),
+                ]
+            },
+        )
 
     def close(self) -> None:
         for backend in self.backends.values():
@@ -290,12 +310,7 @@ def test_reconciler_endpoints_remote_answers_fallback_and_grace(
         assert "ModelLoadFailed" in ends[2].detail and "protobuf parsing failed" in ends[2].detail
 
         # the gateway follows: v1 through the remote backend, v2 still from its folder
-        def remote_champion() -> bool:
-            entry = gateway.server.repository.find("digits", "1")
-            live = gateway.server.router.state.live.get("digits")
-            return entry.url == backend.url and live is not None and live.champion is entry.model
-
-        wait_for(remote_champion)  # loaded, and the route installed
+        wait_for(lambda: champion_served_by(gateway, backend.url))
         assert gateway.server.repository.find("digits", "2").url is None
         with httpx.Client(base_url=gateway.url) as http:
             before = backend.requests("digits", "1")
@@ -310,6 +325,14 @@ def test_reconciler_endpoints_remote_answers_fallback_and_grace(
             local = http.post("/v2/models/digits/versions/2/infer", content=BODY)
             assert local.status_code == 200 and local.json()["model_version"] == "2"
             assert backend.requests("digits", "2") == 0
+            # v1's InferenceService stops being Ready: the gateway serves its folder again
+            kserve.unready("digits-v1", "the predictor's pod was evicted")
+            reconciler.reconcile()
+            assert "evicted" in store.endpoints()[0].detail
+            wait_for(lambda: champion_served_by(gateway, None))
+            served = backend.requests("digits", "1")
+            assert http.post("/v2/models/digits/infer", content=BODY).status_code == 200
+            assert backend.requests("digits", "1") == served
     finally:
         gateway.close()
 
