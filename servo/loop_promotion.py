@@ -113,7 +113,8 @@ class PromotionSteps:
         message and the candidate is not shadowed (the reconciler deletes it after its
         grace)."""
         from servo.deploy import DeployError
-        from servo.loop import RETRAINING, timestamp
+        from servo.loop import ACTOR, RETRAINING, timestamp
+        from servo.reconcile import BACKEND, endpoint_of
 
         candidate = dict(detail["deploying"])
         version, run_id = int(candidate["version"]), candidate.get("run_id")
@@ -142,6 +143,10 @@ class PromotionSteps:
         detail["deploying"] = None
         self.note(model, "candidate_ready", version=version, url=ready.url,
                   waited_s=round(waited, 1))  # fmt: skip
+        # its endpoint first: the gateways call it from the shadow's first request on
+        url, is_ready, why = endpoint_of(ready)
+        self.store.set_endpoint(model, version, backend=BACKEND, name=ready.name, url=url,
+                                ready=is_ready, detail=why, actor=ACTOR)  # fmt: skip
         self.start_shadow(model, policy, detail, version, run_id)
 
     def _not_deployed(self, model: str, detail: dict[str, Any], version: int,
