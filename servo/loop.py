@@ -124,6 +124,14 @@ class Controller(PromotionSteps):
     # lifecycle
 
     def start(self) -> None:
+        kubernetes = self.settings.kubernetes
+        if kubernetes is not None:  # first: a missing cluster configuration stops it here
+            from servo.reconcile import Reconciler
+
+            if self.deployer is None:
+                self.deployer = kubernetes.deployer()
+            self.reconciler = Reconciler(self.store, self.deployer, kubernetes)
+            self.reconciler.start()
         self.scheduler.on("check", self.tick)
         self.scheduler.on("retrain", self.cron)
         self.sync()
@@ -131,14 +139,6 @@ class Controller(PromotionSteps):
             resumed = self.rollout.resume(self.may_roll_out)
             if resumed:
                 logs.decision("rollouts_resumed", rollouts=resumed)
-        kubernetes = self.settings.kubernetes
-        if kubernetes is not None:
-            from servo.reconcile import Reconciler
-
-            if self.deployer is None:
-                self.deployer = kubernetes.deployer()
-            self.reconciler = Reconciler(self.store, self.deployer, kubernetes)
-            self.reconciler.start()
         self.scheduler.start()
         self._heartbeat = threading.Thread(target=self._beat, name="servo-loop-lease", daemon=True)
         self._heartbeat.start()
@@ -249,7 +249,7 @@ class Controller(PromotionSteps):
         logs.decision(event or kind or "loop", level, model=model, **detail)
 
     def back_to_watching(self, model: str, detail: dict[str, Any]) -> None:
-        detail.update({"job": None, "candidate": None, "request": None})
+        detail.update({"job": None, "candidate": None, "request": None, "deploying": None})
         self.set_state(model, WATCHING, detail)
         self.release(model)
 
