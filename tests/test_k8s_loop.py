@@ -509,6 +509,8 @@ def test_a_candidate_not_ready_is_not_shadowed(
         _retrained(controller, store, 2)
         controller.tick("digits")
         kserve.play()
+        controller.stop()  # a restart waits on, to the same deadline (kept in the registry)
+        controller = _controller(store, deployer, data, tmp_path, clock, timeout_s=120.0)
         clock.now += 60
         controller.tick("digits")
         if how == "timeout":  # within the timeout: waiting on
