@@ -70,6 +70,7 @@ class Deployed:
     model: str
     version: int
     ready: bool
+    #: where it answers OIP: KServe's status.address.url (inside the cluster), else its url
     url: str | None = None
     #: the backend's object name and resourceVersion (Kubernetes), "" when embedded
     name: str = ""
@@ -453,7 +454,8 @@ class KubernetesDeployer:
             model=labels.get(MODEL_LABEL, ""),
             version=int(labels.get(VERSION_LABEL, 0)),
             ready=_ready(status) and not stale,
-            url=status.get("url"),
+            # the cluster-internal address (what a gateway pod calls) before the public URL
+            url=(status.get("address") or {}).get("url") or status.get("url"),
             name=meta["name"],
             resource_version=meta.get("resourceVersion", ""),
             problems=problems,

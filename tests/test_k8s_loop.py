@@ -138,7 +138,9 @@ class KServe:
             backend = ServoThread(StaticRouteSource([folder]))
             self.backends[name] = backend
             wait_for(lambda b=backend: b.server.dataplane.ready())  # type: ignore[misc]
-            self._status(name, {"url": backend.url, "conditions": [
+            # KServe's public URL, and the address inside the cluster (what the gateway calls)
+            self._status(name, {"url": f"http://{name}.servo.example.com",
+                                "address": {"url": backend.url}, "conditions": [
                 _cond("PredictorReady", "True"), _cond("Ready", "True")]})  # fmt: skip
 
     def unready(self, name: str, message: str) -> None:
