@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import click
 import jsonschema
 import kubernetes_validate
 import pytest
@@ -225,9 +226,10 @@ def test_gateway_ports_probes_and_defaults() -> None:
     assert "resources" not in container  # unset by default
     assert "startupProbe" not in container
     assert pod["securityContext"]["runAsNonRoot"] is True
-    (env,) = container["env"]
-    assert env["valueFrom"]["secretKeyRef"] == {"name": "servo-registry", "key": "url"}
-    (service,) = by_kind("default")["Service"]
+    registry_env, payload_env = container["env"]
+    assert registry_env["valueFrom"]["secretKeyRef"] == {"name": "servo-registry", "key": "url"}
+    assert payload_env == {"name": "SERVO_PAYLOAD_LOG_DIR", "value": "/var/lib/servo-payload"}
+    service = component("default", "Service", "gateway")
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"http": 8080, "grpc": 8081}
     assert service["spec"]["selector"] == gateway["spec"]["selector"]["matchLabels"]
     (hook,) = by_kind("default")["Pod"]
@@ -381,7 +383,7 @@ def test_the_pods_arguments_are_servo_options() -> None:
                 assert context.params["serve_models"] is False
                 assert context.params["admin_host"] == "0.0.0.0"
                 assert context.params["prometheus_url"].startswith("http")
-    with pytest.raises(Exception, match="No such option"):
+    with pytest.raises(click.NoSuchOption, match="No such option"):
         main.commands["up"].make_context("up", ["--no-serve-model"])
 
 
