@@ -439,6 +439,7 @@ def serve_loop(settings: Settings, options: UpOptions) -> None:
     def controller(running: Running) -> LoopController:
         from retrain.scheduler import LoopScheduler
         from servo.loop import Controller, ControllerConfig
+        from servo.reconcile import kubernetes_config
 
         return Controller(
             running.store,
@@ -450,6 +451,7 @@ def serve_loop(settings: Settings, options: UpOptions) -> None:
                 directory=options.dir.resolve(),
                 registry_url=settings.registry_url,
                 payload_root=(settings.payload_log_dir or options.dir / "payload").resolve(),
+                kubernetes=kubernetes_config(settings, options.dir.resolve()),
             ),
         )
 
