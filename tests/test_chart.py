@@ -387,6 +387,33 @@ def test_the_pods_arguments_are_servo_options() -> None:
         main.commands["up"].make_context("up", ["--no-serve-model"])
 
 
+def test_the_pods_env_names_are_servo_settings() -> None:
+    """Every SERVO_* variable the chart sets is read: a Settings field (SERVO_ prefix), an
+    option of the pod's servo command, or (SERVO_TOKEN) of the CLI run in the pod with
+    `kubectl exec` (a misspelled name would be ignored silently)."""
+    from servo.cli import main
+    from servo.settings import Settings
+
+    def envvars(command: click.Command) -> set[str]:
+        found = {p.envvar for p in command.params if isinstance(p.envvar, str)}
+        for sub in getattr(command, "commands", {}).values():
+            found |= envvars(sub)
+        return found
+
+    fields = {f"SERVO_{name.upper()}" for name in Settings.model_fields}
+    everywhere = envvars(main)
+    assert "SERVO_TOKEN" in everywhere
+    for scenario in SCENARIOS:
+        for name in ("gateway", "controller"):
+            _, container = pod_of(scenario, name)
+            command = main.commands[container["args"][0]]
+            options = envvars(command) | ({"SERVO_TOKEN"} & everywhere)
+            env = {e["name"] for e in container["env"] if e["name"].startswith("SERVO_")}
+            assert env, f"{scenario} {name}: no SERVO_ variable"
+            assert env <= fields | options, f"{scenario} {name}: {env - fields - options}"
+    assert {"SERVO_DEPLOYER", "SERVO_K8S_RUNTIME", "SERVO_K8S_STORAGE_PREFIX"} <= fields
+
+
 def test_controller_service_selects_the_controller() -> None:
     service = component("kubernetes", "Service", "controller")
     deployment = component("kubernetes", "Deployment", "controller")

@@ -6,12 +6,13 @@
    `read_namespaced_*` calls: each object comes back as the chart wrote it, so every field
    the chart sets is one the client's models know (an unknown one is dropped on the way).
 2. The Role: the (group, resource, verb) triples the controller needs are derived from
-   the code (every `*_namespaced_*` API call in servo/deploy.py and retrain/k8s_jobs.py,
-   found in their syntax trees, translated through the kubernetes client's own path
-   template for that call, as the API server's request-info rules do); the chart's Role
-   must grant each. The same translation of the requests kmock saw while the deployer and
-   the Job runner really ran shows that the derivation misses none of their calls (and
-   that the run made all of them but the deployer's replace: kmock serves no PUT).
+   the code (every `*_namespaced_*` API call in the project's packages, found in their
+   syntax trees: today those of servo/deploy.py and retrain/k8s_jobs.py, translated
+   through the kubernetes client's own path template for that call, as the API server's
+   request-info rules do); the chart's Role must grant each. The same translation of the
+   requests kmock saw while the deployer and the Job runner really ran shows that the
+   derivation misses none of their calls (and that the run made all of them but the
+   deployer's replace: kmock serves no PUT).
 
 What kmock can and cannot prove here: it stores and returns objects, so it shows the
 client speaks these APIs with these bodies; it checks no schema (kubernetes-validate does,
@@ -43,8 +44,12 @@ from tests.test_chart import CHART, helm  # noqa: E402
 from tests.test_k8s_jobs import NS, Emulator, play_controller, runner, spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-#: the modules whose Kubernetes API calls the controller makes
-CALLERS = (ROOT / "servo" / "deploy.py", ROOT / "retrain" / "k8s_jobs.py")
+#: every module of the project's packages: any of them may call the Kubernetes API
+SOURCES = tuple(
+    path
+    for package in ("servo", "retrain", "serving", "monitors", "registry")
+    for path in sorted((ROOT / package).rglob("*.py"))
+)
 CODE_AGENT, TEST_AGENT = "servo-controller", "test-plays-kubernetes"
 #: kind -> (typed API, the snake_case in its read_namespaced_* method)
 CORE = {
@@ -104,10 +109,21 @@ def test_the_charts_core_objects_round_trip_through_the_client(emulator: Emulato
                 assert back[key] == doc[key], f"{where}: {key} changed on the way"
             for key in ("name", "labels", "annotations"):
                 assert back["metadata"].get(key) == doc["metadata"].get(key), where
+        # the comparison can fail: a misspelled field does not come back
+        typo = copy.deepcopy(next(d for d in docs if d["kind"] == "Deployment"))
+        typo["metadata"]["name"] = "typo"
+        typo["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
+        utils.create_from_dict(api, typo, namespace=NS)
+        back = api.sanitize_for_serialization(
+            client.AppsV1Api(api).read_namespaced_deployment("typo", NS)
+        )
+        assert "imagePullPolcy" not in back["spec"]["template"]["spec"]["containers"][0]
+        assert back["spec"] != typo["spec"]
         listed = client.AppsV1Api(api).list_namespaced_deployment(NS).items
         assert sorted(d.metadata.name for d in listed) == [
             "rel-servo-controller",
             "rel-servo-gateway",
+            "typo",
         ]
 
 
@@ -161,8 +177,11 @@ def needed_by_the_code() -> set[tuple[str, str, str]]:
     from servo.deploy import API_VERSION, GROUP, PLURAL
 
     needed = set()
-    for source in CALLERS:
-        for name in api_calls(source):
+    callers = {source.relative_to(ROOT).as_posix(): api_calls(source) for source in SOURCES}
+    callers = {where: names for where, names in callers.items() if names}
+    assert set(callers) == {"servo/deploy.py", "retrain/k8s_jobs.py"}, sorted(callers)
+    for names in callers.values():
+        for name in names:
             method, template = path_template(name)
             path = template.format(group=GROUP, version=API_VERSION, plural=PLURAL,
                                    namespace=NS, name="x")  # fmt: skip
