@@ -226,9 +226,8 @@ def test_gateway_ports_probes_and_defaults() -> None:
     assert "resources" not in container  # unset by default
     assert "startupProbe" not in container
     assert pod["securityContext"]["runAsNonRoot"] is True
-    registry_env, payload_env = container["env"]
+    (registry_env,) = container["env"]  # no payload log without its shared volume
     assert registry_env["valueFrom"]["secretKeyRef"] == {"name": "servo-registry", "key": "url"}
-    assert payload_env == {"name": "SERVO_PAYLOAD_LOG_DIR", "value": "/var/lib/servo-payload"}
     service = component("default", "Service", "gateway")
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"http": 8080, "grpc": 8081}
     assert service["spec"]["selector"] == gateway["spec"]["selector"]["matchLabels"]
@@ -499,12 +498,18 @@ def test_payload_log_and_data_volumes_are_shared() -> None:
     assert pvc["spec"]["storageClassName"] == "efs-sc"
     assert pvc["spec"]["resources"]["requests"]["storage"] == "50Gi"
     assert "annotations" not in pvc["metadata"]  # keep: false
-    # off (the default): an emptyDir per pod, no claim
+    # off (the default): emptyDirs, no claim; the gateways log no payload (unread)
     for name in ("gateway", "controller"):
         pod, container = pod_of("default", name)
-        assert _volumes(pod)["payload-log"] == {"name": "payload-log", "emptyDir": {}}
         assert _volumes(pod)["data"] == {"name": "data", "emptyDir": {}}
         assert not _mounts(container)["data"].get("readOnly")
+    pod, container = pod_of("default", "controller")
+    assert _volumes(pod)["payload-log"] == {"name": "payload-log", "emptyDir": {}}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["SERVO_PAYLOAD_LOG_DIR"] == _mounts(container)["payload-log"]["mountPath"]
+    pod, container = pod_of("default", "gateway")
+    assert "payload-log" not in _volumes(pod) and "payload-log" not in _mounts(container)
+    assert "SERVO_PAYLOAD_LOG_DIR" not in {e["name"] for e in container["env"]}
     assert "PersistentVolumeClaim" not in by_kind("default")
     # a created payload claim is kept on uninstall by default
     out = helm("template", "rel", str(CHART), *DEFAULT,
