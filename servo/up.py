@@ -182,7 +182,11 @@ class Reports:
     def _compute(self, model: str, version: str, config: MonitorConfig) -> MonitorReport:
         loaded = self._profile(model, version)
         if loaded is None:
-            why = f"version {version} is not loaded"
+            why = (
+                f"version {version} is not loaded"
+                if self.store is None
+                else f"version {version}: no model card readable in its artifact folder"
+            )
             return _unavailable(model, version, config, why, self.source)
         profile, baseline = loaded
         if self.prometheus is not None:
