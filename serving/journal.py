@@ -1,17 +1,20 @@
 """Durable labels: a journal first (group commit), the Parquet feedback table after.
 
 `store(records)` completes its future once the records are appended to the journal
-(`<root>/feedback/_journal/journal-*.jsonl`, one JSON object a line) and fsynced. One
+(`<root>/feedback/_journal/labels-<ns>.<instance>.jsonl`, one JSON object a line; the
+instance is the writer's, `serving.instance`) and fsynced. One
 thread does the commits: every `store()` waiting when it starts a commit shares one write
 and one fsync, so durability costs one fsync per group, not per label. Journaled records
 go into the feedback table's Parquet files (format: `monitors.payload_log`) every
 `flush_s` or `batch_rows`, fsynced, and the journal is then deleted; so the table keeps
 files of many labels, not one file per request.
 
-A journal found at start, left by a process no longer running, is replayed into Parquet
-before the server answers anything: its labels, less those already in the table and a torn last
-line, become a file, and the journal is removed. Readers never see the journal (names
-starting with "_" are not data files).
+A journal found at start, left by a writer no longer running (its instance's lock can be
+taken: a live writer's journal is its own), is replayed into Parquet before the server
+answers anything: its labels, less those already in the table and a torn last line,
+become a file, and the journal is removed. Writers starting together on a shared folder
+take turns (`serving.instance.ReplayLock`), so each journal is replayed once. Readers
+never see the journal (names starting with "_" are not data files).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import orjson
 import pyarrow as pa
 
 from monitors.payload_log import FEEDBACK, SCHEMAS, StagedPart, fsync_path, partition_dir
+from serving.instance import Instance, ReplayLock, writer_alive
 from serving.log_index import LogIndex
 
 log = logging.getLogger("servo.serving")
@@ -72,12 +76,14 @@ class FeedbackStore:
         fsync: bool,
         group_commit: bool,
         name: Callable[[], str],
+        instance: Instance,
     ):
         self.root = Path(root)
         self.folder = self.root / FEEDBACK / JOURNAL_DIR
         self.flush_s, self.batch_rows = flush_s, batch_rows
         self.fsync, self.group_commit = fsync, group_commit
         self._name = name
+        self.instance = instance
         self._commits: queue.SimpleQueue[_Commit | None] = queue.SimpleQueue()
         self._buffer: Records = []
         #: ids journaled but not yet in Parquet, by model (read by lookups: `unflushed`)
@@ -116,6 +122,10 @@ class FeedbackStore:
         self._closed = True
         self._commits.put(None)
         self._thread.join(timeout_s)
+
+    def running(self) -> bool:
+        """Whether the commit thread still runs (close() timed out on a stalled disk)."""
+        return self._thread.is_alive()
 
     # commit thread
 
@@ -158,6 +168,7 @@ class FeedbackStore:
         records = [r for rows, _ in batch for r in rows]
         data = b"".join(orjson.dumps(r) + b"\n" for r in records)
         try:
+            self.instance.hold()
             journal = self._open()
             journal.write(data)
             journal.flush()
@@ -181,7 +192,7 @@ class FeedbackStore:
     def _open(self) -> IO[bytes]:
         if self._journal is None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            path = self.folder / f"journal-{os.getpid()}-{time.time_ns()}.jsonl"
+            path = self.folder / f"labels-{time.time_ns()}.{self.instance.id}.jsonl"
             self._journal = path.open("ab")
             self._journal_path = path
             if self.fsync:
@@ -197,6 +208,7 @@ class FeedbackStore:
     def _flush(self) -> bool:
         """Buffered records into Parquet (fsynced), then the journal they came from goes."""
         try:
+            self.instance.hold()
             write_grouped(self.root, FEEDBACK, self._buffer, self._name, fsync=True)
         except (OSError, pa.ArrowException) as exc:
             self._failed(f"{self.root}: {exc}")
@@ -220,19 +232,30 @@ class FeedbackStore:
     # start-up
 
     def _recover(self) -> int:
-        """Replay journals left by a process that died before writing them to Parquet."""
-        try:
-            journals = [j for j in sorted(self.folder.glob("journal-*.jsonl")) if not _live(j)]
-        except OSError:
-            return 0
-        if not journals:
+        """Replay journals left by writers that died before writing them to Parquet."""
+        if not self._dead_journals():
             return 0
         try:
-            return self._replay(journals)
+            with ReplayLock(self.root):  # another writer may be replaying them right now
+                journals = self._dead_journals()
+                if not journals:
+                    return 0
+                self.instance.hold()
+                return self._replay(journals)
         except (OSError, pa.ArrowException) as exc:
             # kept for the next start; until then these labels are not in the table
             self._failed(f"journal replay failed, kept in {self.folder}: {exc}")
             return 0
+
+    def _dead_journals(self) -> list[Path]:
+        """Journals whose writer no longer runs ("journal-<pid>-<ns>.jsonl": from before
+        instances)."""
+        try:
+            names = sorted(e.name for e in os.scandir(self.folder) if e.name.endswith(".jsonl"))
+        except OSError:
+            return []
+        dead = [n for n in names if writer_alive(self.root, n, self.instance) is False]
+        return [self.folder / n for n in dead]
 
     def _replay(self, journals: list[Path]) -> int:
         records: dict[str, dict[str, Any]] = {}
@@ -258,29 +281,6 @@ class FeedbackStore:
 
 
 _FIELDS = ("id", "time", "model", "version", "label", "outcome")
-
-
-def _live(journal: Path) -> bool:
-    """Whether another process that is still running writes this journal (a server
-    sharing the folder): its journal is its own to write into Parquet."""
-    try:
-        pid = int(journal.name.split("-")[1])
-    except (IndexError, ValueError):
-        return False
-    return running_elsewhere(pid)
-
-
-def running_elsewhere(pid: int) -> bool:
-    """Whether `pid` is another process that is still running."""
-    if pid == os.getpid():
-        return False  # an earlier process with our pid (a restarted container's pid 1)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, another user's
-    return True
 
 
 def _record(line: bytes) -> dict[str, Any] | None:
