@@ -1,0 +1,203 @@
+"""Payload logs of many pods on one shared folder (issue 12): every writer's files carry
+its instance, a writer touches only its own, another's leftovers only once its lock
+shows it dead (never by pid: pods' servers are all pid 1), and readers read them all."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from monitors.payload_log import FEEDBACK, PREDICTIONS, SCHEMAS, StagedPart, read_window
+from retrain.labelled import read_labelled
+from serving.instance import WRITERS_DIR, Instance, alive, lock_path, owner_of
+from serving.payload_log import PayloadLog, PayloadLogConfig
+from servo.demo import digits_holdout
+from tests.crash import wait_for
+from tests.servers import start_server
+from tests.test_feedback_integrity import feedback, predict
+
+ROOT = Path(__file__).resolve().parents[1]
+T0 = dt.datetime(2026, 12, 1, 12, tzinfo=dt.UTC)
+
+
+def prediction(ident: str) -> dict[str, Any]:
+    return {"id": ident, "time": T0, "model": "m", "version": "1", "variant": "champion",
+            "inputs": [("input", "FP32", np.full((1, 4), 0.5, dtype=np.float32))],
+            "outputs": [("label", "INT64", np.array([3]))], "latency_s": 0.001}  # fmt: skip
+
+
+def label(ident: str) -> dict[str, Any]:
+    return {"id": ident, "time": T0, "model": "m", "version": "1", "label": "3",
+            "outcome": "correct"}  # fmt: skip
+
+
+class StalledWriter(PayloadLog):
+    """The real writer, stopped between staging a file (its temporary files on disk)
+    and publishing it, as a writer is while a slow disk writes."""
+
+    def __init__(self, config: PayloadLogConfig) -> None:
+        self.staged = threading.Event()
+        self.release = threading.Event()
+        super().__init__(config)
+
+    def _write_file(self, folder: Path, table: str, rows: list[dict[str, Any]]) -> None:
+        rows_table = pa.Table.from_pylist(rows, schema=SCHEMAS[table])
+        part = StagedPart(folder, self._name(), rows_table)
+        self.staged.set()
+        self.release.wait()
+        part.publish()
+
+
+def files(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file() and WRITERS_DIR not in p.parts}
+
+
+def test_two_writers_with_one_pid_keep_to_their_own_files(tmp_path: Path) -> None:
+    # two writers in one process: the same host and pid, as two pods' servers (pid 1)
+    first = StalledWriter(PayloadLogConfig(tmp_path, flush_s=0.05))
+    first.labels.flush_s = 3600.0  # its labels stay in its journal until it closes
+    try:
+        first.store(FEEDBACK, [label(f"a{i}") for i in range(3)]).result()
+        first.submit(PREDICTIONS, prediction("a-p"))
+        assert first.staged.wait(30)
+        own = files(tmp_path)
+        in_flight = {p for p in own if p.name.endswith(".tmp")}
+        journals = {p for p in own if p.suffix == ".jsonl"}
+        assert len(in_flight) == 2 and len(journals) == 1  # a data file, its index; labels
+        assert {owner_of(p.name) for p in own} == {first.instance.id}
+
+        second = PayloadLog(PayloadLogConfig(tmp_path, flush_s=0.05))
+        assert second.instance.id != first.instance.id
+        assert (second.swept, second.labels.recovered) == (0, 0)  # the first one runs
+        second.submit(PREDICTIONS, prediction("b-p"))
+        second.store(FEEDBACK, [label(f"b{i}") for i in range(2)]).result()
+        second.flush()
+        second.close()
+        assert own <= files(tmp_path)  # nothing of the first was touched
+        ours = {p for p in files(tmp_path) - own}
+        assert ours and {owner_of(p.name) for p in ours} == {second.instance.id}
+    finally:
+        first.release.set()
+        first.close()
+    ids = Counter(read_window(tmp_path, table=FEEDBACK)["id"].to_pylist())
+    assert ids == Counter(["a0", "a1", "a2", "b0", "b1"])  # each once: no replay of a live one
+    assert sorted(read_window(tmp_path)["id"].to_pylist()) == ["a-p", "b-p"]
+    assert not [p for p in files(tmp_path) if p.suffix in (".tmp", ".jsonl")]
+    assert not list((tmp_path / WRITERS_DIR).glob("*.*.*.lock"))  # both let theirs go
+
+
+WRITER = """
+import sys, datetime as dt
+from pathlib import Path
+from serving.payload_log import PayloadLog, PayloadLogConfig
+log = PayloadLog(PayloadLogConfig(Path(sys.argv[1]), flush_s=3600))
+at = dt.datetime(2026, 12, 1, 12, tzinfo=dt.UTC)
+log.store("feedback", [{"id": f"k{i}", "time": at, "model": "m", "version": "1",
+                        "label": "3", "outcome": "correct"} for i in range(5)]).result()
+print(log.instance.id, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_writers_journal_is_replayed_once_and_a_live_ones_never(
+    tmp_path: Path,
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert writer.stdout is not None
+        owner = writer.stdout.readline().strip()
+        assert owner and alive(tmp_path, owner)
+        (journal,) = (tmp_path / FEEDBACK / "_journal").iterdir()
+        assert owner_of(journal.name) == owner
+        live = PayloadLog(PayloadLogConfig(tmp_path))  # another process's journal: its own
+        live.close()
+        assert live.labels.recovered == 0 and journal.exists()
+        assert read_window(tmp_path, table=FEEDBACK).num_rows == 0
+    finally:
+        writer.kill()  # SIGKILL: the labels are only in its journal
+        writer.wait(timeout=20)
+        for stream in (writer.stdin, writer.stdout):
+            if stream is not None:
+                stream.close()
+    assert not alive(tmp_path, owner) and lock_path(tmp_path, owner).exists()
+
+    # three writers start on the folder at once (pods rolling): one replays it, once
+    opened: list[PayloadLog] = []
+    start = threading.Barrier(3)
+
+    def open_log() -> None:
+        start.wait()
+        opened.append(PayloadLog(PayloadLogConfig(tmp_path)))
+
+    threads = [threading.Thread(target=open_log) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(opened) == 3
+    for log in opened:
+        log.close()
+    assert sorted(log.labels.recovered for log in opened) == [0, 0, 5]
+    stored = read_window(tmp_path, table=FEEDBACK)["id"].to_pylist()
+    assert sorted(stored) == [f"k{i}" for i in range(5)]  # each once
+    assert not journal.exists() and not lock_path(tmp_path, owner).exists()
+
+
+def test_a_lock_file_removed_before_it_was_locked_is_taken_again(tmp_path: Path) -> None:
+    """A sweeper removes only a lock it could take: one it removed between the writer's
+    create and lock is created again, so a running writer's lock file always exists."""
+    writer = Instance(tmp_path)
+    path = lock_path(tmp_path, writer.id)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")  # created, not yet locked: a sweeper sees a dead writer's file
+    sweeper = Instance(tmp_path)
+    assert sweeper.sweep_locks() == 1 and not path.exists()
+    writer.hold()
+    try:
+        assert path.exists() and sweeper.sweep_locks() == 0 and path.exists()
+        assert alive(tmp_path, writer.id) and not alive(tmp_path, sweeper.id)
+    finally:
+        writer.release()
+    assert not path.exists() and not alive(tmp_path, writer.id)
+
+
+def test_a_label_sent_to_another_pod_joins_the_prediction_it_logged(
+    model_root: Path, tmp_path: Path
+) -> None:
+    env = {"SERVO_PAYLOAD_LOG_DIR": str(tmp_path / "log"), "SERVO_PAYLOAD_LOG_FLUSH_S": "0.1"}
+    folder = [model_root / "digits" / "1"]
+    pod_a = start_server(folder, tmp_path / "a.log", ["digits"], env)
+    try:
+        pod_b = start_server(folder, tmp_path / "b.log", ["digits"], env)
+        try:
+            x, y = digits_holdout()
+            answer = predict(pod_a, x[:1])
+            ident, predicted = answer["id"], answer["outputs"][0]["data"][0]
+            wait_for(lambda: ident in read_window(tmp_path / "log")["id"].to_pylist(), 30, 0.05)
+            reply = feedback(pod_b, {"id": ident, "label": int(y[0])}).json()
+            assert (reply["accepted"], reply["unmatched"], reply["stored"]) == (1, 0, True)
+        finally:
+            assert pod_b.stop() == 0, pod_b.log()
+    finally:
+        assert pod_a.stop() == 0, pod_a.log()
+    (row,) = read_window(tmp_path / "log", table=FEEDBACK).to_pylist()
+    assert (row["id"], row["version"]) == (ident, "1")  # joined: the version that answered
+    assert row["outcome"] == ("correct" if int(predicted) == int(y[0]) else "incorrect")
+    owners = {owner_of(p.name) for p in (tmp_path / "log").rglob("part-*.parquet")}
+    assert len(owners) == 2  # the prediction in pod A's file, the label in pod B's
+    labelled = read_labelled(tmp_path / "log", "digits", "input", classes=10)
+    assert labelled.ids.tolist() == [ident] and labelled.y.tolist() == [int(y[0])]
+    assert np.array_equal(labelled.x, x[:1].astype(np.float32))
