@@ -5,11 +5,13 @@ shows it dead (never by pid: pods' servers are all pid 1), and readers read them
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import os
 import subprocess
 import sys
 import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from serving.instance import WRITERS_DIR, Instance, alive, lock_path, owner_of
 from serving.payload_log import PayloadLog, PayloadLogConfig
 from servo.demo import digits_holdout
 from tests.crash import wait_for
-from tests.servers import start_server
+from tests.servers import RunningServer, start_server
 from tests.test_feedback_integrity import feedback, predict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,17 +158,24 @@ def test_a_killed_writers_journal_is_replayed_once_and_a_live_ones_never(
     assert not journal.exists() and not lock_path(tmp_path, owner).exists()
 
 
-def test_a_lock_file_removed_before_it_was_locked_is_taken_again(tmp_path: Path) -> None:
-    """A sweeper removes only a lock it could take: one it removed between the writer's
+def test_a_lock_file_removed_before_it_was_locked_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweeper removes a lock file it can lock: one removed between the writer's
     create and lock is created again, so a running writer's lock file always exists."""
-    writer = Instance(tmp_path)
-    path = lock_path(tmp_path, writer.id)
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"")  # created, not yet locked: a sweeper sees a dead writer's file
-    sweeper = Instance(tmp_path)
-    assert sweeper.sweep_locks() == 1 and not path.exists()
+    writer, sweeper = Instance(tmp_path), Instance(tmp_path)
+    path, removed = lock_path(tmp_path, writer.id), []
+    real_flock = fcntl.flock
+
+    def flock(fd: int, operation: int) -> None:
+        if operation == fcntl.LOCK_EX and not removed:  # the writer, created, not locked
+            removed.append(sweeper.sweep_locks())
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
     writer.hold()
     try:
+        assert removed == [1]  # the sweeper took it for a dead writer's file
         assert path.exists() and sweeper.sweep_locks() == 0 and path.exists()
         assert alive(tmp_path, writer.id) and not alive(tmp_path, sweeper.id)
     finally:
@@ -174,25 +183,37 @@ def test_a_lock_file_removed_before_it_was_locked_is_taken_again(tmp_path: Path)
     assert not path.exists() and not alive(tmp_path, writer.id)
 
 
+def start_pods(folder: Path, tmp_path: Path, env: dict[str, str]) -> list[RunningServer]:
+    """Two gateway processes on one payload-log folder, started together."""
+    with ThreadPoolExecutor(2) as pool:
+        starts = [
+            pool.submit(start_server, [folder], tmp_path / f"{pod}.log", ["digits"], env)
+            for pod in "ab"
+        ]
+    errors = [f.exception() for f in starts if f.exception() is not None]
+    pods = [f.result() for f in starts if f.exception() is None]
+    if errors:
+        for pod in pods:
+            pod.stop()
+        raise AssertionError(f"a pod did not start: {errors}")
+    return pods
+
+
 def test_a_label_sent_to_another_pod_joins_the_prediction_it_logged(
     model_root: Path, tmp_path: Path
 ) -> None:
     env = {"SERVO_PAYLOAD_LOG_DIR": str(tmp_path / "log"), "SERVO_PAYLOAD_LOG_FLUSH_S": "0.1"}
-    folder = [model_root / "digits" / "1"]
-    pod_a = start_server(folder, tmp_path / "a.log", ["digits"], env)
+    pod_a, pod_b = start_pods(model_root / "digits" / "1", tmp_path, env)
     try:
-        pod_b = start_server(folder, tmp_path / "b.log", ["digits"], env)
-        try:
-            x, y = digits_holdout()
-            answer = predict(pod_a, x[:1])
-            ident, predicted = answer["id"], answer["outputs"][0]["data"][0]
-            wait_for(lambda: ident in read_window(tmp_path / "log")["id"].to_pylist(), 30, 0.05)
-            reply = feedback(pod_b, {"id": ident, "label": int(y[0])}).json()
-            assert (reply["accepted"], reply["unmatched"], reply["stored"]) == (1, 0, True)
-        finally:
-            assert pod_b.stop() == 0, pod_b.log()
+        x, y = digits_holdout()
+        answer = predict(pod_a, x[:1])
+        ident, predicted = answer["id"], answer["outputs"][0]["data"][0]
+        wait_for(lambda: ident in read_window(tmp_path / "log")["id"].to_pylist(), 30, 0.05)
+        reply = feedback(pod_b, {"id": ident, "label": int(y[0])}).json()
+        assert (reply["accepted"], reply["unmatched"], reply["stored"]) == (1, 0, True)
     finally:
-        assert pod_a.stop() == 0, pod_a.log()
+        codes = (pod_b.stop(), pod_a.stop())
+    assert codes == (0, 0), pod_a.log() + pod_b.log()
     (row,) = read_window(tmp_path / "log", table=FEEDBACK).to_pylist()
     assert (row["id"], row["version"]) == (ident, "1")  # joined: the version that answered
     assert row["outcome"] == ("correct" if int(predicted) == int(y[0]) else "incorrect")
