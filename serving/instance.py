@@ -218,6 +218,10 @@ def _same_file(fd: int, path: Path) -> bool:
     return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
+#: replays in this process take turns first (on NFS a lock is the process's, not a thread's)
+_replaying = threading.Lock()
+
+
 class ReplayLock:
     """A lock over the whole folder, held while dead writers' journals are replayed, so
     that writers starting together replay each journal once."""
@@ -227,12 +231,17 @@ class ReplayLock:
         self._fd: int | None = None
 
     def __enter__(self) -> ReplayLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        _replaying.acquire()
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:
+                os.close(fd)
+                raise
         except BaseException:
-            os.close(fd)
+            _replaying.release()
             raise
         self._fd = fd
         return self
@@ -241,3 +250,4 @@ class ReplayLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+            _replaying.release()

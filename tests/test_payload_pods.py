@@ -19,7 +19,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from monitors.payload_log import FEEDBACK, PREDICTIONS, SCHEMAS, StagedPart, read_window
+from monitors.payload_log import (
+    FEEDBACK,
+    PREDICTIONS,
+    SCHEMAS,
+    StagedPart,
+    partition_dir,
+    read_window,
+)
 from retrain.labelled import read_labelled
 from serving.instance import WRITERS_DIR, Instance, alive, lock_path, owner_of
 from serving.payload_log import PayloadLog, PayloadLogConfig
@@ -181,6 +188,21 @@ def test_a_lock_file_removed_before_it_was_locked_is_made_again(
     finally:
         writer.release()
     assert not path.exists() and not alive(tmp_path, writer.id)
+
+
+def test_files_named_before_instances_are_judged_by_their_pid_on_this_host(
+    tmp_path: Path,
+) -> None:
+    folder = partition_dir(tmp_path, PREDICTIONS, "m", "1", T0.date())
+    folder.mkdir(parents=True)
+    gone = folder / ".part-1-999999999-0.parquet.tmp"  # no such pid
+    running = folder / f"._part-1-{os.getppid()}-0.ids.tmp"  # our parent: it runs
+    foreign = folder / ".notes.tmp"
+    for path in (gone, running, foreign):
+        path.write_bytes(b"half")
+    log = PayloadLog(PayloadLogConfig(tmp_path))
+    log.close()
+    assert log.swept == 1 and not gone.exists() and running.exists() and foreign.exists()
 
 
 def start_pods(folder: Path, tmp_path: Path, env: dict[str, str]) -> list[RunningServer]:
