@@ -2,19 +2,20 @@
 
 `store(records)` completes its future once the records are appended to the journal
 (`<root>/feedback/_journal/labels-<ns>.<instance>.jsonl`, one JSON object a line; the
-instance is the writer's, `serving.instance`) and fsynced. One
-thread does the commits: every `store()` waiting when it starts a commit shares one write
-and one fsync, so durability costs one fsync per group, not per label. Journaled records
+instance is the writer's, `serving.instance`) and fsynced. One thread does the commits:
+every `store()` waiting when it starts a commit shares one write and one fsync, so
+durability costs one fsync per group, not per label. Journaled records
 go into the feedback table's Parquet files (format: `monitors.payload_log`) every
 `flush_s` or `batch_rows`, fsynced, and the journal is then deleted; so the table keeps
 files of many labels, not one file per request.
 
 A journal found at start, left by a writer no longer running (its instance's lock can be
 taken: a live writer's journal is its own), is replayed into Parquet before the server
-answers anything: its labels, less those already in the table and a torn last line,
-become a file, and the journal is removed. Writers starting together on a shared folder
-take turns (`serving.instance.ReplayLock`), so each journal is replayed once. Readers
-never see the journal (names starting with "_" are not data files).
+answers anything: its labels, less a torn last line and those that writer already put in
+the table (the files its name marks), become a file, and the journal is removed. Writers
+starting together on a shared folder take turns (`serving.instance.ReplayLock`), so each
+journal is replayed once. Readers never see the journal (names starting with "_" are not
+data files).
 """
 
 from __future__ import annotations
@@ -32,11 +33,22 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from monitors.payload_log import FEEDBACK, SCHEMAS, StagedPart, fsync_path, partition_dir
-from serving.instance import Instance, ReplayLock, writer_alive
+from monitors.payload_log import (
+    FEEDBACK,
+    SCHEMAS,
+    StagedPart,
+    fsync_path,
+    hash_ids,
+    model_parts,
+    partition_dir,
+    read_ids,
+)
+from serving.instance import Instance, ReplayLock, owner_of, writer_alive
 from serving.log_index import LogIndex
 
 log = logging.getLogger("servo.serving")
@@ -258,26 +270,48 @@ class FeedbackStore:
         return [self.folder / n for n in dead]
 
     def _replay(self, journals: list[Path]) -> int:
-        records: dict[str, dict[str, Any]] = {}
+        """Each dead writer's labels, less those it wrote to the table itself before it
+        died (a label another pod stored for the same id is that pod's, kept apart)."""
+        by_owner: dict[str | None, dict[str, dict[str, Any]]] = defaultdict(dict)
         for path in journals:
+            records = by_owner[owner_of(path.name)]
             for line in path.read_bytes().splitlines():
                 record = _record(line)
                 if record is not None:
                     records.setdefault(record["id"], record)
-        by_model: dict[str, list[str]] = defaultdict(list)
-        for record in records.values():
-            by_model[record["model"]].append(record["id"])
-        index = LogIndex(self.root, FEEDBACK)
-        for model, ids in by_model.items():
-            for ident in index.has(model, ids):
+        kept: Records = []
+        for owner, records in by_owner.items():
+            for ident in self._in_table(owner, records):
                 records.pop(ident, None)
-        if records:
-            write_grouped(self.root, FEEDBACK, list(records.values()), self._name, fsync=True)
+            kept.extend(records.values())
+        if kept:
+            write_grouped(self.root, FEEDBACK, kept, self._name, fsync=True)
         for path in journals:
             path.unlink()
         fsync_path(self.folder)
-        log.info("feedback journal replayed: %d label(s) recovered", len(records))
-        return len(records)
+        log.info("feedback journal replayed: %d label(s) recovered", len(kept))
+        return len(kept)
+
+    def _in_table(self, owner: str | None, records: dict[str, dict[str, Any]]) -> set[str]:
+        """Which of `records` are in the table's files written by `owner` (None: a journal
+        from before instances, whose files carry no owner: any file)."""
+        by_model: dict[str, list[str]] = defaultdict(list)
+        for record in records.values():
+            by_model[record["model"]].append(record["id"])
+        if owner is None:
+            table = LogIndex(self.root, FEEDBACK)
+            return {i for model, ids in by_model.items() for i in table.has(model, ids)}
+        found: set[str] = set()
+        for model, ids in by_model.items():
+            keys, wanted = hash_ids(ids), set(ids)
+            for part in model_parts(self.root, FEEDBACK, model):
+                if owner_of(part.name) != owner:
+                    continue
+                held = read_ids(part)
+                if held is not None and not np.isin(keys, held).any():
+                    continue  # none of them in this file
+                found |= wanted & set(pq.read_table(part, columns=["id"])["id"].to_pylist())
+        return found
 
 
 _FIELDS = ("id", "time", "model", "version", "label", "outcome")

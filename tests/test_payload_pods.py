@@ -16,16 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pytest
 
 from monitors.payload_log import (
     FEEDBACK,
+    FEEDBACK_SCHEMA,
     PREDICTIONS,
     SCHEMAS,
     StagedPart,
     partition_dir,
     read_window,
+    write_part,
 )
 from retrain.labelled import read_labelled
 from serving.instance import WRITERS_DIR, Instance, alive, lock_path, owner_of
@@ -188,6 +191,31 @@ def test_a_lock_file_removed_before_it_was_locked_is_made_again(
     finally:
         writer.release()
     assert not path.exists() and not alive(tmp_path, writer.id)
+
+
+def test_a_replay_skips_only_the_labels_its_own_writer_put_in_the_table(
+    tmp_path: Path,
+) -> None:
+    dead = "pod-a.1.0123456789abcdef"  # a pod's pid 1, killed: no lock file holds it
+    folder = partition_dir(tmp_path, FEEDBACK, "m", "1", T0.date())
+    folder.mkdir(parents=True)
+    # it wrote k0 to the table, then died before its journal went; another pod stored
+    # its own label for k1 meanwhile
+    flushed = pa.Table.from_pylist([label("k0")], schema=FEEDBACK_SCHEMA)
+    write_part(folder, f"part-1-0.{dead}", flushed)
+    other = PayloadLog(PayloadLogConfig(tmp_path))
+    other.store(FEEDBACK, [{**label("k1"), "label": "5"}]).result()
+    other.close()
+    journal = tmp_path / FEEDBACK / "_journal" / f"labels-1.{dead}.jsonl"
+    lines = [orjson.dumps({**label(f"k{i}"), "time": T0.isoformat()}) for i in range(3)]
+    journal.write_bytes(b"\n".join(lines) + b"\n")
+    log = PayloadLog(PayloadLogConfig(tmp_path))
+    log.close()
+    assert log.labels.recovered == 2 and not journal.exists()
+    rows = read_window(tmp_path, table=FEEDBACK).to_pylist()
+    assert sorted((r["id"], r["label"]) for r in rows) == [
+        ("k0", "3"), ("k1", "3"), ("k1", "5"), ("k2", "3")
+    ]  # fmt: skip
 
 
 def test_files_named_before_instances_are_judged_by_their_pid_on_this_host(
