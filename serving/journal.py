@@ -11,8 +11,8 @@ files of many labels, not one file per request.
 
 A journal found at start, left by a writer no longer running (its instance's lock can be
 taken: a live writer's journal is its own), is replayed into Parquet before the server
-answers anything: its labels, less a torn last line and those that writer already put in
-the table (the files its name marks), become a file, and the journal is removed. Writers
+answers anything: its labels, less a torn last line and the rows the table already holds
+(that writer's flush, or a replay cut short), become a file, and the journal is removed. Writers
 starting together on a shared folder take turns (`serving.instance.ReplayLock`), so each
 journal is replayed once. Readers never see the journal (names starting with "_" are not
 data files).
@@ -33,21 +33,10 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
 import orjson
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from monitors.payload_log import (
-    FEEDBACK,
-    SCHEMAS,
-    StagedPart,
-    fsync_path,
-    hash_ids,
-    model_parts,
-    partition_dir,
-    read_ids,
-)
+from monitors.payload_log import FEEDBACK, SCHEMAS, StagedPart, fsync_path, partition_dir
 from serving.instance import Instance, ReplayLock, owner_of, writer_alive
 from serving.log_index import LogIndex
 
@@ -270,20 +259,15 @@ class FeedbackStore:
         return [self.folder / n for n in dead]
 
     def _replay(self, journals: list[Path]) -> int:
-        """Each dead writer's labels, less those it wrote to the table itself before it
-        died (a label another pod stored for the same id is that pod's, kept apart)."""
+        """The dead writers' labels, less those already in the table."""
         by_owner: dict[str | None, dict[str, dict[str, Any]]] = defaultdict(dict)
         for path in journals:
-            records = by_owner[owner_of(path.name)]
+            records = by_owner[owner_of(path.name)]  # another pod's label for an id: its own
             for line in path.read_bytes().splitlines():
                 record = _record(line)
                 if record is not None:
                     records.setdefault(record["id"], record)
-        kept: Records = []
-        for owner, records in by_owner.items():
-            for ident in self._in_table(owner, records):
-                records.pop(ident, None)
-            kept.extend(records.values())
+        kept = self._not_in_table([r for records in by_owner.values() for r in records.values()])
         if kept:
             write_grouped(self.root, FEEDBACK, kept, self._name, fsync=True)
         for path in journals:
@@ -292,29 +276,27 @@ class FeedbackStore:
         log.info("feedback journal replayed: %d label(s) recovered", len(kept))
         return len(kept)
 
-    def _in_table(self, owner: str | None, records: dict[str, dict[str, Any]]) -> set[str]:
-        """Which of `records` are in the table's files written by `owner` (None: a journal
-        from before instances, whose files carry no owner: any file)."""
-        by_model: dict[str, list[str]] = defaultdict(list)
-        for record in records.values():
-            by_model[record["model"]].append(record["id"])
-        if owner is None:
-            table = LogIndex(self.root, FEEDBACK)
-            return {i for model, ids in by_model.items() for i in table.has(model, ids)}
-        found: set[str] = set()
-        for model, ids in by_model.items():
-            keys, wanted = hash_ids(ids), set(ids)
-            for part in model_parts(self.root, FEEDBACK, model):
-                if owner_of(part.name) != owner:
-                    continue
-                held = read_ids(part)
-                if held is not None and not np.isin(keys, held).any():
-                    continue  # none of them in this file
-                found |= wanted & set(pq.read_table(part, columns=["id"])["id"].to_pylist())
-        return found
+    def _not_in_table(self, records: Records) -> Records:
+        """`records` less the rows the table holds already, field for field (written by
+        their writer before it died, or by a replay cut short); another label for the
+        same id (another pod's) is another row."""
+        table = LogIndex(self.root, FEEDBACK)
+        by_model: dict[str, Records] = defaultdict(list)
+        for record in records:
+            by_model[record["model"]].append(record)
+        kept: Records = []
+        for model, rows in by_model.items():
+            held = table.rows(model, [r["id"] for r in rows], list(_FIELDS)).to_pylist()
+            present = {_row_key(r) for r in held}
+            kept.extend(r for r in rows if _row_key(r) not in present)
+        return kept
 
 
 _FIELDS = ("id", "time", "model", "version", "label", "outcome")
+
+
+def _row_key(record: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(record[name] for name in _FIELDS)
 
 
 def _record(line: bytes) -> dict[str, Any] | None:

@@ -193,28 +193,29 @@ def test_a_lock_file_removed_before_it_was_locked_is_made_again(
     assert not path.exists() and not alive(tmp_path, writer.id)
 
 
-def test_a_replay_skips_only_the_labels_its_own_writer_put_in_the_table(
-    tmp_path: Path,
-) -> None:
+def test_a_replay_adds_only_the_labels_missing_from_the_table(tmp_path: Path) -> None:
     dead = "pod-a.1.0123456789abcdef"  # a pod's pid 1, killed: no lock file holds it
     folder = partition_dir(tmp_path, FEEDBACK, "m", "1", T0.date())
     folder.mkdir(parents=True)
-    # it wrote k0 to the table, then died before its journal went; another pod stored
-    # its own label for k1 meanwhile
-    flushed = pa.Table.from_pylist([label("k0")], schema=FEEDBACK_SCHEMA)
-    write_part(folder, f"part-1-0.{dead}", flushed)
-    other = PayloadLog(PayloadLogConfig(tmp_path))
-    other.store(FEEDBACK, [{**label("k1"), "label": "5"}]).result()
-    other.close()
+    rows = [label(f"k{i}") for i in range(4)]
+    # k0: it wrote it to the table, then died before its journal went; k1: a replay of
+    # its journal was cut short after its file; k2: another pod's own label for that id
+    for name, row in (
+        (f"part-1-0.{dead}", rows[0]),
+        ("part-2-0.pod-b.1.fedcba9876543210", rows[1]),
+        ("part-3-0.pod-c.1.00000000000000ff", {**rows[2], "label": "5"}),
+    ):
+        write_part(folder, name, pa.Table.from_pylist([row], schema=FEEDBACK_SCHEMA))
     journal = tmp_path / FEEDBACK / "_journal" / f"labels-1.{dead}.jsonl"
-    lines = [orjson.dumps({**label(f"k{i}"), "time": T0.isoformat()}) for i in range(3)]
+    journal.parent.mkdir(parents=True)
+    lines = [orjson.dumps({**row, "time": T0.isoformat()}) for row in rows]
     journal.write_bytes(b"\n".join(lines) + b"\n")
     log = PayloadLog(PayloadLogConfig(tmp_path))
     log.close()
     assert log.labels.recovered == 2 and not journal.exists()
-    rows = read_window(tmp_path, table=FEEDBACK).to_pylist()
-    assert sorted((r["id"], r["label"]) for r in rows) == [
-        ("k0", "3"), ("k1", "3"), ("k1", "5"), ("k2", "3")
+    stored = read_window(tmp_path, table=FEEDBACK).to_pylist()
+    assert sorted((r["id"], r["label"]) for r in stored) == [
+        ("k0", "3"), ("k1", "3"), ("k2", "3"), ("k2", "5"), ("k3", "3")
     ]  # fmt: skip
 
 
