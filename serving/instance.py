@@ -224,19 +224,22 @@ _replaying = threading.Lock()
 
 class ReplayLock:
     """A lock over the whole folder, held while dead writers' journals are replayed, so
-    that writers starting together replay each journal once."""
+    that writers starting together replay each journal once. Without `wait`, entering
+    raises BlockingIOError when another writer holds it."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, *, wait: bool = True):
         self.path = Path(root) / WRITERS_DIR / "replay.lock"
+        self.wait = wait
         self._fd: int | None = None
 
     def __enter__(self) -> ReplayLock:
-        _replaying.acquire()
+        if not _replaying.acquire(blocking=self.wait):
+            raise BlockingIOError(errno.EWOULDBLOCK, "a replay runs in this process")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
             except BaseException:
                 os.close(fd)
                 raise

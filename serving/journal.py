@@ -4,18 +4,19 @@
 (`<root>/feedback/_journal/labels-<ns>.<instance>.jsonl`, one JSON object a line; the
 instance is the writer's, `serving.instance`) and fsynced. One thread does the commits:
 every `store()` waiting when it starts a commit shares one write and one fsync, so
-durability costs one fsync per group, not per label. Journaled records
-go into the feedback table's Parquet files (format: `monitors.payload_log`) every
-`flush_s` or `batch_rows`, fsynced, and the journal is then deleted; so the table keeps
-files of many labels, not one file per request.
+durability costs one fsync per group, not per label. Journaled records go into the
+feedback table's Parquet files (format: `monitors.payload_log`) every `flush_s` or
+`batch_rows`, fsynced, and the journal is then deleted; so the table keeps files of many
+labels, not one file per request.
 
 A journal found at start, left by a writer no longer running (its instance's lock can be
 taken: a live writer's journal is its own), is replayed into Parquet before the server
 answers anything: its labels, less a torn last line and the rows the table already holds
-(that writer's flush, or a replay cut short), become a file, and the journal is removed. Writers
-starting together on a shared folder take turns (`serving.instance.ReplayLock`), so each
-journal is replayed once. Readers never see the journal (names starting with "_" are not
-data files).
+(that writer's flush, or a replay cut short), become a file, and the journal is removed.
+Writers starting together on a shared folder take turns (`serving.instance.ReplayLock`),
+so each journal is replayed once. A running writer also replays, every `adopt_s`, the
+journals of writers killed since (a pod killed for good, that no start follows). Readers
+never see the journal (names starting with "_" are not data files).
 """
 
 from __future__ import annotations
@@ -78,11 +79,13 @@ class FeedbackStore:
         group_commit: bool,
         name: Callable[[], str],
         instance: Instance,
+        adopt_s: float = 0.0,
     ):
         self.root = Path(root)
         self.folder = self.root / FEEDBACK / JOURNAL_DIR
         self.flush_s, self.batch_rows = flush_s, batch_rows
         self.fsync, self.group_commit = fsync, group_commit
+        self.adopt_s = adopt_s
         self._name = name
         self.instance = instance
         self._commits: queue.SimpleQueue[_Commit | None] = queue.SimpleQueue()
@@ -98,7 +101,8 @@ class FeedbackStore:
         self.stored = 0
         self.write_errors = 0
         self.last_error: str | None = None
-        self.recovered = self._recover()
+        #: labels replayed from dead writers' journals: at start, and every `adopt_s`
+        self.recovered = self._recover(wait=True)
         self._thread = threading.Thread(target=self._run, name="servo-feedback-log", daemon=True)
         self._thread.start()
 
@@ -132,9 +136,16 @@ class FeedbackStore:
 
     def _run(self) -> None:
         deadline: float | None = None  # when the buffered records go to Parquet
+        adopt_at = time.monotonic() + self.adopt_s if self.adopt_s > 0 else None
         stopping = False
         while not stopping:
-            batch, stopping = self._next(deadline)
+            wake = min((t for t in (deadline, adopt_at) if t is not None), default=None)
+            batch, stopping = self._next(wake)
+            if adopt_at is not None and time.monotonic() >= adopt_at and not stopping:
+                # a writer killed that no start follows (its pod gone): its labels still
+                # reach the table, through a writer that runs
+                self.recovered += self._recover(wait=False)
+                adopt_at = time.monotonic() + self.adopt_s
             if batch:
                 self._commit(batch)
             if self._buffer and deadline is None:
@@ -232,17 +243,20 @@ class FeedbackStore:
 
     # start-up
 
-    def _recover(self) -> int:
-        """Replay journals left by writers that died before writing them to Parquet."""
+    def _recover(self, *, wait: bool) -> int:
+        """Replay journals left by writers that died before writing them to Parquet
+        (without `wait`: not while another writer replays; again next time)."""
         if not self._dead_journals():
             return 0
         try:
-            with ReplayLock(self.root):  # another writer may be replaying them right now
+            with ReplayLock(self.root, wait=wait):  # another writer may be replaying them
                 journals = self._dead_journals()
                 if not journals:
                     return 0
                 self.instance.hold()
                 return self._replay(journals)
+        except BlockingIOError:
+            return 0
         except (OSError, pa.ArrowException) as exc:
             # kept for the next start; until then these labels are not in the table
             self._failed(f"journal replay failed, kept in {self.folder}: {exc}")

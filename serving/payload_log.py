@@ -56,6 +56,9 @@ class PayloadLogConfig:
     fsync: bool = True
     #: one journal write and fsync for every `store()` waiting (off: one each, to measure)
     group_commit: bool = True
+    #: how often a running writer replays the journals of writers killed since (0: only
+    #: at start); a killed pod's labels then reach the table though no pod starts again
+    adopt_s: float = 30.0
 
 
 class PayloadLog:
@@ -91,6 +94,7 @@ class PayloadLog:
             group_commit=config.group_commit,
             name=self._name,
             instance=self.instance,
+            adopt_s=config.adopt_s,
         )
         self.instance.sweep_locks()  # after the replay: a dead writer's journal is gone
 

@@ -4,13 +4,16 @@ shows it dead (never by pid: pods' servers are all pid 1), and readers read them
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import os
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -121,30 +124,38 @@ sys.stdin.read()
 """
 
 
-@pytest.mark.timeout(120)
-def test_a_killed_writers_journal_is_replayed_once_and_a_live_ones_never(
-    tmp_path: Path,
-) -> None:
+@contextlib.contextmanager
+def writer_process(root: Path) -> Iterator[tuple[str, Path]]:
+    """A writer in another process, its labels only in its journal: (its instance, the
+    journal) while it runs; killed with SIGKILL at the end."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], env=env,
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(root)], env=env,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert writer.stdout is not None
         owner = writer.stdout.readline().strip()
-        assert owner and alive(tmp_path, owner)
-        (journal,) = (tmp_path / FEEDBACK / "_journal").iterdir()
+        assert owner and alive(root, owner)
+        (journal,) = (root / FEEDBACK / "_journal").iterdir()
         assert owner_of(journal.name) == owner
-        live = PayloadLog(PayloadLogConfig(tmp_path))  # another process's journal: its own
-        live.close()
-        assert live.labels.recovered == 0 and journal.exists()
-        assert read_window(tmp_path, table=FEEDBACK).num_rows == 0
+        yield owner, journal
     finally:
-        writer.kill()  # SIGKILL: the labels are only in its journal
+        writer.kill()
         writer.wait(timeout=20)
         for stream in (writer.stdin, writer.stdout):
             if stream is not None:
                 stream.close()
-    assert not alive(tmp_path, owner) and lock_path(tmp_path, owner).exists()
+    assert not alive(root, owner) and lock_path(root, owner).exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_writers_journal_is_replayed_once_and_a_live_ones_never(
+    tmp_path: Path,
+) -> None:
+    with writer_process(tmp_path) as (owner, journal):
+        live = PayloadLog(PayloadLogConfig(tmp_path))  # another process's journal: its own
+        live.close()
+        assert live.labels.recovered == 0 and journal.exists()
+        assert read_window(tmp_path, table=FEEDBACK).num_rows == 0
 
     # three writers start on the folder at once (pods rolling): one replays it, once
     opened: list[PayloadLog] = []
@@ -166,6 +177,22 @@ def test_a_killed_writers_journal_is_replayed_once_and_a_live_ones_never(
     stored = read_window(tmp_path, table=FEEDBACK)["id"].to_pylist()
     assert sorted(stored) == [f"k{i}" for i in range(5)]  # each once
     assert not journal.exists() and not lock_path(tmp_path, owner).exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_running_writer_replays_the_journal_of_one_killed_since(tmp_path: Path) -> None:
+    running = PayloadLog(PayloadLogConfig(tmp_path, adopt_s=0.05))
+    try:
+        with writer_process(tmp_path) as (_, journal):
+            time.sleep(0.5)  # some ten rounds of looking: a live writer's journal stays
+            assert running.labels.recovered == 0 and journal.exists()
+        # killed, and no writer starts after it: the running one replays its journal
+        wait_for(lambda: not journal.exists(), 30, 0.01)
+    finally:
+        running.close()
+    assert running.labels.recovered == 5
+    stored = read_window(tmp_path, table=FEEDBACK)["id"].to_pylist()
+    assert sorted(stored) == [f"k{i}" for i in range(5)]
 
 
 def test_a_lock_file_removed_before_it_was_locked_is_made_again(
