@@ -46,13 +46,14 @@ _held: set[str] = set()
 _held_guard = threading.Lock()
 
 
-def host_name() -> str:
-    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63]
-    return host or "host"
+def host_name(host: str | None = None) -> str:
+    """`host` (default: this machine's name) as an instance's first field."""
+    name = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname() if host is None else host)
+    return name[:63] or "host"
 
 
 def new_instance_id(host: str | None = None) -> str:
-    return f"{host or host_name()}.{os.getpid()}.{secrets.token_hex(8)}"
+    return f"{host_name(host)}.{os.getpid()}.{secrets.token_hex(8)}"
 
 
 def owner_of(name: str) -> str | None:
@@ -180,6 +181,7 @@ def _lock(path: Path) -> int:
     (it removes only files it could lock)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
+        # not inherited (Python's default): a child process never keeps a dead writer alive
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # a checker holds it an instant at most

@@ -34,7 +34,7 @@ from monitors.payload_log import (
     write_part,
 )
 from retrain.labelled import read_labelled
-from serving.instance import WRITERS_DIR, Instance, alive, lock_path, owner_of
+from serving.instance import WRITERS_DIR, Instance, alive, lock_path, new_instance_id, owner_of
 from serving.payload_log import PayloadLog, PayloadLogConfig
 from servo.demo import digits_holdout
 from tests.crash import wait_for
@@ -193,6 +193,18 @@ def test_a_running_writer_replays_the_journal_of_one_killed_since(tmp_path: Path
     assert running.labels.recovered == 5
     stored = read_window(tmp_path, table=FEEDBACK)["id"].to_pylist()
     assert sorted(stored) == [f"k{i}" for i in range(5)]
+
+
+def test_an_instance_names_its_host_pid_and_start() -> None:
+    ids = {new_instance_id("servo-gateway-7d9f.ns.svc") for _ in range(2)}
+    assert len(ids) == 2  # the same host and pid, two starts: two instances
+    for ident in ids:
+        host, pid, token = ident.split(".")
+        assert (host, pid, len(token)) == ("servo-gateway-7d9f-ns-svc", str(os.getpid()), 16)
+        assert owner_of(f"part-1-0.{ident}.parquet") == ident
+        assert owner_of(f"._part-1-0.{ident}.ids.tmp") == ident
+        assert owner_of(f"labels-1.{ident}.jsonl") == ident
+    assert owner_of("part-1-7-0.parquet") is None and owner_of("journal-7-1.jsonl") is None
 
 
 def test_a_lock_file_removed_before_it_was_locked_is_made_again(
