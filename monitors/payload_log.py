@@ -14,7 +14,11 @@ folders organise the files; each file carries all its columns), with two tables:
 - `feedback`: one row per label: id, time, model, version (of the prediction it joined, or
   null when unmatched), label (as text), outcome (correct, incorrect, unmatched).
 
-Files are written to a temporary name and renamed, so a reader never sees half a file.
+Many writers may share one folder (gateway pods and the controller on a shared volume):
+a file's name carries its writer's instance, `part-<ns>-<n>.<host>.<pid>.<token>.parquet`
+(`serving.instance`), so no two writers' names collide; a reader reads every writer's
+files alike. Files are written to a temporary name and renamed, so a reader never sees
+half a file.
 Next to each `part-X.parquet` an id index `_part-X.ids` (written first) holds the sorted
 64-bit BLAKE2b hashes of the file's ids (little-endian uint64), so a lookup by id reads
 only the files that hold it; names starting with "_" or "." are not data files.

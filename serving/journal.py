@@ -1,17 +1,22 @@
 """Durable labels: a journal first (group commit), the Parquet feedback table after.
 
 `store(records)` completes its future once the records are appended to the journal
-(`<root>/feedback/_journal/journal-*.jsonl`, one JSON object a line) and fsynced. One
-thread does the commits: every `store()` waiting when it starts a commit shares one write
-and one fsync, so durability costs one fsync per group, not per label. Journaled records
-go into the feedback table's Parquet files (format: `monitors.payload_log`) every
-`flush_s` or `batch_rows`, fsynced, and the journal is then deleted; so the table keeps
-files of many labels, not one file per request.
+(`<root>/feedback/_journal/labels-<ns>.<instance>.jsonl`, one JSON object a line; the
+instance is the writer's, `serving.instance`) and fsynced. One thread does the commits:
+every `store()` waiting when it starts a commit shares one write and one fsync, so
+durability costs one fsync per group, not per label. Journaled records go into the
+feedback table's Parquet files (format: `monitors.payload_log`) every `flush_s` or
+`batch_rows`, fsynced, and the journal is then deleted; so the table keeps files of many
+labels, not one file per request.
 
-A journal found at start, left by a process no longer running, is replayed into Parquet
-before the server answers anything: its labels, less those already in the table and a torn last
-line, become a file, and the journal is removed. Readers never see the journal (names
-starting with "_" are not data files).
+A journal found at start, left by a writer no longer running (its instance's lock can be
+taken: a live writer's journal is its own), is replayed into Parquet before the server
+answers anything: its labels, less a torn last line and the rows the table already holds
+(that writer's flush, or a replay cut short), become a file, and the journal is removed.
+Writers starting together on a shared folder take turns (`serving.instance.ReplayLock`),
+so each journal is replayed once. A running writer also replays, every `adopt_s`, the
+journals of writers killed since (a pod killed for good, that no start follows). Readers
+never see the journal (names starting with "_" are not data files).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import orjson
 import pyarrow as pa
 
 from monitors.payload_log import FEEDBACK, SCHEMAS, StagedPart, fsync_path, partition_dir
+from serving.instance import Instance, ReplayLock, owner_of, writer_alive
 from serving.log_index import LogIndex
 
 log = logging.getLogger("servo.serving")
@@ -72,12 +78,16 @@ class FeedbackStore:
         fsync: bool,
         group_commit: bool,
         name: Callable[[], str],
+        instance: Instance,
+        adopt_s: float = 0.0,
     ):
         self.root = Path(root)
         self.folder = self.root / FEEDBACK / JOURNAL_DIR
         self.flush_s, self.batch_rows = flush_s, batch_rows
         self.fsync, self.group_commit = fsync, group_commit
+        self.adopt_s = adopt_s
         self._name = name
+        self.instance = instance
         self._commits: queue.SimpleQueue[_Commit | None] = queue.SimpleQueue()
         self._buffer: Records = []
         #: ids journaled but not yet in Parquet, by model (read by lookups: `unflushed`)
@@ -91,7 +101,8 @@ class FeedbackStore:
         self.stored = 0
         self.write_errors = 0
         self.last_error: str | None = None
-        self.recovered = self._recover()
+        #: labels replayed from dead writers' journals: at start, and every `adopt_s`
+        self.recovered = self._recover(wait=True)
         self._thread = threading.Thread(target=self._run, name="servo-feedback-log", daemon=True)
         self._thread.start()
 
@@ -117,13 +128,24 @@ class FeedbackStore:
         self._commits.put(None)
         self._thread.join(timeout_s)
 
+    def running(self) -> bool:
+        """Whether the commit thread still runs (close() timed out on a stalled disk)."""
+        return self._thread.is_alive()
+
     # commit thread
 
     def _run(self) -> None:
         deadline: float | None = None  # when the buffered records go to Parquet
+        adopt_at = time.monotonic() + self.adopt_s if self.adopt_s > 0 else None
         stopping = False
         while not stopping:
-            batch, stopping = self._next(deadline)
+            wake = min((t for t in (deadline, adopt_at) if t is not None), default=None)
+            batch, stopping = self._next(wake)
+            if adopt_at is not None and time.monotonic() >= adopt_at and not stopping:
+                # a writer killed that no start follows (its pod gone): its labels still
+                # reach the table, through a writer that runs
+                self.recovered += self._recover(wait=False)
+                adopt_at = time.monotonic() + self.adopt_s
             if batch:
                 self._commit(batch)
             if self._buffer and deadline is None:
@@ -158,6 +180,7 @@ class FeedbackStore:
         records = [r for rows, _ in batch for r in rows]
         data = b"".join(orjson.dumps(r) + b"\n" for r in records)
         try:
+            self.instance.hold()
             journal = self._open()
             journal.write(data)
             journal.flush()
@@ -181,7 +204,7 @@ class FeedbackStore:
     def _open(self) -> IO[bytes]:
         if self._journal is None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            path = self.folder / f"journal-{os.getpid()}-{time.time_ns()}.jsonl"
+            path = self.folder / f"labels-{time.time_ns()}.{self.instance.id}.jsonl"
             self._journal = path.open("ab")
             self._journal_path = path
             if self.fsync:
@@ -197,6 +220,7 @@ class FeedbackStore:
     def _flush(self) -> bool:
         """Buffered records into Parquet (fsynced), then the journal they came from goes."""
         try:
+            self.instance.hold()
             write_grouped(self.root, FEEDBACK, self._buffer, self._name, fsync=True)
         except (OSError, pa.ArrowException) as exc:
             self._failed(f"{self.root}: {exc}")
@@ -219,68 +243,74 @@ class FeedbackStore:
 
     # start-up
 
-    def _recover(self) -> int:
-        """Replay journals left by a process that died before writing them to Parquet."""
-        try:
-            journals = [j for j in sorted(self.folder.glob("journal-*.jsonl")) if not _live(j)]
-        except OSError:
-            return 0
-        if not journals:
+    def _recover(self, *, wait: bool) -> int:
+        """Replay journals left by writers that died before writing them to Parquet
+        (without `wait`: not while another writer replays; again next time)."""
+        if not self._dead_journals():
             return 0
         try:
-            return self._replay(journals)
+            with ReplayLock(self.root, wait=wait):  # another writer may be replaying them
+                journals = self._dead_journals()
+                if not journals:
+                    return 0
+                self.instance.hold()
+                return self._replay(journals)
+        except BlockingIOError:
+            return 0
         except (OSError, pa.ArrowException) as exc:
             # kept for the next start; until then these labels are not in the table
             self._failed(f"journal replay failed, kept in {self.folder}: {exc}")
             return 0
 
+    def _dead_journals(self) -> list[Path]:
+        """Journals whose writer no longer runs ("journal-<pid>-<ns>.jsonl": from before
+        instances)."""
+        try:
+            names = sorted(e.name for e in os.scandir(self.folder) if e.name.endswith(".jsonl"))
+        except OSError:
+            return []
+        dead = [n for n in names if writer_alive(self.root, n, self.instance) is False]
+        return [self.folder / n for n in dead]
+
     def _replay(self, journals: list[Path]) -> int:
-        records: dict[str, dict[str, Any]] = {}
+        """The dead writers' labels, less those already in the table."""
+        by_owner: dict[str | None, dict[str, dict[str, Any]]] = defaultdict(dict)
         for path in journals:
+            records = by_owner[owner_of(path.name)]  # another pod's label for an id: its own
             for line in path.read_bytes().splitlines():
                 record = _record(line)
                 if record is not None:
                     records.setdefault(record["id"], record)
-        by_model: dict[str, list[str]] = defaultdict(list)
-        for record in records.values():
-            by_model[record["model"]].append(record["id"])
-        index = LogIndex(self.root, FEEDBACK)
-        for model, ids in by_model.items():
-            for ident in index.has(model, ids):
-                records.pop(ident, None)
-        if records:
-            write_grouped(self.root, FEEDBACK, list(records.values()), self._name, fsync=True)
+        kept = self._not_in_table([r for records in by_owner.values() for r in records.values()])
+        if kept:
+            write_grouped(self.root, FEEDBACK, kept, self._name, fsync=True)
         for path in journals:
             path.unlink()
         fsync_path(self.folder)
-        log.info("feedback journal replayed: %d label(s) recovered", len(records))
-        return len(records)
+        log.info("feedback journal replayed: %d label(s) recovered", len(kept))
+        return len(kept)
+
+    def _not_in_table(self, records: Records) -> Records:
+        """`records` less the rows the table holds already, field for field (written by
+        their writer before it died, or by a replay cut short); another label for the
+        same id (another pod's) is another row."""
+        table = LogIndex(self.root, FEEDBACK)
+        by_model: dict[str, Records] = defaultdict(list)
+        for record in records:
+            by_model[record["model"]].append(record)
+        kept: Records = []
+        for model, rows in by_model.items():
+            held = table.rows(model, [r["id"] for r in rows], list(_FIELDS)).to_pylist()
+            present = {_row_key(r) for r in held}
+            kept.extend(r for r in rows if _row_key(r) not in present)
+        return kept
 
 
 _FIELDS = ("id", "time", "model", "version", "label", "outcome")
 
 
-def _live(journal: Path) -> bool:
-    """Whether another process that is still running writes this journal (a server
-    sharing the folder): its journal is its own to write into Parquet."""
-    try:
-        pid = int(journal.name.split("-")[1])
-    except (IndexError, ValueError):
-        return False
-    return running_elsewhere(pid)
-
-
-def running_elsewhere(pid: int) -> bool:
-    """Whether `pid` is another process that is still running."""
-    if pid == os.getpid():
-        return False  # an earlier process with our pid (a restarted container's pid 1)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, another user's
-    return True
+def _row_key(record: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(record[name] for name in _FIELDS)
 
 
 def _record(line: bytes) -> dict[str, Any] | None:

@@ -11,7 +11,12 @@ Labels take another path, `store()` (`serving.journal`): durable before it compl
 
 A file is written under a temporary name and renamed (`monitors.payload_log.StagedPart`):
 a writer killed mid-write leaves only that temporary file, never half a data file; those
-of processes no longer running are removed when a log opens on the folder.
+of writers no longer running are removed when a log opens on the folder.
+
+Many writers may share the folder (gateway pods and the controller on one volume): each
+is an instance (`serving.instance`) whose id every file name it writes carries, and which
+holds a lock while it runs; a writer touches only its own files, and another's leftovers
+only once that writer's lock shows it dead. Readers read every writer's files.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from typing import Any
 import pyarrow as pa
 
 from monitors.payload_log import PREDICTIONS, SCHEMAS, as_records, partition_dir, write_part
-from serving.journal import FeedbackStore, running_elsewhere
+from serving.instance import Instance, writer_alive
+from serving.journal import FeedbackStore
 
 log = logging.getLogger("servo.serving")
 
@@ -50,13 +56,22 @@ class PayloadLogConfig:
     fsync: bool = True
     #: one journal write and fsync for every `store()` waiting (off: one each, to measure)
     group_commit: bool = True
+    #: how often a running writer replays the journals of writers killed since (0: only
+    #: at start); a killed pod's labels then reach the table though no pod starts again
+    adopt_s: float = 30.0
 
 
 class PayloadLog:
     def __init__(self, config: PayloadLogConfig):
         self.config = config
+        #: this writer on the folder: its id names its files; its lock says it runs
+        self.instance = Instance(config.root)
+        try:
+            self.instance.hold()
+        except OSError as exc:  # taken again before the first write, which fails till then
+            log.error("payload log: lock not taken in %s: %s", config.root, exc)
         #: temporary files left by writers killed mid-write, removed before any write here
-        self.swept = sweep_staged(config.root)
+        self.swept = sweep_staged(config.root, self.instance)
         self._queue: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue(config.capacity)
         self._backlog: list[tuple[str, dict[str, Any]]] = []
         self._sequence = itertools.count()
@@ -78,7 +93,10 @@ class PayloadLog:
             fsync=config.fsync,
             group_commit=config.group_commit,
             name=self._name,
+            instance=self.instance,
+            adopt_s=config.adopt_s,
         )
+        self.instance.sweep_locks()  # after the replay: a dead writer's journal is gone
 
     def store(self, table: str, records: list[dict[str, Any]]) -> Future[None]:
         """Labels, durably: the future completes once they are on disk (fsynced), or
@@ -109,6 +127,8 @@ class PayloadLog:
         self._flush_now.set()
         self._thread.join(timeout_s)
         self.labels.close(timeout_s)
+        if not (self._thread.is_alive() or self.labels.running()):
+            self.instance.release()  # nothing of ours writes now; else held till exit
 
     # writer thread
 
@@ -160,6 +180,7 @@ class PayloadLog:
         for (table, model, version, day), rows in groups.items():
             folder = partition_dir(self.config.root, table, model, version, day)
             try:
+                self.instance.hold()
                 self._write_file(folder, table, rows)
                 self.written += len(rows)
             except (OSError, pa.ArrowException) as exc:
@@ -179,13 +200,13 @@ class PayloadLog:
         write_part(folder, self._name(), pa.Table.from_pylist(rows, schema=SCHEMAS[table]))
 
     def _name(self) -> str:
-        return f"part-{time.time_ns()}-{os.getpid()}-{next(self._sequence)}"
+        return f"part-{time.time_ns()}-{next(self._sequence)}.{self.instance.id}"
 
 
-def sweep_staged(root: Path) -> int:
-    """Remove the temporary files (".<name>.tmp", names carrying the writer's pid) that
-    writers no longer running left in the tables' date folders; another server that
-    shares the folder keeps its own. Returns how many were removed."""
+def sweep_staged(root: Path, me: Instance | None = None) -> int:
+    """Remove the temporary files (".<name>.tmp", names carrying their writer) that
+    writers no longer running left in the tables' date folders; a live writer sharing the
+    folder keeps its own. Returns how many were removed."""
     removed = 0
     for table in SCHEMAS:
         for folder in Path(root, table).glob("model=*/version=*/date=*"):
@@ -193,13 +214,9 @@ def sweep_staged(root: Path) -> int:
                 names = [e.name for e in os.scandir(folder) if e.name.endswith(".tmp")]
             except OSError:
                 continue
-            for name in names:
-                try:  # ".part-<ns>-<pid>-<n>.parquet.tmp", "._part-<ns>-<pid>-<n>.ids.tmp"
-                    pid = int(name.lstrip("._").split("-")[2])
-                except (IndexError, ValueError):
-                    continue  # not one of ours
-                if name[0] != "." or running_elsewhere(pid):
-                    continue
+            for name in names:  # ".part-<ns>-<n>.<instance>.parquet.tmp" and its index's
+                if name[0] != "." or writer_alive(root, name, me) is not False:
+                    continue  # running, or not one of ours
                 with contextlib.suppress(FileNotFoundError):
                     (folder / name).unlink()
                     removed += 1

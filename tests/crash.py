@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from monitors.payload_log import FEEDBACK, PREDICTIONS, read_window
 from registry.routes import ROUTE_ACTIONS
 from retrain.pipeline import file_hash
-from serving.journal import running_elsewhere
+from serving.instance import writer_alive
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,18 +94,16 @@ def folder_of(uri: str) -> Path:
 
 def leftovers(work: Path) -> list[Path]:
     """Temporary folders and files left anywhere in a work folder (not those a running
-    payload-log writer has in flight: their names carry its pid)."""
+    payload-log writer has in flight: their names carry its instance)."""
     found = [p for p in work.rglob("*") if p.name.endswith(".tmp") and not _in_flight(p)]
     scratch = work / "pipeline" / "tmp"
     return found + (list(scratch.iterdir()) if scratch.is_dir() else [])
 
 
 def _in_flight(path: Path) -> bool:
-    try:  # ".part-<ns>-<pid>-<n>.parquet.tmp" (serving.payload_log.sweep_staged)
-        pid = int(path.name.lstrip("._").split("-")[2])
-    except (IndexError, ValueError):
-        return False
-    return path.name.startswith(".") and running_elsewhere(pid)
+    # "<root>/<table>/model=/version=/date=/.part-<ns>-<n>.<instance>.parquet.tmp"
+    root = path.parents[4] if len(path.parents) > 4 else path.parent
+    return path.name.startswith(".") and writer_alive(root, path.name) is True
 
 
 def check_invariants(db: Path, work: Path) -> dict[str, int]:

@@ -344,7 +344,7 @@ def test_a_payload_log_writer_killed_mid_write_loses_nothing_older(tmp_path: Pat
         recovered += opened.labels.recovered
         swept += opened.swept
         check_nothing_lost(root, files, labels)
-        assert not list((root / "feedback" / "_journal").glob("journal-*"))
+        assert not list((root / "feedback" / "_journal").glob("*.jsonl"))
         assert not list(root.rglob("*.tmp"))  # what a kill mid-write left was removed
     print(f"labels only in a journal at the kill, recovered: {recovered}; temporary files "
           f"of a write cut by the kill, removed: {swept}")  # fmt: skip
