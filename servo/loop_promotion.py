@@ -3,9 +3,11 @@ shadow, its evidence and promotion request, the gates, the approval and the roll
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from retrain.rollout import Background
@@ -93,19 +95,24 @@ class PromotionSteps:
         if kubernetes is None or self.deployer is None:
             self.start_shadow(model, policy, detail, version, run_id)
             return
+        from servo.deploy import service_name
+
         try:
             uri = self.store.version(model, version).artifact_uri
             target = kubernetes.target(model, version, uri)
+            # recorded before the InferenceService exists, so that the reconciler, which
+            # lists InferenceServices before it reads what is wanted, never sees it unwanted
+            detail["deploying"] = {"version": version, "run_id": run_id,
+                                   "name": service_name(model, version),
+                                   "since": now_iso(self.clock())}  # fmt: skip
+            self.set_state(model, RETRAINING, detail)
             deployed = self.deployer.apply(target)
         except Exception as exc:  # DeployError, or the API server unreachable
             self._not_deployed(model, detail, version, run_id, str(exc) or type(exc).__name__)
             return
-        detail["deploying"] = {"version": version, "run_id": run_id, "name": deployed.name,
-                               "since": now_iso(self.clock())}  # fmt: skip
         self.note(model, "candidate_deploying", version=version, run_id=run_id,
                   name=deployed.name, storage_uri=target.storage_uri,
                   timeout_s=kubernetes.ready_timeout_s)  # fmt: skip
-        self.set_state(model, RETRAINING, detail)
 
     def deploying(self, model: str, policy: Policy, detail: dict[str, Any]) -> None:
         """One look at the candidate's InferenceService: Ready starts its shadow; KServe
@@ -131,6 +138,11 @@ class PromotionSteps:
             if gave_up or waited >= kubernetes.ready_timeout_s:
                 self._not_deployed(model, detail, version, run_id, str(exc))
                 return
+            if isinstance(exc, DeployError) and exc.status == HTTPStatus.NOT_FOUND:
+                # gone (a kill before the first apply, or deleted by hand): applied again
+                with contextlib.suppress(Exception):  # an API server down: next check
+                    uri = self.store.version(model, version).artifact_uri
+                    self.deployer.apply(kubernetes.target(model, version, uri))
             # the API server did not answer (down, or a 404 while it is recreated): next check
             self.note(model, None, "candidate_status_unread", level=logging.WARNING,
                       version=version, error=str(exc) or type(exc).__name__)  # fmt: skip

@@ -170,18 +170,20 @@ class Reconciler:
     def reconcile(self) -> None:
         """One round: routed versions applied and their endpoints recorded, unrouted
         ones past the grace deleted."""
-        routed: dict[Key, str] = {}
-        for model, rows in self.store.deployments().items():
-            for row in rows:
-                if row.get("servable", True) and row["artifact_uri"]:
-                    routed[(model, int(row["version"]))] = str(row["artifact_uri"])
-        wanted = set(routed) | deploying(self.store)
+        # listed before what is wanted is read: an InferenceService the loop creates for a
+        # candidate is recorded as deploying before it exists, so it is never seen unwanted
         try:
             existing = {(d.model, d.version): d for d in self.deployer.managed()}
         except DeployError as exc:
             self._failed("list", ("", 0), exc)
             return
         self._clear("list", ("", 0))
+        routed: dict[Key, str] = {}
+        for model, rows in self.store.deployments().items():
+            for row in rows:
+                if row.get("servable", True) and row["artifact_uri"]:
+                    routed[(model, int(row["version"]))] = str(row["artifact_uri"])
+        wanted = set(routed) | deploying(self.store)
         for key, uri in sorted(routed.items()):
             self._routed(key, uri, existing.get(key))
         now = self.clock()

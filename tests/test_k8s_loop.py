@@ -480,6 +480,10 @@ def test_the_loop_shadows_a_candidate_only_once_ready(
         rounds = controller.reconciler.rounds
         wait_for(lambda: controller.reconciler.rounds > rounds + 1)  # type: ignore[union-attr]
         assert [d.version for d in deployer.managed()] == [1, 2]  # the reconciler keeps it
+        deployer.delete("digits", 2)  # gone while deploying (by hand, or a kill before apply)
+        controller.tick("digits")
+        assert [d.version for d in deployer.managed()] == [1, 2]  # the loop applied it again
+        assert store.loop_states()["digits"]["state"] == "retraining"
         assert [r["version"] for r in store.deployments()["digits"]] == [1]
         kserve.silent.clear()
         kserve.play()
