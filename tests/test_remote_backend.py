@@ -294,7 +294,7 @@ def test_backend_down_opens_the_circuit_local_models_serve(
     first = [infer(gateway, "gone", PAIR_BODY) for _ in range(2)]
     for reply in first:
         assert reply.status_code == 503
-        assert "unreachable (ConnectError" in reply.json()["error"], reply.text
+        assert "unreachable (" in reply.json()["error"], reply.text
         assert "backend http://127.0.0.1:" in reply.json()["error"]
     opened = infer(gateway, "gone", PAIR_BODY)
     assert opened.status_code == 503
