@@ -30,11 +30,11 @@ from serving.remote import (
     MetadataPending,
     Outputs,
     RemoteError,
+    Signed,
     checked_outputs,
     malformed,
 )
 from serving.runtime import Arrays, RemoteOptions
-from serving.signature import Signature
 
 #: gRPC codes that are the client's error -> the HTTP status passed on
 REFUSED: dict[grpc.StatusCode, HTTPStatus] = {
@@ -69,21 +69,15 @@ def _code(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
     return code, str(details or "")
 
 
-class GrpcTransport:
+class GrpcTransport(Signed):
     def __init__(self, target: str, name: str, version: str, remote: RemoteOptions, where: str):
+        super().__init__(remote, where)
         self.target, self.name, self.version = target, name, version
-        self.remote, self.where = remote, where
         self._channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._sync_channel: grpc.Channel | None = None
         self._sync_stub: Any = None
         self._lock = threading.Lock()
-        self._in_types: dict[str, str] = {}
-        self._out_types: dict[str, str] = {}
-
-    def bind(self, signature: Signature) -> None:
-        self._in_types = {s.name: s.datatype for s in signature.inputs}
-        self._out_types = {s.name: s.datatype for s in signature.outputs}
 
     async def metadata(self, timeout_s: float) -> dict[str, Any]:
         request = pb.ModelMetadataRequest(name=self.name, version=self.version)

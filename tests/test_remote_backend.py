@@ -75,15 +75,15 @@ class FaultyBackend:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                size = int(self.headers["Inference-Header-Content-Length"])
+                shape = orjson.loads(body[:size])["inputs"][0]["shape"]
+                owner.calls.append(shape[0])
                 if owner.mode == "hang":
                     owner.release.wait(30)
                     return self._send(500, b'{"error": "late"}', {})
                 if owner.mode in ("500", "400"):
                     message = f'{{"error": "backend says {owner.mode}"}}'.encode()
                     return self._send(int(owner.mode), message, {})
-                size = int(self.headers["Inference-Header-Content-Length"])
-                shape = orjson.loads(body[:size])["inputs"][0]["shape"]
-                owner.calls.append(shape[0])
                 head = orjson.dumps(
                     {"model_name": "x", "model_version": "1", "outputs": [
                         {"name": "y", "datatype": "FP32", "shape": shape,
@@ -458,6 +458,36 @@ def test_edge_batching_merges_concurrent_requests(kind: str) -> None:
     assert sum(backend.calls) == 16 and len(backend.calls) < 16, backend.calls
     for row, (y,) in zip(rows, answers, strict=True):
         np.testing.assert_array_equal(y, row)  # each caller its own row
+
+
+@pytest.mark.parametrize(
+    ("mode", "calls", "status"), [("400", [8] + [1] * 8, 400), ("500", [8], 502)]
+)
+def test_edge_batch_failures(mode: str, calls: list[int], status: int) -> None:
+    """A merged request the backend refuses runs again request by request (one of them may
+    be the culprit); one that meets a failing backend fails all of them at once."""
+    backend = FaultyBackend("echo")
+    rows = [np.full((1, 3), i, dtype=np.float32) for i in range(8)]
+
+    async def run() -> list[Any]:
+        with ThreadPoolExecutor(2) as executor:
+            model = await _open(backend.url, executor)
+            assert model.configure_batching(BatchingConfig(True, 64, 50_000))
+            backend.mode = mode
+            try:
+                predictions = (model.predict({"x": row}) for row in rows)
+                return await asyncio.gather(*predictions, return_exceptions=True)
+            finally:
+                model.unload()
+                await asyncio.sleep(0.05)
+
+    try:
+        answers = asyncio.run(run())
+    finally:
+        backend.close()
+    assert backend.calls == calls
+    assert [getattr(a, "status", None) for a in answers] == [status] * 8, answers
+    assert all(f"backend says {mode}" in str(a) for a in answers)
 
 
 @pytest.mark.parametrize("kind", list(BACKENDS))
