@@ -228,6 +228,8 @@ def gateway(
               for mode, one in faulty.items() if mode != "twin"),
             *({"name": f"grpc-{mode}", "champion": {"version": "1", "url": one.url}}
               for mode, one in faulty_grpc.items() if mode != "twin"),
+            {"name": "never", "champion": {"version": "1",
+                                           "url": f"grpc://127.0.0.1:{free_port()}"}},
         ],
     )  # fmt: skip
     server = start_server(
@@ -235,7 +237,7 @@ def gateway(
         tmp / "gateway.log",
         wait_for=["digits", "identity_fp32", "gone", "hang", "grpc-gone", "grpc-hang"],
         env={"SERVO_REMOTE_TIMEOUT_S": "1.5", "SERVO_REMOTE_FAILURES": "2",
-             "SERVO_REMOTE_COOLDOWN_S": "1"},
+             "SERVO_REMOTE_COOLDOWN_S": "1", "SERVO_REMOTE_METADATA_TIMEOUT_S": "1"},
     )  # fmt: skip
     yield server
     assert server.stop() == 0, server.log()
@@ -267,6 +269,16 @@ def test_remote_answers_equal_the_backends(gateway: RunningServer, backend: Runn
     size = int(binary.headers["inference-header-content-length"])
     label = np.frombuffer(binary.content[size:][:8], dtype="<i8")
     assert label.tolist() == direct.json()["outputs"][0]["data"][:1]
+
+
+def test_backend_never_up_fails_its_load_after_the_metadata_timeout(
+    gateway: RunningServer,
+) -> None:
+    wait_until(lambda: "metadata not read" in infer(gateway, "never", PAIR_BODY).text)
+    reply = infer(gateway, "never", PAIR_BODY)
+    assert reply.status_code == 503, reply.text
+    assert "metadata not read in 1.0 s (" in reply.json()["error"], reply.text
+    assert "last: UNAVAILABLE" in reply.json()["error"], reply.text
 
 
 def test_canary_split_local_and_remote_and_recording(gateway: RunningServer) -> None:
