@@ -214,7 +214,6 @@ class RestTransport(Signed):
         self._client = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=remote.max_connections),
             timeout=aiohttp.ClientTimeout(total=remote.timeout_s),
-            auto_decompress=False,
         )
         limits = httpx.Limits(
             max_connections=remote.max_connections,
@@ -388,7 +387,7 @@ class RemoteBatcher(Batcher):
         return isinstance(error, BackendRefused)
 
     async def _dispatch(self, batch: list[Queued]) -> None:
-        await self._slots.acquire()  # meanwhile the queue grows: the next batch is larger
+        await self._slots.acquire()  # what arrives while it waits forms the next batch
 
         async def run() -> None:
             try:
