@@ -116,6 +116,24 @@ class Deployment(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
+class Endpoint(Base):
+    """Where a routed version is served outside the gateway (a KServe InferenceService),
+    as the reconciler (servo.reconcile) last saw it; the gateway calls `url` once `ready`."""
+
+    __tablename__ = "endpoints"
+    model: Mapped[str] = mapped_column(ForeignKey("models.name"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: the deployer that made it ("kubernetes")
+    backend: Mapped[str] = mapped_column(String(32))
+    #: the backend's object name (the InferenceService)
+    name: Mapped[str] = mapped_column(String(253))
+    url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    ready: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: why it is not ready (the status conditions that are not True), "" when it is
+    detail: Mapped[str] = mapped_column(Text, default="")
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
 class PipelineRun(Base):
     __tablename__ = "pipeline_runs"
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)

@@ -20,12 +20,14 @@ from registry.base import (
     not_servable,
     version_row,
 )
+from registry.endpoints import ENDPOINT_DELETE, ENDPOINT_SET
 from registry.models import (
     VERSION_STATUSES,
     Alias,
     AliasHistory,
     AuditEntry,
     Deployment,
+    Endpoint,
     ModelVersion,
     PromotionRequest,
     Rollout,
@@ -33,10 +35,11 @@ from registry.models import (
 )
 
 #: the audit actions that change deployments (the gateway reloads after each); the canary
-#: ones are registry.rollouts'
+#: ones are registry.rollouts', the endpoint ones registry.endpoints'
 ROUTE_ACTIONS = (
     "deploy", "shadow_add", "shadow_remove", "promote", "rollback",
     "canary_start", "canary_step", "canary_promote", "canary_rollback", "canary_fail",
+    ENDPOINT_SET, ENDPOINT_DELETE,
 )  # fmt: skip
 Row = tuple[int, str, float]
 
@@ -125,21 +128,28 @@ class RoutesMixin(StoreBase):
         self._retry(work)
 
     def deployments(self) -> dict[str, list[dict[str, Any]]]:
-        """Every model's deployments with each version's artifact URI and whether it is
+        """Every model's deployments with each version's artifact URI, whether it is
         servable (a deployment made before versions had the flag may point at one that is
-        not: the gateway skips it)."""
+        not: the gateway skips it) and `url`: where another backend serves it once its
+        endpoint is ready (registry.endpoints), else None (the gateway loads the folder)."""
         with self._session() as session:
             rows = session.execute(
-                select(Deployment, ModelVersion.artifact_uri, ModelVersion.servable)
+                select(Deployment, ModelVersion.artifact_uri, ModelVersion.servable, Endpoint.url)
                 .join(
                     ModelVersion,
                     (ModelVersion.model == Deployment.model)
                     & (ModelVersion.version == Deployment.version),
                 )
+                .outerjoin(
+                    Endpoint,
+                    (Endpoint.model == Deployment.model)
+                    & (Endpoint.version == Deployment.version)
+                    & Endpoint.ready,
+                )
                 .order_by(Deployment.model, Deployment.version)
             ).all()
             out: dict[str, list[dict[str, Any]]] = {}
-            for deployment, uri, servable in rows:
+            for deployment, uri, servable, url in rows:
                 out.setdefault(deployment.model, []).append(
                     {
                         "version": deployment.version,
@@ -147,12 +157,14 @@ class RoutesMixin(StoreBase):
                         "percent": deployment.percent,
                         "artifact_uri": uri,
                         "servable": bool(servable),
+                        "url": url,
                     }
                 )
             return out
 
     def deployments_revision(self) -> int:
-        """Changes whenever any deployment changes (the last route change's audit id)."""
+        """Changes whenever any deployment or endpoint changes (the last such change's
+        audit id)."""
         with self._session() as session:
             last = session.execute(
                 select(AuditEntry.id)

@@ -1,5 +1,6 @@
 """The registry's only door to its tables: model versions, aliases with history,
-deployments and the loop's route changes (registry.routes), canary rollouts and their
+deployments and the loop's route changes (registry.routes), the endpoints of versions
+served outside the gateway (registry.endpoints), canary rollouts and their
 judge's looks (registry.rollouts), pipeline runs and lineage
 (registry.runs), promotion requests (registry.promotions), tokens (registry.tokens), model
 locks (registry.locks), the loop's state and events (registry.loop), and an append-only
@@ -39,6 +40,7 @@ from registry.base import (
     upgrade,
     version_row,
 )
+from registry.endpoints import EndpointInfo, EndpointsMixin
 from registry.locks import LocksMixin
 from registry.loop import LoopMixin
 from registry.models import (
@@ -68,6 +70,7 @@ __all__ = [
     "ROLLOUT_STATUSES",
     "VERSION_STATUSES",
     "Conflict",
+    "EndpointInfo",
     "Identity",
     "Invalid",
     "NotFound",
@@ -113,6 +116,7 @@ def _info(row: ModelVersion) -> VersionInfo:
 
 class RegistryStore(
     AuditMixin,
+    EndpointsMixin,
     TokensMixin,
     RolloutsMixin,
     PromotionsMixin,

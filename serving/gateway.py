@@ -9,7 +9,7 @@ from pathlib import Path
 
 from serving.batcher import BatchingConfig
 from serving.recorder import ModelMetrics, Recorder
-from serving.repository import ModelRepository, State
+from serving.repository import Entry, ModelRepository, State
 from serving.router import LiveRoute, Router, RoutingState, cut
 from serving.routes import ModelRoute, RouteTable
 from serving.runtime import OnnxModel
@@ -60,40 +60,47 @@ class Gateway:
             return None
         return entry.model
 
-    async def _load(self, table: RouteTable) -> None:
+    async def _load(self, table: RouteTable) -> list[Entry]:
+        """Load what the table names and is not loaded yet. A version whose backend moved
+        (its folder <-> a remote url, or another url: an InferenceService that became
+        Ready, or stopped being so) is loaded anew; the entries it replaced are returned,
+        to unload once the new routes are installed, and a version whose new backend
+        failed to load keeps the old one."""
         loop = asyncio.get_running_loop()
+        replaced: list[Entry] = []
         for route in table.models.values():
             for _, deployment in route.deployments():
                 entry = self.repository.find(route.name, deployment.version)
                 expect = (route.name, deployment.version)
-                if deployment.url is not None:
-                    if entry is None or entry.state is not State.READY or entry.url is None:
-                        card = None if deployment.path == Path() else deployment.path
-                        loaded = await self.repository.load_remote(deployment.url, expect, card)
-                        failures = self.recorder.load_failures
-                        failures[expect] = failures.get(expect, 0) + int(
-                            loaded.state is State.FAILED
-                        )
-                    elif entry.url != deployment.url:
-                        log.error(
-                            "model %s version %s is served by %s; the route names %s "
-                            "(keeping the loaded one)",
-                            route.name, deployment.version, entry.url, deployment.url,
-                        )  # fmt: skip
-                    continue
-                if entry is not None and entry.state is State.READY:
-                    if entry.folder.resolve() != deployment.path.resolve():
+                old = entry if entry is not None and entry.state is State.READY else None
+                if old is not None and old.url == deployment.url:
+                    if old.url is None and old.folder.resolve() != deployment.path.resolve():
                         log.error(
                             "model %s version %s is loaded from %s; the route names %s "
                             "(a version never changes its files; keeping the loaded one)",
-                            route.name, deployment.version, entry.folder, deployment.path,
+                            route.name, deployment.version, old.folder, deployment.path,
                         )  # fmt: skip
                     continue
-                loaded = await loop.run_in_executor(
-                    None, self.repository.load_folder, deployment.path, expect
-                )
+                if deployment.url is not None:
+                    card = None if deployment.path == Path() else deployment.path
+                    loaded = await self.repository.load_remote(deployment.url, expect, card)
+                else:
+                    loaded = await loop.run_in_executor(
+                        None, self.repository.load_folder, deployment.path, expect
+                    )
                 failures = self.recorder.load_failures
                 failures[expect] = failures.get(expect, 0) + int(loaded.state is State.FAILED)
+                if old is None:
+                    continue
+                if loaded.state is State.READY:
+                    log.info(
+                        "model %s version %s moved from %s to %s", route.name,
+                        deployment.version, old.url or old.folder, loaded.url or loaded.folder,
+                    )  # fmt: skip
+                    replaced.append(old)
+                else:  # the new backend is not there (yet): the old one keeps serving
+                    self.repository.restore(old)
+        return replaced
 
     def _live(self, route: ModelRoute) -> LiveRoute | None:
         champion = self._ready(route.name, route.champion.version)
@@ -115,7 +122,7 @@ class Gateway:
 
     async def apply(self, table: RouteTable) -> None:
         table.validate()
-        await self._load(table)
+        replaced = await self._load(table)
         old = self.router.state
         live: dict[str, LiveRoute] = {}
         champions: dict[str, str] = {}
@@ -138,6 +145,12 @@ class Gateway:
                 live[route.name] = new
         self.router.install(RoutingState(live=live, champions=champions))
         self.applied += 1
+        for moved in replaced:  # a version now served by another backend
+            if moved.model is not None:
+                if not await moved.model.drain(self.drain_timeout_s):
+                    log.warning("%s still busy after %.0f s; unloading anyway", moved.model,
+                                self.drain_timeout_s)  # fmt: skip
+                moved.model.unload()
         for entry in self.repository.entries():
             if (entry.name, entry.version) not in keep:
                 await self.repository.remove(entry.name, entry.version, self.drain_timeout_s)

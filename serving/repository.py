@@ -112,6 +112,10 @@ class ModelRepository:
         log.info("model %s version %s served by %s", name, version, url)
         return entry
 
+    def restore(self, entry: Entry) -> None:
+        """Put back an entry that a failed reload of its version replaced."""
+        self._put(entry)
+
     def _failed(self, entry: Entry, error: str) -> Entry:
         entry.state, entry.error = State.FAILED, error
         self._put(entry)

@@ -516,11 +516,21 @@ def monitor_command(
 @click.option("--http-port", envvar="SERVO_HTTP_PORT", default=8080, show_default=True)
 @click.option("--grpc-port", envvar="SERVO_GRPC_PORT", default=8081, show_default=True)
 @click.option("--admin-port", envvar="SERVO_ADMIN_PORT", default=8082, show_default=True,
-              help="the admin API (always on 127.0.0.1)")  # fmt: skip
+              help="the admin API's port")  # fmt: skip
+@click.option("--admin-host", envvar="SERVO_ADMIN_HOST", default="127.0.0.1", show_default=True,
+              help="the admin API's address (every admin route needs a token)")  # fmt: skip
+@click.option("--serve-models/--no-serve-models", "serve_models", envvar="SERVO_SERVE_MODELS",
+              default=True, show_default=True,
+              help="--no-serve-models: the controller only (gateway pods serve the models): "
+                   "its gateway answers /metrics and /v2/health but routes no model; needs "
+                   "--prometheus")  # fmt: skip
 @click.option("--registry", "registry_url", envvar="SERVO_REGISTRY_URL", default=None,
               help="registry SQLAlchemy URL [default: sqlite:///DIR/registry.db]")  # fmt: skip
 @click.option("--prometheus", "prometheus_url", envvar="SERVO_PROMETHEUS_URL", default=None,
               help="monitors read this Prometheus [default: the gateway's metrics]")  # fmt: skip
+@click.option("--payload-log-dir", "payload_log_dir", envvar="SERVO_PAYLOAD_LOG_DIR",
+              default=None, type=click.Path(path_type=Path, file_okay=False),
+              help="the payload log the monitors read [default: DIR/payload]")  # fmt: skip
 @click.option("--policy", "policy_file", envvar="SERVO_POLICY_FILE", default=None,
               type=click.Path(path_type=Path, dir_okay=False),
               help="the loop policy (YAML) [default: ./servo.yaml if it exists]")  # fmt: skip
@@ -529,8 +539,8 @@ def monitor_command(
               type=click.Choice(["text", "json"]))  # fmt: skip
 def up_command(
     *, work_dir: Path, host: str, http_port: int, grpc_port: int, admin_port: int,
-    registry_url: str | None, prometheus_url: str | None, policy_file: Path | None,
-    log_level: str, log_format: str,
+    admin_host: str, serve_models: bool, registry_url: str | None, prometheus_url: str | None,
+    payload_log_dir: Path | None, policy_file: Path | None, log_level: str, log_format: str,
 ) -> None:  # fmt: skip
     """Run the closed loop: the gateway serving the registry's deployments, monitors, the
     retraining scheduler and controller, and the admin API. On an empty registry it first
@@ -546,13 +556,14 @@ def up_command(
             log_level=log_level, log_format=log_format,
             registry_url=registry_url or registry_url_for(work_dir),
             prometheus_url=prometheus_url, policy_file=policy_file,
-            payload_log_dir=work_dir / "payload",
+            payload_log_dir=payload_log_dir or work_dir / "payload",
         )  # fmt: skip
-    except ValidationError as exc:
+        options = UpOptions(dir=work_dir, admin_port=settings.admin_port,
+                            prometheus_url=settings.prometheus_url,
+                            policy_path=settings.policy_file, admin_host=admin_host,
+                            serve_models=serve_models)  # fmt: skip
+    except (ValidationError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
-    options = UpOptions(dir=work_dir, admin_port=settings.admin_port,
-                        prometheus_url=settings.prometheus_url,
-                        policy_path=settings.policy_file)  # fmt: skip
     try:
         serve_loop(settings, options)
     except ValueError as exc:  # a bad policy file: its error names the file, key and value

@@ -17,7 +17,9 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import unquote, urlparse
 
 if TYPE_CHECKING:
     from kubernetes.client import CustomObjectsApi
@@ -68,6 +70,7 @@ class Deployed:
     model: str
     version: int
     ready: bool
+    #: where it answers OIP: KServe's status.address.url (inside the cluster), else its url
     url: str | None = None
     #: the backend's object name and resourceVersion (Kubernetes), "" when embedded
     name: str = ""
@@ -101,6 +104,40 @@ def service_name(model: str, version: int) -> str:
             f"ending with a letter or digit, at most {_NAME_MAX} characters)"
         )
     return name
+
+
+def storage_uri(artifact_uri: str, data_dir: Path, prefix: str) -> str:
+    """The storageUri of a version's artifact folder: a file:// URI under `data_dir` (servo
+    up's data folder) gets `prefix` in place of that folder (e.g. `pvc://servo-data/`, the
+    volume that holds it); any other URI (s3://, gs://, pvc://) is the store's own and is
+    kept. A file:// URI without a prefix, or outside `data_dir`, is refused: KServe's
+    storage initializer cannot read the controller's disk."""
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme not in ("file", ""):
+        return artifact_uri
+    folder = Path(unquote(parsed.path))
+    if not prefix:
+        raise DeployError(
+            f"artifact {artifact_uri} is a local folder: set SERVO_K8S_STORAGE_PREFIX (e.g. "
+            f"pvc://servo-data/) to the volume holding {data_dir}"
+        )
+    try:
+        relative = folder.resolve().relative_to(data_dir.resolve())
+    except ValueError:
+        raise DeployError(
+            f"artifact {artifact_uri} is not under the data folder {data_dir} that "
+            f"SERVO_K8S_STORAGE_PREFIX {prefix} stands for"
+        ) from None
+    return prefix.rstrip("/") + "/" + relative.as_posix()
+
+
+def model_format(folder: Path | None) -> str:
+    """ "tensorflow" for a version folder kept as a SavedModel (saved_model.pb, no
+    model.onnx), else "onnx" (also when the folder cannot be read here)."""
+    saved = folder is not None and (folder / "saved_model.pb").is_file()
+    if saved and folder is not None and not (folder / "model.onnx").is_file():
+        return "tensorflow"
+    return "onnx"
 
 
 # embedded
@@ -355,6 +392,18 @@ class KubernetesDeployer:
         )
         return sorted((self._deployed(o) for o in found["items"]), key=lambda d: d.version)
 
+    def managed(self) -> list[Deployed]:
+        """Every InferenceService of the namespace that Servo manages (its managed-by
+        label), whatever the model, by model and version."""
+        found = self._call(
+            "list managed InferenceServices",
+            self.api.list_namespaced_custom_object,
+            label_selector=f"{MANAGED_BY[0]}={MANAGED_BY[1]}",
+        )
+        return sorted(
+            (self._deployed(o) for o in found["items"]), key=lambda d: (d.model, d.version)
+        )
+
     def status(self, model: str, version: int) -> Deployed:
         return self._deployed(self.get(model, version))
 
@@ -363,22 +412,33 @@ class KubernetesDeployer:
         KServe gave up on (failed load, invalid spec) fails at once; after `timeout`
         seconds, fails with the conditions that are not True (image pull errors and the
         like come from KServe's reason and message there)."""
-        name = service_name(model, version)
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
         while True:
-            obj = self.get(model, version)
-            deployed = self._deployed(obj)
-            if deployed.ready:
+            deployed = self.poll_ready(model, version, timeout, time.monotonic() - started)
+            if deployed is not None:
                 return deployed
-            model_status = (obj.get("status") or {}).get("modelStatus") or {}
-            transition = model_status.get("transitionStatus")
-            if transition in _TERMINAL:
-                raise DeployError(f"{name} failed ({transition}): " + "; ".join(deployed.problems))
-            if time.monotonic() >= deadline:
-                why = "; ".join(deployed.problems) or "no status conditions reported yet"
-                pull = "image pull failing; " if "ImagePull" in why else ""
-                raise DeployError(f"{name} not Ready within {timeout:g} s: {pull}{why}")
             time.sleep(self.poll_s)
+
+    def poll_ready(
+        self, model: str, version: int, timeout: float, waited: float
+    ) -> Deployed | None:
+        """One look of `wait_ready` for a caller that has waited `waited` seconds of
+        `timeout` (the loop, once per check): the version once Ready, None while it may
+        still become Ready, DeployError when KServe gave up or the time is up."""
+        name = service_name(model, version)
+        obj = self.get(model, version)
+        deployed = self._deployed(obj)
+        if deployed.ready:
+            return deployed
+        model_status = (obj.get("status") or {}).get("modelStatus") or {}
+        transition = model_status.get("transitionStatus")
+        if transition in _TERMINAL:
+            raise DeployError(f"{name} failed ({transition}): " + "; ".join(deployed.problems))
+        if waited >= timeout:
+            why = "; ".join(deployed.problems) or "no status conditions reported yet"
+            pull = "image pull failing; " if "ImagePull" in why else ""
+            raise DeployError(f"{name} not Ready within {timeout:g} s: {pull}{why}")
+        return None
 
     def _deployed(self, obj: Mapping[str, Any]) -> Deployed:
         meta = obj["metadata"]
@@ -394,7 +454,8 @@ class KubernetesDeployer:
             model=labels.get(MODEL_LABEL, ""),
             version=int(labels.get(VERSION_LABEL, 0)),
             ready=_ready(status) and not stale,
-            url=status.get("url"),
+            # the cluster-internal address (what a gateway pod calls) before the public URL
+            url=(status.get("address") or {}).get("url") or status.get("url"),
             name=meta["name"],
             resource_version=meta.get("resourceVersion", ""),
             problems=problems,

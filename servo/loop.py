@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from registry.store import RegistryStore
     from retrain.policy import LoopConfig, Policy
     from retrain.rollout import Rollout
+    from servo.deploy import KubernetesDeployer
+    from servo.reconcile import KubernetesConfig, Reconciler
     from servo.up import Reports
 
 log = logging.getLogger("servo.loop")
@@ -80,6 +82,9 @@ class ControllerConfig:
     owner: str = field(
         default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     )
+    #: SERVO_DEPLOYER=kubernetes: versions run as InferenceServices (servo.reconcile);
+    #: None: in the gateway (embedded)
+    kubernetes: KubernetesConfig | None = None
 
 
 class Controller(PromotionSteps):
@@ -93,6 +98,7 @@ class Controller(PromotionSteps):
         scheduler: Any,
         settings: ControllerConfig,
         clock: Callable[[], float] = time.time,
+        deployer: KubernetesDeployer | None = None,
     ):
         self.store = store
         self.config = config
@@ -110,10 +116,22 @@ class Controller(PromotionSteps):
         self._guard = threading.Lock()
         self._stopping = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        #: with settings.kubernetes: its deployer (built at start unless given) and the
+        #: reconciler thread that keeps the routed versions' InferenceServices
+        self.deployer = deployer
+        self.reconciler: Reconciler | None = None
 
     # lifecycle
 
     def start(self) -> None:
+        kubernetes = self.settings.kubernetes
+        if kubernetes is not None:  # first: a missing cluster configuration stops it here
+            from servo.reconcile import Reconciler
+
+            if self.deployer is None:
+                self.deployer = kubernetes.deployer()
+            self.reconciler = Reconciler(self.store, self.deployer, kubernetes)
+            self.reconciler.start()
         self.scheduler.on("check", self.tick)
         self.scheduler.on("retrain", self.cron)
         self.sync()
@@ -130,6 +148,8 @@ class Controller(PromotionSteps):
         (the worker marks its run interrupted), the model locks are given back."""
         self._stopping.set()
         self.scheduler.shutdown(wait=True)
+        if self.reconciler is not None:
+            self.reconciler.stop()
         if isinstance(self.rollout, Background):  # they stay running: a restart resumes them
             self.rollout.stop()
         for model, job in list(self._jobs.items()):
@@ -229,7 +249,7 @@ class Controller(PromotionSteps):
         logs.decision(event or kind or "loop", level, model=model, **detail)
 
     def back_to_watching(self, model: str, detail: dict[str, Any]) -> None:
-        detail.update({"job": None, "candidate": None, "request": None})
+        detail.update({"job": None, "candidate": None, "request": None, "deploying": None})
         self.set_state(model, WATCHING, detail)
         self.release(model)
 
@@ -473,6 +493,9 @@ class Controller(PromotionSteps):
     # retraining: the worker's outcome
 
     def _retraining(self, model: str, policy: Policy, detail: dict[str, Any]) -> None:
+        if detail.get("deploying"):  # the candidate's InferenceService, not Ready yet
+            self.deploying(model, policy, detail)
+            return
         job = self._jobs.get(model)
         if job is None:  # its worker died with the servo up that started it
             runs = self.store.recover_runs()
@@ -492,4 +515,4 @@ class Controller(PromotionSteps):
         if outcome.status != "succeeded" or outcome.version is None or outcome.reused:
             self.back_to_watching(model, detail)
             return
-        self.start_shadow(model, policy, detail, outcome.version, outcome.run_id)
+        self.deploy_candidate(model, policy, detail, outcome.version, outcome.run_id)

@@ -9,12 +9,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from retrain.rollout import Background
+from servo import logs
 from servo.loop_evidence import gather_evidence
 
 if TYPE_CHECKING:
     from registry.store import RegistryStore
     from retrain.policy import Policy
     from retrain.rollout import Rollout
+    from servo.deploy import KubernetesDeployer
     from servo.loop import ControllerConfig
 
 log = logging.getLogger("servo.loop")
@@ -69,6 +71,7 @@ class PromotionSteps:
     store: RegistryStore
     rollout: Rollout
     settings: ControllerConfig
+    deployer: KubernetesDeployer | None
 
     clock: Callable[[], float]
 
@@ -78,6 +81,80 @@ class PromotionSteps:
     def back_to_watching(self, model: str, detail: dict[str, Any]) -> None: ...
     def note(self, model: str, kind: str | None, event: str | None = None, *,
              level: int = logging.INFO, **detail: Any) -> None: ...  # fmt: skip
+
+    def deploy_candidate(self, model: str, policy: Policy, detail: dict[str, Any],
+                         version: int, run_id: int | None) -> None:  # fmt: skip
+        """A new version: shadowed at once by the embedded gateway; with the Kubernetes
+        deployer, its InferenceService is created first and the model stays retraining
+        (detail "deploying") until it is Ready (`deploying`)."""
+        from servo.loop import RETRAINING, now_iso
+
+        kubernetes = self.settings.kubernetes
+        if kubernetes is None or self.deployer is None:
+            self.start_shadow(model, policy, detail, version, run_id)
+            return
+        try:
+            uri = self.store.version(model, version).artifact_uri
+            target = kubernetes.target(model, version, uri)
+            deployed = self.deployer.apply(target)
+        except Exception as exc:  # DeployError, or the API server unreachable
+            self._not_deployed(model, detail, version, run_id, str(exc) or type(exc).__name__)
+            return
+        detail["deploying"] = {"version": version, "run_id": run_id, "name": deployed.name,
+                               "since": now_iso(self.clock())}  # fmt: skip
+        self.note(model, "candidate_deploying", version=version, run_id=run_id,
+                  name=deployed.name, storage_uri=target.storage_uri,
+                  timeout_s=kubernetes.ready_timeout_s)  # fmt: skip
+        self.set_state(model, RETRAINING, detail)
+
+    def deploying(self, model: str, policy: Policy, detail: dict[str, Any]) -> None:
+        """One look at the candidate's InferenceService: Ready starts its shadow; KServe
+        giving up, or no Ready within the timeout, is a loop event with the deployer's
+        message and the candidate is not shadowed (the reconciler deletes it after its
+        grace)."""
+        from servo.deploy import DeployError
+        from servo.loop import ACTOR, RETRAINING, timestamp
+        from servo.reconcile import BACKEND, endpoint_of
+
+        candidate = dict(detail["deploying"])
+        version, run_id = int(candidate["version"]), candidate.get("run_id")
+        kubernetes = self.settings.kubernetes
+        if kubernetes is None or self.deployer is None:  # restarted with the embedded one
+            detail["deploying"] = None
+            self.start_shadow(model, policy, detail, version, run_id)
+            return
+        waited = self.clock() - timestamp(candidate["since"])
+        try:
+            ready = self.deployer.poll_ready(model, version, kubernetes.ready_timeout_s, waited)
+        except Exception as exc:  # DeployError, or the API server unreachable
+            gave_up = isinstance(exc, DeployError) and exc.status is None
+            if gave_up or waited >= kubernetes.ready_timeout_s:
+                self._not_deployed(model, detail, version, run_id, str(exc))
+                return
+            # the API server did not answer (down, or a 404 while it is recreated): next check
+            self.note(model, None, "candidate_status_unread", level=logging.WARNING,
+                      version=version, error=str(exc) or type(exc).__name__)  # fmt: skip
+            return
+        if ready is None:
+            logs.decision("candidate_deploying", model=model, version=version,
+                          waited_s=round(waited, 1))  # fmt: skip
+            self.set_state(model, RETRAINING, detail)
+            return
+        detail["deploying"] = None
+        self.note(model, "candidate_ready", version=version, url=ready.url,
+                  waited_s=round(waited, 1))  # fmt: skip
+        # its endpoint first: the gateways call it from the shadow's first request on
+        url, is_ready, why = endpoint_of(ready)
+        self.store.set_endpoint(model, version, backend=BACKEND, name=ready.name, url=url,
+                                ready=is_ready, detail=why, actor=ACTOR)  # fmt: skip
+        self.start_shadow(model, policy, detail, version, run_id)
+
+    def _not_deployed(self, model: str, detail: dict[str, Any], version: int,
+                      run_id: int | None, error: str) -> None:  # fmt: skip
+        detail["deploying"] = None
+        self.note(model, "deploy_failed", level=logging.WARNING, version=version,
+                  run_id=run_id, error=error)  # fmt: skip
+        self.back_to_watching(model, detail)
 
     def start_shadow(self, model: str, policy: Policy, detail: dict[str, Any], version: int,
                      run_id: int | None) -> None:  # fmt: skip

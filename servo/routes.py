@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from registry.store import RegistryStore
-from serving.routes import Deployment, ModelRoute, RouteTable
+from serving.routes import Deployment, ModelRoute, RouteError, RouteTable, check_url
 
 log = logging.getLogger("servo")
 
@@ -22,7 +22,33 @@ def _path(uri: str) -> Path:
     return Path(unquote(parsed.path))
 
 
+def _card_folder(uri: str) -> Path:
+    """A remote version's artifact folder when this process can read it (its model card,
+    the reference profile), else Path() (none)."""
+    try:
+        folder = _path(uri)
+    except ValueError:
+        return Path()
+    return folder if folder.is_dir() else Path()
+
+
+def _deployment(name: str, row: dict[str, Any]) -> Deployment:
+    version, percent = str(row["version"]), float(row["percent"])
+    url = row.get("url")
+    if url:  # served elsewhere (a Ready InferenceService): the gateway calls it
+        try:
+            checked = check_url(url, f"model '{name}' version {version}")
+        except RouteError as exc:  # what the backend's status says is not for us to trust
+            log.error("%s; serving its folder instead", exc)
+        else:
+            return Deployment(version, _card_folder(row["artifact_uri"]), percent, checked)
+    return Deployment(version, _path(row["artifact_uri"]), percent)
+
+
 def table_from_deployments(deployments: dict[str, list[dict[str, Any]]]) -> RouteTable:
+    """The gateway's route table: a row with a `url` (its endpoint is ready elsewhere)
+    is a remote deployment, one without loads its artifact folder (the embedded
+    fallback, e.g. until its InferenceService is Ready)."""
     models: dict[str, ModelRoute] = {}
     for name, rows in deployments.items():
         by_role: dict[str, list[Deployment]] = {}
@@ -32,9 +58,7 @@ def table_from_deployments(deployments: dict[str, list[dict[str, Any]]]) -> Rout
                 log.error("model %s version %s is not servable; its %s route is skipped",
                           name, row["version"], row["role"])  # fmt: skip
                 continue
-            by_role.setdefault(row["role"], []).append(
-                Deployment(str(row["version"]), _path(row["artifact_uri"]), float(row["percent"]))
-            )
+            by_role.setdefault(row["role"], []).append(_deployment(name, row))
         champion = by_role.get("champion")
         if not champion:
             log.error("model %s has deployments but no servable champion; skipped", name)

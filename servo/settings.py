@@ -14,6 +14,19 @@ if TYPE_CHECKING:  # the serving stack (gRPC, ONNX Runtime) is imported by servi
     from serving.server import ServingConfig
 
 
+#: where Kubernetes mounts the pod's namespace
+NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def pod_namespace() -> str:
+    """The namespace of the pod this runs in (its service account's file), else "default"."""
+    try:
+        found = NAMESPACE_FILE.read_text().strip()
+    except OSError:
+        return "default"
+    return found or "default"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SERVO_", extra="forbid")
 
@@ -134,6 +147,32 @@ class Settings(BaseSettings):
     )
     registry_url: str = Field(
         "sqlite:///.servo/registry.db", description="SQLAlchemy URL of the model registry"
+    )
+    deployer: Literal["embedded", "kubernetes"] = Field(
+        "embedded",
+        description="where servo up runs model versions: in its gateway, or one KServe "
+        "InferenceService each (the gateway calls them once Ready)",
+    )
+    k8s_namespace: str = Field(
+        default_factory=pod_namespace,
+        description="the namespace of the InferenceServices (default: the pod's, else default)",
+    )
+    k8s_runtime: str = Field(
+        "", description="the ServingRuntime of the InferenceServices (empty: KServe's own)"
+    )
+    k8s_storage_prefix: str = Field(
+        "",
+        description="storageUri prefix replacing servo up's data folder in an artifact's "
+        "file:// URI (e.g. pvc://servo-data/)",
+    )
+    k8s_ready_timeout_s: float = Field(
+        600.0, gt=0, description="a candidate's InferenceService must be Ready this soon"
+    )
+    k8s_reconcile_s: float = Field(
+        5.0, gt=0, description="how often routed versions and InferenceServices are reconciled"
+    )
+    k8s_unrouted_grace_s: float = Field(
+        60.0, ge=0, description="an InferenceService unrouted this long is deleted"
     )
 
     def serving_config(self) -> ServingConfig:

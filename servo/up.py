@@ -4,7 +4,11 @@ Built in order: registry (SQLite under DIR unless --registry) -> bootstrap (digi
 empty registry) -> gateway following the registry's deployments (payload log under
 DIR/payload) -> monitors (the gateway's own metrics, or a Prometheus) -> loop metrics on
 the gateway's /metrics -> controller (scheduler, trigger, worker, shadow, evidence, gates,
-canary rollout judged on the gateway's counts) -> admin API on 127.0.0.1. SIGTERM or
+canary rollout judged on the gateway's counts) -> admin API (127.0.0.1 unless
+--admin-host). With --no-serve-models (the controller form for Kubernetes: gateway pods
+serve the models) the gateway still listens, for /metrics and /v2/health, but routes no
+model, and the monitors and the canary judge read the Prometheus that scrapes the gateway
+pods (required), each version's reference profile read from its artifact folder. SIGTERM or
 SIGINT stops them in reverse: the controller (a running retrain is stopped and marked
 interrupted, the scheduler shuts down, canary runners stop: their rollouts resume at the
 next start), the admin API, the gateway (in-flight requests finish, the payload log is
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import ipaddress
 import logging
 import signal
 from collections.abc import Callable
@@ -47,6 +52,43 @@ class UpOptions:
     policy_path: Path | None = None
     #: bootstrap parameters (digits pipeline params)
     bootstrap_params: dict[str, Any] | None = None
+    #: the admin API's address (every admin route needs a token)
+    admin_host: str = "127.0.0.1"
+    #: False: the controller form; the gateway routes no model (gateway pods serve them)
+    serve_models: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.serve_models and not self.prometheus_url:
+            raise ValueError(
+                "--no-serve-models needs --prometheus URL: this process serves no model, so "
+                "its monitors and canary judge must read the Prometheus that scrapes the "
+                "gateway pods"
+            )
+        if not self.admin_host.strip():
+            raise ValueError("--admin-host must not be empty (default 127.0.0.1)")
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and "localhost"; False for any other address or name."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def report_admin_exposure(host: str, port: int | None) -> None:
+    """The decision logged when the admin API listens beyond loopback (a pod's address:
+    reachable from the cluster; every admin route needs a token)."""
+    if not is_loopback(host):
+        logs.decision(
+            "admin_api_exposed",
+            level=logging.WARNING,
+            host=host,
+            port=port,
+            reason="bound beyond loopback: every admin route needs a token",
+        )
 
 
 def registry_url_for(directory: Path) -> str:
@@ -97,9 +139,13 @@ class Reports:
         prometheus_url: str | None = None,
         full_s: float = 3600.0,
         keep_s: float = 86400.0,
+        store: RegistryStore | None = None,
     ):
         self.server = server
         self.loop = loop
+        #: a version the gateway has not loaded: its profile from its registry folder
+        self.store = store
+        self._folder_profiles: dict[tuple[str, str], tuple[Any, float | None]] = {}
         self.prometheus = PrometheusSource(prometheus_url) if prometheus_url else None
         self.embedded = EmbeddedSource(server.registry, full_s=full_s, keep_s=keep_s)
         self.exporter = MonitorExporter(server.registry)
@@ -108,15 +154,39 @@ class Reports:
     def _profile(self, model: str, version: str) -> tuple[Any, float | None] | None:
         entry = self.server.repository.find(model, version)
         if entry is None or entry.model is None:
-            return None
+            return self._folder_profile(model, version) if self.store is not None else None
         accuracy = entry.model.card.metrics.get("accuracy")
         baseline = float(accuracy) if isinstance(accuracy, int | float) else None
         return entry.model.profile, baseline
 
+    def _folder_profile(self, model: str, version: str) -> tuple[Any, float | None] | None:
+        """The profile and baseline accuracy from the version's model card in its artifact
+        folder (kept: a registered version's folder does not change); None: unreadable."""
+        from monitors.profile import ProfileError
+        from registry.store import NotFound
+        from serving.errors import ModelLoadError
+        from servo.monitoring import resolve
+
+        key = (model, version)
+        if key not in self._folder_profiles:
+            if not version.isdigit():
+                return None
+            try:
+                target = resolve(model, int(version), None, self.store)
+            except (LookupError, NotFound, ModelLoadError, ProfileError, OSError) as exc:
+                log.warning("profile of %s %s not read from its folder: %s", model, version, exc)
+                return None
+            self._folder_profiles[key] = (target.profile, target.baseline)
+        return self._folder_profiles[key]
+
     def _compute(self, model: str, version: str, config: MonitorConfig) -> MonitorReport:
         loaded = self._profile(model, version)
         if loaded is None:
-            why = f"version {version} is not loaded"
+            why = (
+                f"version {version} is not loaded"
+                if self.store is None
+                else f"version {version}: no model card readable in its artifact folder"
+            )
             return _unavailable(model, version, config, why, self.source)
         profile, baseline = loaded
         if self.prometheus is not None:
@@ -202,6 +272,7 @@ def run_up(
     an object with `stop()` and `port`."""
     import uvloop
 
+    from serving.routes import RouteSource, StaticRouteSource
     from serving.server import Server
     from servo.auth import Authenticator
     from servo.cli_common import open_store
@@ -214,11 +285,14 @@ def run_up(
         if recovered:
             logs.decision("runs_recovered", runs=recovered, reason="their process is gone")
         bootstrap(store, settings.registry_url, options.dir, options.bootstrap_params)
+        routes: RouteSource = (
+            RegistryRouteSource(store, settings.routes_poll_s)
+            if options.serve_models
+            else StaticRouteSource([])  # an empty table: infer answers unknown model
+        )
         # once the registry holds any token, feedback needs a labeler's
         server = Server(
-            settings.serving_config(),
-            RegistryRouteSource(store, settings.routes_poll_s),
-            authenticate=Authenticator(store).feedback_caller,
+            settings.serving_config(), routes, authenticate=Authenticator(store).feedback_caller
         )
         loop_metrics = LoopMetrics(store)
         server.registry.register(loop_metrics)
@@ -248,6 +322,8 @@ class _Up:
         if self.admin_factory is not None and not serving.done():
             admin = await asyncio.to_thread(self.admin_factory, running)
             running.admin_port = getattr(admin, "port", None)
+            if admin is not None:
+                report_admin_exposure(self.options.admin_host, running.admin_port)
         if self.controller_factory is not None and not serving.done():
             running.controller = await asyncio.to_thread(self.controller_factory, running)
             if running.controller is not None:
@@ -257,6 +333,8 @@ class _Up:
             http_port=server.http_port,
             grpc_port=server.grpc_port,
             admin_port=running.admin_port,
+            admin_host=self.options.admin_host,
+            serve_models=self.options.serve_models,
             registry=_redacted(self.settings.registry_url),
             payload_log=str(self.settings.payload_log_dir),
             monitors="prometheus" if self.options.prometheus_url else "embedded",
@@ -273,7 +351,13 @@ class _Up:
             loop.add_signal_handler(sig, stopping.set)
         server = self.server
         serving = asyncio.create_task(server.run())
-        reports = Reports(server, loop, prometheus_url=self.options.prometheus_url)
+        options = self.options
+        reports = Reports(
+            server,
+            loop,
+            prometheus_url=options.prometheus_url,
+            store=None if options.serve_models else self.store,
+        )
         running = Running(server, self.store, reports, None, None, self.loop_metrics)
         admin = None
         try:
@@ -353,12 +437,13 @@ def serve_loop(settings: Settings, options: UpOptions) -> None:
             policy_for=config.for_model,
         )
         server = AdminServer(app)
-        server.start("127.0.0.1", options.admin_port)
+        server.start(options.admin_host, options.admin_port)
         return server
 
     def controller(running: Running) -> LoopController:
         from retrain.scheduler import LoopScheduler
         from servo.loop import Controller, ControllerConfig
+        from servo.reconcile import kubernetes_config
 
         return Controller(
             running.store,
@@ -370,6 +455,7 @@ def serve_loop(settings: Settings, options: UpOptions) -> None:
                 directory=options.dir.resolve(),
                 registry_url=settings.registry_url,
                 payload_root=(settings.payload_log_dir or options.dir / "payload").resolve(),
+                kubernetes=kubernetes_config(settings, options.dir.resolve()),
             ),
         )
 

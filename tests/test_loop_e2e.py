@@ -87,7 +87,8 @@ def test_the_loop_notices_drift_retrains_once_and_recovers_after_approval(
         wait_for(lambda: events(store, "shadow_started"), every_s=0.5)
         assert [d for d in store.deployments()["digits"] if d["role"] == "shadow"] == [
             {"version": 2, "role": "shadow", "percent": 100.0,
-             "artifact_uri": store.version("digits", 2).artifact_uri, "servable": True}
+             "artifact_uri": store.version("digits", 2).artifact_uri, "servable": True,
+             "url": None}
         ]  # fmt: skip
         pending = wait_for(lambda: store.promotions(model="digits", status="pending"), every_s=0.5)
         request = pending[0]

@@ -390,7 +390,7 @@ def test_migration_0004_upgrades_a_0003_database(
         assert store.rollouts() == []
     finally:
         store.close()
-    assert migration_heads() == {"0004"}
+    assert "0004" not in (migration_heads() or ())  # 0005 (endpoints) came after it
     if backend == "sqlite":  # the fast path (servo train, models list) accepts the new head
         lite = LiteRegistry.open(url)
         assert lite is not None

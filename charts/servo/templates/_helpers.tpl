@@ -92,7 +92,8 @@ capabilities:
   drop: ["ALL"]
 {{- end -}}
 
-{{/* Probes on the OIP health endpoints of the named port (startup: optional). */}}
+{{/* Probes on the OIP health endpoints of the named port (startup: optional; readyPath:
+the readiness path, default /v2/health/ready). */}}
 {{- define "servo.probes" -}}
 {{- with .startup }}
 startupProbe:
@@ -108,7 +109,69 @@ livenessProbe:
   {{- toYaml .live | nindent 2 }}
 readinessProbe:
   httpGet:
-    path: /v2/health/ready
+    path: {{ .readyPath | default "/v2/health/ready" }}
     port: {{ .port }}
   {{- toYaml .ready | nindent 2 }}
+{{- end -}}
+
+{{/* The claim of a persisted volume (`payloadLog` or `data`): the existing one, or the
+chart's "<fullname>-<component>". Empty when persistence is off. */}}
+{{- define "servo.claimName" -}}
+{{- $p := .persistence -}}
+{{- if $p.enabled -}}
+{{- default (include "servo.componentName" (dict "root" .root "component" .component)) $p.existingClaim -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A pod volume: the claim when persistence is on, else an emptyDir. */}}
+{{- define "servo.volume" -}}
+- name: {{ .name }}
+  {{- $claim := include "servo.claimName" . }}
+  {{- if $claim }}
+  persistentVolumeClaim:
+    claimName: {{ $claim }}
+    {{- if .readOnly }}
+    readOnly: true
+    {{- end }}
+  {{- else }}
+  emptyDir: {}
+  {{- end }}
+{{- end -}}
+
+{{/* The payload log folder (SERVO_PAYLOAD_LOG_DIR) of gateway and controller pods. */}}
+{{- define "servo.payloadLogDir" -}}/var/lib/servo-payload{{- end -}}
+
+{{/* The controller's data folder (`servo up --dir`): artifacts, versions, run logs. */}}
+{{- define "servo.dataDir" -}}/var/lib/servo{{- end -}}
+
+{{/* The controller's Prometheus, required with the controller: it serves no model, so
+its monitors and canary judge read the Prometheus that scrapes the gateway pods. */}}
+{{- define "servo.prometheusUrl" -}}
+{{- required "controller.prometheusUrl is required with controller.enabled: the controller serves no model (servo up --no-serve-models), so its monitors and canary judge read the Prometheus that scrapes the gateway pods, e.g. --set controller.prometheusUrl=http://prometheus-operated.monitoring:9090" .Values.controller.prometheusUrl -}}
+{{- end -}}
+
+{{/* SERVO_K8S_RUNTIME: deployer.runtime, else the chart's ServingRuntime when enabled,
+else empty (KServe picks its own runtime for the format). */}}
+{{- define "servo.k8sRuntime" -}}
+{{- if .Values.deployer.runtime -}}
+{{- .Values.deployer.runtime -}}
+{{- else if .Values.servingRuntime.enabled -}}
+{{- include "servo.componentName" (dict "root" . "component" "runtime") -}}
+{{- end -}}
+{{- end -}}
+
+{{/* SERVO_K8S_STORAGE_PREFIX: deployer.storagePrefix, else the data claim as pvc://CLAIM/
+(its root is the controller's data folder). The kubernetes deployer needs one of them:
+KServe's storage initializer must reach the version's folder. */}}
+{{- define "servo.k8sStoragePrefix" -}}
+{{- if .Values.deployer.storagePrefix -}}
+{{- .Values.deployer.storagePrefix -}}
+{{- else -}}
+{{- $claim := include "servo.claimName" (dict "root" . "component" "data" "persistence" .Values.data.persistence) -}}
+{{- if $claim -}}
+{{- printf "pvc://%s/" $claim -}}
+{{- else if eq .Values.deployer.kind "kubernetes" -}}
+{{- fail "deployer.kind=kubernetes needs data.persistence.enabled (the artifacts on a PersistentVolumeClaim, served to KServe as pvc://CLAIM/...) or deployer.storagePrefix" -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
