@@ -46,7 +46,7 @@ class CallObserver(Protocol):
 
 
 @dataclass(slots=True)
-class _Item:
+class Queued:
     feeds: Arrays
     rows: int
     key: tuple[Any, ...]
@@ -62,7 +62,7 @@ class Batcher:
         self.executor = executor
         self.config = config
         self.observer = observer
-        self._queue: deque[_Item] = deque()
+        self._queue: deque[Queued] = deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -70,7 +70,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         first = next(iter(feeds.values()))
         key = (tuple(outputs), *((n, a.shape[1:], a.dtype.str) for n, a in feeds.items()))
-        item = _Item(feeds, int(first.shape[0]), key, outputs, loop.create_future(), loop.time())
+        item = Queued(feeds, int(first.shape[0]), key, outputs, loop.create_future(), loop.time())
         self._queue.append(item)
         if self._wakeup is None:
             self._wakeup = asyncio.Event()
@@ -82,10 +82,10 @@ class Batcher:
     def _queued_rows(self, key: tuple[Any, ...]) -> int:
         return sum(i.rows for i in self._queue if i.key == key and not i.future.done())
 
-    def _take(self, key: tuple[Any, ...]) -> list[_Item]:
-        batch: list[_Item] = []
+    def _take(self, key: tuple[Any, ...]) -> list[Queued]:
+        batch: list[Queued] = []
         rows = 0
-        rest: deque[_Item] = deque()
+        rest: deque[Queued] = deque()
         while self._queue:
             item = self._queue.popleft()
             if item.future.done():  # the client went away
@@ -121,9 +121,9 @@ class Batcher:
                         break
             batch = self._take(first.key)
             if batch:
-                await self._run(batch)
+                await self._dispatch(batch)
 
-    async def _run(self, batch: list[_Item]) -> None:
+    async def _run(self, batch: list[Queued]) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
         if self.observer is not None:
@@ -137,10 +137,11 @@ class Batcher:
         rows = sum(i.rows for i in batch)
         started = time.perf_counter()
         try:
-            results = await loop.run_in_executor(self.executor, self.run, inputs, outputs)
+            results = await self._call(inputs, outputs)
         except ServingError as exc:
-            if len(batch) == 1:
-                _fail(batch[0], exc)
+            if len(batch) == 1 or not self._retry_alone(exc):
+                for item in batch:
+                    _fail(item, exc)
                 return
             log.info("a batch of %d requests failed (%s); running them one by one", len(batch), exc)
             for item in batch:
@@ -163,16 +164,31 @@ class Batcher:
         for index, item in enumerate(batch):
             _succeed(item, [part[index] for part in parts])
 
+    async def _dispatch(self, batch: list[Queued]) -> None:
+        """Run a batch; the next one forms when this returns (a subclass may return
+        before the batch has run, to keep several in flight)."""
+        await self._run(batch)
+
+    async def _call(self, inputs: Arrays, outputs: Sequence[str]) -> list[npt.NDArray[Any]]:
+        """One merged call: `run` on the executor (a subclass may call out instead)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self.run, inputs, outputs)
+
+    def _retry_alone(self, error: ServingError) -> bool:
+        """Whether a failed merged call's requests run again one by one (an error one
+        request may have caused), or all get the error (one the batch as a whole met)."""
+        return True
+
     def close(self) -> None:
         if self._task is not None and not self._queue:
             self._task.cancel()
 
 
-def _succeed(item: _Item, results: list[npt.NDArray[Any]]) -> None:
+def _succeed(item: Queued, results: list[npt.NDArray[Any]]) -> None:
     if not item.future.done():
         item.future.set_result(results)
 
 
-def _fail(item: _Item, error: Exception) -> None:
+def _fail(item: Queued, error: Exception) -> None:
     if not item.future.done():
         item.future.set_exception(error)

@@ -16,9 +16,10 @@ Routes file (JSON):
     ]}
 
 `percent` is the canary's share of traffic, or the share of requests copied to a shadow.
-A deployment served elsewhere over OIP REST (a KServe InferenceService, another Servo
-server) gives `"url": "http://host:port"` instead of `path` (http or https, a host, no
-query); a `path` given with it is read only for the version's model card (profile).
+A deployment served elsewhere (a KServe InferenceService, another Servo server) gives
+`"url"` instead of `path`: `"http://host:port"` (or https) for OIP REST,
+`"grpc://host:port"` for OIP gRPC (no query; serving.remote); a `path` given with it is
+read only for the version's model card (profile).
 `others` are loaded and answer requests that name their version, but take no traffic.
 `batching` (optional) overrides the server's batching (SERVO_BATCHING, SERVO_BATCH_MAX_ROWS,
 SERVO_BATCH_MAX_DELAY_US) for this model's versions: `true`/`false` forces it on/off with
@@ -173,16 +174,21 @@ class StaticRouteSource:
 
 
 def check_url(url: str, where: str) -> str:
-    """A remote deployment's base URL: http or https, a host, no query or fragment."""
+    """A remote deployment's base URL: http or https (OIP REST) with a host, or
+    grpc://host:port (OIP gRPC, no path); no query, fragment or credentials."""
     try:
         parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018 (raises ValueError on a bad port)
+        port = parts.port  # raises ValueError on a bad port
     except ValueError as exc:
         raise RouteError(f"{where}: url {url[:100]!r} is not a URL ({exc})") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise RouteError(f"{where}: url {url[:100]!r} needs http:// or https:// and a host")
+    if parts.scheme not in ("http", "https", "grpc") or not parts.hostname:
+        raise RouteError(
+            f"{where}: url {url[:100]!r} needs http://, https:// or grpc:// and a host"
+        )
     if parts.query or parts.fragment or parts.username or parts.password:
         raise RouteError(f"{where}: url {url[:100]!r} takes no query, fragment or credentials")
+    if parts.scheme == "grpc" and (port is None or parts.path.strip("/")):
+        raise RouteError(f"{where}: url {url[:100]!r} needs grpc://host:port, no path")
     return url.rstrip("/")
 
 

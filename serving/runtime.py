@@ -121,14 +121,17 @@ class RemoteOptions:
 
     #: seconds for one infer request (connect, send, wait, read)
     timeout_s: float = 10.0
-    #: seconds to read the version's metadata at load
+    #: seconds to read the version's metadata at load, retried with backoff meanwhile (a
+    #: backend still starting); past it the load fails saying why
     metadata_timeout_s: float = 10.0
     #: consecutive failures that open the circuit
     failures: int = 5
     #: seconds the circuit stays open before one request probes the backend
     cooldown_s: float = 5.0
-    #: keep-alive connections kept per version
+    #: keep-alive connections kept per version (REST; gRPC multiplexes one connection)
     max_connections: int = 32
+    #: merged requests (batching at the edge) in flight to the backend at once per version
+    batches_in_flight: int = 4
 
 
 class OnnxModel:
@@ -292,10 +295,11 @@ class OnnxModel:
             return True
         if self.batcher is not None:
             self.batcher.close()
-        self.batcher = (
-            Batcher(self._run, self._executor, config, self.observer) if enabled else None
-        )
+        self.batcher = self._new_batcher(config) if enabled else None
         return enabled
+
+    def _new_batcher(self, config: BatchingConfig) -> Batcher:
+        return Batcher(self._run, self._executor, config, self.observer)
 
     async def predict(
         self, inputs: Arrays, outputs: Sequence[str] | None = None

@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     remote_cooldown_s: float = Field(
         5.0, gt=0, description="an open circuit fails fast this long, then one request probes"
     )
+    remote_metadata_timeout_s: float = Field(
+        10.0, gt=0, description="a remote version's metadata is tried again this long at load"
+    )
+    remote_batches_in_flight: int = Field(
+        4, ge=1, description="merged requests (batching at the edge) sent to a remote at once"
+    )
     batching: Literal["auto", "on", "off"] = Field(
         "auto", description="auto: batch the models that run off the event loop"
     )
@@ -192,6 +198,8 @@ class Settings(BaseSettings):
                 timeout_s=self.remote_timeout_s,
                 failures=self.remote_failures,
                 cooldown_s=self.remote_cooldown_s,
+                metadata_timeout_s=self.remote_metadata_timeout_s,
+                batches_in_flight=self.remote_batches_in_flight,
             ),
             server_version=__version__,
             shadow_max_pending=self.shadow_max_pending,

@@ -170,14 +170,17 @@ def start_remote_gateway(
     log_path: Path,
     local: Sequence[Path] = (),
     env: dict[str, str] | None = None,
+    grpc: bool = False,
 ) -> RunningServer:
     """A gateway whose routes serve every version of `folders` remotely from `backend`
     (each folder named .../NAME/VERSION; the highest version the champion, the folder
-    read for its model card) and `local` folders itself."""
+    read for its model card), over OIP REST or (`grpc`) OIP gRPC, and `local` folders
+    itself."""
+    url = f"grpc://{backend.grpc_target}" if grpc else backend.url
     by_model: dict[str, list[dict[str, str]]] = {}
     for folder in folders:
         by_model.setdefault(folder.parent.name, []).append(
-            {"version": folder.name, "url": backend.url, "path": str(folder)}
+            {"version": folder.name, "url": url, "path": str(folder)}
         )
     for folder in local:
         by_model.setdefault(folder.parent.name, []).append(

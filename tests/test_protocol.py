@@ -28,33 +28,53 @@ CLIENTS = ["rest-json", "rest-binary", "grpc-typed", "grpc-raw"]
 Client = RestClient | GrpcClient
 
 
-@pytest.fixture(scope="module", params=["local", "remote"])
-def served(
-    request: pytest.FixtureRequest,
-    server: RunningServer,
-    model_root: Path,
-    tmp_path_factory: pytest.TempPathFactory,
+def _gateway(
+    server: RunningServer, model_root: Path, log: Path, grpc: bool
 ) -> Iterator[RunningServer]:
-    """The suite against the server itself, and against a gateway in front of it that
-    serves every good version remotely (serving.remote) and the broken ones locally."""
-    if request.param == "local":
-        yield server
-        return
     gateway = start_remote_gateway(
         server,
         good_folders(model_root),
-        tmp_path_factory.mktemp("gateway") / "gateway.log",
+        log,
         local=[model_root / "corrupt" / "1", model_root / "missing" / "1"],
         env={"SERVO_MAX_REQUEST_BYTES": str(8 * 1024 * 1024)},
+        grpc=grpc,
     )
     wait_until(lambda: all(gateway_ready(gateway, f.parent.name) for f in good_folders(model_root)))
     yield gateway
     assert gateway.stop() == 0, gateway.log()
 
 
-@pytest.fixture(params=CLIENTS)
-def client(request: pytest.FixtureRequest, served: RunningServer) -> Iterator[Client]:
-    kind: str = request.param
+@pytest.fixture(scope="module")
+def remote(
+    server: RunningServer, model_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    """A gateway in front of `server` that serves every good version remotely
+    (serving.remote) over OIP REST, and the broken ones locally."""
+    yield from _gateway(server, model_root, tmp_path_factory.mktemp("remote") / "gw.log", False)
+
+
+@pytest.fixture(scope="module")
+def remote_grpc(
+    server: RunningServer, model_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    """The same gateway, its remote versions over OIP gRPC."""
+    yield from _gateway(server, model_root, tmp_path_factory.mktemp("grpc") / "gw.log", True)
+
+
+#: (what serves, client): every client against the server itself and the REST-remote
+#: gateway; the gRPC-remote gateway (what it adds is the gateway -> backend transport, the
+#: same for every client) with one client per protocol, to keep the suite cheap
+SERVED_CLIENTS = [
+    *((served, client) for served in ("server", "remote") for client in CLIENTS),
+    ("remote_grpc", "rest-json"),
+    ("remote_grpc", "grpc-raw"),
+]
+
+
+@pytest.fixture(params=SERVED_CLIENTS, ids=["-".join(pair) for pair in SERVED_CLIENTS])
+def client(request: pytest.FixtureRequest) -> Iterator[Client]:
+    served_by, kind = request.param
+    served: RunningServer = request.getfixturevalue(served_by)
     made: Client
     if kind.startswith("rest"):
         made = RestClient(served.url, binary=kind == "rest-binary")
