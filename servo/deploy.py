@@ -256,6 +256,20 @@ def api_error(exc: Exception, what: str) -> DeployError:
     return DeployError(text, status)
 
 
+def load_kube_config(kubeconfig: str | None = None) -> None:
+    """The kubernetes client's default configuration: `kubeconfig` when given, else the
+    pod's service account (in a cluster), else ~/.kube/config."""
+    from kubernetes import config
+
+    if kubeconfig is not None:
+        config.load_kube_config(kubeconfig)
+        return
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+
+
 class KubernetesDeployer:
     """One KServe InferenceService per version in `namespace`. `runtime`: None lets KServe
     pick its own runtime for the format; a name selects that ServingRuntime (Servo's own,
@@ -274,15 +288,9 @@ class KubernetesDeployer:
         poll_s: float = 0.2,
     ) -> None:
         if api is None:
-            from kubernetes import client, config
+            from kubernetes import client
 
-            if kubeconfig is not None:
-                config.load_kube_config(kubeconfig)
-            else:
-                try:
-                    config.load_incluster_config()
-                except config.ConfigException:
-                    config.load_kube_config()
+            load_kube_config(kubeconfig)
             api = client.CustomObjectsApi()
         self.api = api
         self.namespace = namespace

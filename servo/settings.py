@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from servo import __version__
@@ -174,6 +174,35 @@ class Settings(BaseSettings):
     k8s_unrouted_grace_s: float = Field(
         60.0, ge=0, description="an InferenceService unrouted this long is deleted"
     )
+
+    steps: Literal["local", "kubernetes"] = Field(
+        "local",
+        description="where the loop's pipeline steps run: in its training worker, or each "
+        "as a Kubernetes Job running the same image (servo step)",
+    )
+    k8s_job_image: str = Field("", description="the image of the steps' Jobs")
+    k8s_job_claim: str = Field(
+        "",
+        description="the PersistentVolumeClaim holding servo up's data folder, mounted at "
+        "the same path in the steps' Jobs",
+    )
+    k8s_job_service_account: str = Field(
+        "", description="the steps' pods' service account (empty: the namespace's default)"
+    )
+    k8s_job_timeout_s: int = Field(3600, gt=0, description="a step Job's deadline (seconds)")
+
+    @model_validator(mode="after")
+    def _steps_as_jobs(self) -> Settings:
+        missing = [name for name, value in (("SERVO_K8S_JOB_IMAGE", self.k8s_job_image),
+                                            ("SERVO_K8S_JOB_CLAIM", self.k8s_job_claim))
+                   if self.steps == "kubernetes" and not value]  # fmt: skip
+        if missing:
+            raise ValueError(
+                f"SERVO_STEPS=kubernetes needs {' and '.join(missing)}: the image the "
+                f"steps' Jobs run, and the claim of servo up's data folder (mounted at the "
+                f"same path in the Jobs)"
+            )
+        return self
 
     def serving_config(self) -> ServingConfig:
         from serving.batcher import BatchingConfig

@@ -24,6 +24,8 @@ from serving.model_folder import MODEL_FILE, NAME_RULE, ModelCard, valid_name, w
 if TYPE_CHECKING:
     from registry.lite import LiteRegistry
     from registry.store import RegistryStore
+    from retrain.pipeline import StepExecutor
+    from servo.settings import Settings
 
 log = logging.getLogger("servo")
 
@@ -173,23 +175,49 @@ def sweep_legacy(store: RegistryStore, work: Path) -> list[Path]:
     return removed
 
 
+def step_executor(settings: Settings, work: Path, api_client: Any = None) -> StepExecutor | None:
+    """Where a retrain's steps run: None (`SERVO_STEPS=local`) in this process; with
+    `SERVO_STEPS=kubernetes` each step that runs (not a cache hit) as a Job of
+    `SERVO_K8S_JOB_IMAGE` in `SERVO_K8S_NAMESPACE`, with the claim `SERVO_K8S_JOB_CLAIM`
+    mounted at `work`'s path, where it is mounted here too (so the paths the runner hands
+    a step are the pod's)."""
+    if settings.steps != "kubernetes":
+        return None
+    from retrain.k8s_jobs import JobRunner, JobStepExecutor
+
+    if api_client is None:
+        from kubernetes import client
+
+        from servo.deploy import load_kube_config
+
+        load_kube_config()
+        api_client = client.ApiClient()
+    jobs = JobRunner(
+        namespace=settings.k8s_namespace, image=settings.k8s_job_image,
+        claim=settings.k8s_job_claim, mount_path=str(work.resolve()),
+        service_account=settings.k8s_job_service_account or None, api_client=api_client,
+    )  # fmt: skip
+    return JobStepExecutor(jobs, timeout_s=settings.k8s_job_timeout_s)
+
+
 def train(
     store: RegistryStore,
     *, work: Path, name: str = "digits", params: dict[str, Any] | None = None,
     cache: bool = True, trigger: str = "manual", artifacts: str | None = None,
     triggered_by: str | None = None, stop: Stop | None = None,
-    on_start: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None, executor: StepExecutor | None = None,
 ) -> Trained:  # fmt: skip
     """Run the pipeline and register its model (within the run: a run that dies while
     registering is found by the recovery check); `artifacts` is the artifact store's URL
     (any fsspec URL; default: the work folder only). `trigger`: why it runs (manual, cron,
     accuracy_stall, ...); `triggered_by`: who asked for it by hand; `stop`: stops it on
     purpose (the run is marked interrupted, retrain.pipeline.Interrupted raised);
-    `on_start(run_id)`: called once the run is recorded."""
+    `on_start(run_id)`: called once the run is recorded; `executor`: where the steps run
+    (`step_executor`; None: here)."""
     if not valid_name(name):  # before any work: a bad name must not cost (or record) a run
         raise ValueError(f"invalid model name {name!r} ({NAME_RULE})")
     sweep_legacy(store, work)
-    runner = Runner(work / "pipeline", store, open_store(artifacts), stop=stop)
+    runner = Runner(work / "pipeline", store, open_store(artifacts), stop=stop, executor=executor)
     pipeline = digits_pipeline(params, _champion_model(store, name, store.alias(name, "champion")))
     trained: list[Trained] = []
 

@@ -315,18 +315,21 @@ def _train(
     spec: TrainSpec, stop: Stop, started: Callable[[int], None], log_path: str
 ) -> TrainOutcome:
     from registry.store import RegistryStore
-    from servo.train import train
+    from servo.settings import Settings
+    from servo.train import step_executor, train
 
     if spec.registry_url.startswith("sqlite:///"):
         Path(spec.registry_url.removeprefix("sqlite:///")).parent.mkdir(parents=True,
                                                                         exist_ok=True)  # fmt: skip
+    # the environment servo up started it with: SERVO_STEPS=kubernetes runs steps as Jobs
+    executor = step_executor(Settings(), Path(spec.work_dir))
     store = RegistryStore(spec.registry_url)
     try:
         store.create_schema()
         trained = train(
             store, work=Path(spec.work_dir), name=spec.name, params=dict(spec.params),
             cache=spec.cache, trigger=spec.trigger, artifacts=spec.artifacts,
-            triggered_by=spec.triggered_by, stop=stop, on_start=started,
+            triggered_by=spec.triggered_by, stop=stop, on_start=started, executor=executor,
         )  # fmt: skip
     finally:
         store.close()

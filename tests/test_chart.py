@@ -538,6 +538,34 @@ def test_deployer_settings_reach_the_controller() -> None:
     assert "SERVO_DEPLOYER" not in {e["name"] for e in gateway["env"]}
 
 
+def test_pipeline_steps_as_jobs_reach_the_controller() -> None:
+    """pipeline.steps=kubernetes: the settings servo.train.step_executor reads (its Jobs
+    run the chart's image, with the data claim mounted where the controller has it);
+    refused without the data claim."""
+    from servo.settings import Settings
+
+    pod, controller = pod_of("kubernetes", "controller")
+    env = {e["name"]: e.get("value") for e in controller["env"]}
+    assert env["SERVO_STEPS"] == "kubernetes"
+    assert env["SERVO_K8S_JOB_IMAGE"] == controller["image"]
+    assert env["SERVO_K8S_JOB_CLAIM"] == "rel-servo-data"
+    assert env["SERVO_K8S_JOB_SERVICE_ACCOUNT"] == pod["serviceAccountName"]
+    mounts = {m["mountPath"]: m["name"] for m in controller["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    data = volumes[mounts["/var/lib/servo"]]  # the controller's --dir: the Jobs' mount path
+    assert data["persistentVolumeClaim"]["claimName"] == env["SERVO_K8S_JOB_CLAIM"]
+    fields = {k.removeprefix("SERVO_").lower(): v for k, v in env.items()
+              if k.startswith(("SERVO_STEPS", "SERVO_K8S_JOB"))}  # fmt: skip
+    settings = Settings(**fields)
+    assert settings.steps == "kubernetes" and settings.k8s_job_timeout_s == 1800
+    _, default = pod_of("default", "controller")
+    assert "SERVO_STEPS" not in {e["name"] for e in default["env"]}  # local: the default
+    result = helm("template", "rel", str(CHART), *DEFAULT, "--set", "pipeline.steps=kubernetes",
+                  check=False)  # fmt: skip
+    assert result.returncode != 0
+    assert "pipeline.steps=kubernetes needs data.persistence.enabled" in result.stderr
+
+
 def test_the_kubernetes_deployer_needs_a_storage_prefix() -> None:
     kind = ["--set", "deployer.kind=kubernetes"]
     result = helm("template", "rel", str(CHART), *DEFAULT, *kind, check=False)

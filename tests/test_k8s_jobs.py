@@ -364,3 +364,45 @@ def test_a_stop_during_the_job_deletes_it(emulator: Emulator, api: Any, tmp_path
     (run,) = sink.runs()
     assert run["status"] == "interrupted"
     assert [s["status"] for s in sink.run(run["id"])["steps"]] == ["interrupted"]
+
+
+def test_a_retrain_runs_its_steps_as_jobs_with_servo_steps_kubernetes(
+    emulator: Emulator, api: Any, tmp_path: Path
+) -> None:
+    """SERVO_STEPS=kubernetes as the loop's training worker reads it: servo.train.train
+    runs every step of the digits pipeline as a Job with the data claim mounted at the
+    work folder's path, and registers the version."""
+    from registry.store import RegistryStore
+    from servo.settings import Settings
+    from servo.train import step_executor, train
+
+    with pytest.raises(ValueError, match="SERVO_K8S_JOB_IMAGE and SERVO_K8S_JOB_CLAIM"):
+        Settings(steps="kubernetes")
+    assert step_executor(Settings(), tmp_path) is None  # the default: steps run here
+    settings = Settings(steps="kubernetes", k8s_namespace=NS, k8s_job_image="servo:1",
+                        k8s_job_claim="servo-data", k8s_job_timeout_s=900)  # fmt: skip
+    work = tmp_path / "work"
+    executor = step_executor(settings, work, api_client=api)
+    assert executor is not None
+    executor.jobs.poll_s = 0.05  # type: ignore[attr-defined]
+    store = RegistryStore(f"sqlite:///{tmp_path / 'r.db'}")
+    store.create_schema()
+    kubelet = play_kubelet(emulator, api, jobs=4)
+    trained = train(store, work=work, params={"max_iter": 50}, cache=False, executor=executor)
+    kubelet.join(10)
+    assert trained.version == 1 and trained.metrics["accuracy"] > 0.8
+    steps = store.run(trained.run.run_id)["steps"]
+    assert [s["step"] for s in steps] == ["ingest", "split", "train", "evaluate"]
+    for step in steps:  # each one's log is its pod's: what servo step printed there
+        assert f'"step": "{step["step"]}"' in Path(step["log_uri"]).read_text()
+    jobs = [r.data for r in emulator.requests("POST") if r.data.get("kind") == "Job"]
+    assert len(jobs) == 4
+    for job in jobs:
+        pod = job["spec"]["template"]["spec"]
+        assert pod["volumes"] == [
+            {"name": "artifacts", "persistentVolumeClaim": {"claimName": "servo-data"}}
+        ]
+        assert pod["containers"][0]["volumeMounts"][0]["mountPath"] == str(work.resolve())
+        assert pod["containers"][0]["image"] == "servo:1"
+        assert job["spec"]["activeDeadlineSeconds"] == 900
+    assert client.BatchV1Api(api).list_namespaced_job(NS).items == []
