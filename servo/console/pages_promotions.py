@@ -54,8 +54,8 @@ def accuracy_bars(evidence: Mapping[str, Any]) -> list[svg.Bar]:
     offline gate judges) and live (the labelled requests both answered)."""
     offline, rows = gate_rules.offline_comparison(evidence.get("offline"))
     bars = []
-    for where, part in ((f"offline ({rows})", offline), ("live", evidence.get("live"))):
-        part = _mapping(part)
+    for where, found in ((f"offline ({rows})", offline), ("live", evidence.get("live"))):
+        part = _mapping(found)
         for side in ("champion", "candidate"):
             value = _number(part.get(f"{side}_accuracy"))
             if value is None:
@@ -71,8 +71,8 @@ def drifted_features(evidence: Mapping[str, Any]) -> list[dict[str, Any]]:
     report = _mapping(_mapping(evidence.get("trigger")).get("report"))
     features = _mapping(report.get("features")).get("features")
     found = []
-    for entry in features if isinstance(features, list) else []:
-        entry = _mapping(entry)
+    for item in features if isinstance(features, list) else []:
+        entry = _mapping(item)
         js, threshold = _number(entry.get("js_distance")), _number(entry.get("js_threshold"))
         if js is None:
             continue
@@ -97,8 +97,9 @@ def drift_charts(features: list[dict[str, Any]]) -> list[str]:
     charts = [svg.bars("The features that drifted most", bars, low=0.0)]
     for entry in features:
         edges, reference, live = entry.get("edges"), entry.get("reference"), entry.get("live")
-        if all(isinstance(v, list) for v in (edges, reference, live)):
-            charts.append(svg.histograms(f"{entry.get('feature')}", edges, reference, live))
+        if isinstance(edges, list) and isinstance(reference, list) and isinstance(live, list):
+            title = f"{entry.get('feature')}: reference vs live"
+            charts.append(svg.histograms(title, edges, reference, live))
     return charts
 
 
@@ -139,13 +140,10 @@ def evidence_view(evidence: Mapping[str, Any]) -> dict[str, Any]:
     features = drifted_features(evidence)
     gates, gates_source = gate_results(evidence)
     bars = accuracy_bars(evidence)
+    title = "Accuracy: champion vs candidate (95% intervals)"
     signature = _mapping(evidence.get("signature"))
     return {
-        "accuracy_chart": svg.bars(
-            "Accuracy: champion vs candidate (95% intervals)", bars, low=0.0, high=1.0
-        )
-        if bars
-        else None,  # fmt: skip
+        "accuracy_chart": svg.bars(title, bars, low=0.0, high=1.0) if bars else None,
         "live": live,
         "agreement": _number(live.get("agreement")),
         "shadow_chart": shadow_chart(live),
