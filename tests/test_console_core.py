@@ -120,7 +120,9 @@ def test_every_answer_carries_the_security_headers(admin: Admin, web: Clients) -
         )
         assert re.search(r"\son[a-z]+=", page.text) is None  # no inline event handlers
         assert 'href="/console/static/console.css"' in page.text and "http" not in page.text
-    for path in ("/console/promotions/999", "/console/promotions/abc", "/console/promotions/0"):
+    unknown = ("/console/nope", "/console/promotions/1/nope", "/console/a/b/c")
+    for path in ("/console/promotions/999", "/console/promotions/abc", "/console/promotions/0",
+                 *unknown):  # fmt: skip
         missing = client.get(path)
         assert missing.status_code == 404, path
         secured(missing)
