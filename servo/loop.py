@@ -64,6 +64,29 @@ def timestamp(value: Any) -> float:
     return dt.datetime.fromisoformat(str(value)).timestamp()
 
 
+def check_figures(report: MonitorReport) -> dict[str, Any]:
+    """The figures of a check kept with its loop event (the console's Monitors page draws
+    them over time): the window's size, the input features' largest JS distance (a
+    distance: larger is more drift) with its threshold and feature, the share of features
+    drifted, and the live accuracy with its Wilson interval and label coverage. A figure
+    the report does not have is None."""
+    features, accuracy = report.features, report.accuracy
+    drifts = features.features if features is not None else []
+    worst = max(drifts, key=lambda f: f.js_distance, default=None)
+    return {
+        "n": report.n,
+        "js_distance_max": None if worst is None else worst.js_distance,
+        "js_threshold": None if worst is None else worst.js_threshold,
+        "js_feature": None if worst is None else worst.feature,
+        "share_drifted": None if features is None or worst is None else features.share_drifted,
+        "accuracy": None if accuracy is None else accuracy.accuracy,
+        "accuracy_low": None if accuracy is None else accuracy.wilson_low,
+        "accuracy_high": None if accuracy is None else accuracy.wilson_high,
+        "labelled": None if accuracy is None else accuracy.labelled,
+        "coverage": None if accuracy is None else accuracy.coverage,
+    }
+
+
 def monitor_config(policy: Policy) -> MonitorConfig:
     return MonitorConfig(
         window_s=float(policy.monitor_window_s), step_s=float(policy.check_every_s)
@@ -312,7 +335,8 @@ class Controller(PromotionSteps):
         signals = sorted(trigger.signals(report))
         self.store.record_loop_event(model, "check", logs.plain({
             "version": champion, "verdict": report.verdict, "reasons": report.reasons,
-            "signals": signals, "source": report.source, "error": report.error}))  # fmt: skip
+            "signals": signals, "source": report.source, "error": report.error,
+            "figures": check_figures(report)}))  # fmt: skip
         manual = self._manual.pop(model, []) + self._claim(model)
         if detail.get("alarm") and not manual:  # an alarm waiting for labelled rows
             self._wait_for_labels(model, policy, detail, champion, report)
