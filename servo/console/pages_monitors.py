@@ -105,6 +105,24 @@ def series_by_version(checks: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def check_row(check: dict[str, Any]) -> dict[str, Any]:
+    """One check for the table: its fields, each present (None or empty when not recorded)."""
+    detail = check["detail"] or {}
+    recorded = detail.get("figures")
+    figures: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
+    keys = ("js_distance_max", "js_threshold", "js_feature", "accuracy", "accuracy_low",
+            "accuracy_high", "labelled", "coverage")  # fmt: skip
+    return {
+        "at": check["at"],
+        "version": detail.get("version"),
+        "verdict": detail.get("verdict"),
+        "signals": list(detail.get("signals") or []),
+        "reasons": list(detail.get("reasons") or []),
+        "error": detail.get("error"),
+        "figures": {k: figures.get(k) for k in keys},
+    }
+
+
 def monitor_context(store: Any, model: str) -> dict[str, Any]:
     """The page's context; a 404 for a model the registry does not know."""
     if model not in store.models():
@@ -138,17 +156,14 @@ def monitor_context(store: Any, model: str) -> dict[str, Any]:
             y_label="accuracy",
         ),
     ]
-    latest = [
-        {"at": c["at"], **(c["detail"] or {}), "figures": (c["detail"] or {}).get("figures") or {}}
-        for c in reversed(checks[-TABLE_CHECKS:])
-    ]
+    latest = [check_row(c) for c in reversed(checks[-TABLE_CHECKS:])]
     return {
         "model": model,
         "charts": [Markup(c) for c in charts],
         "checks": len(checks),
         "missing": found["missing"],
         "latest": latest,
-        "events": [m for m in marked],
+        "events": marked,
         "clock": clock,
         "loop": store.loop_states().get(model),
     }
