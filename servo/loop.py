@@ -64,27 +64,34 @@ def timestamp(value: Any) -> float:
     return dt.datetime.fromisoformat(str(value)).timestamp()
 
 
-def check_figures(report: MonitorReport) -> dict[str, Any]:
-    """The figures of a check kept with its loop event (the console's Monitors page draws
-    them over time): the window's size, the input features' largest JS distance (a
-    distance: larger is more drift) with its threshold and feature, the share of features
-    drifted, and the live accuracy with its Wilson interval and label coverage. A figure
-    the report does not have is None."""
-    features, accuracy = report.features, report.accuracy
-    drifts = features.features if features is not None else []
-    worst = max(drifts, key=lambda f: f.js_distance, default=None)
+def check_drift(report: MonitorReport) -> dict[str, Any] | None:
+    """A check's input drift, kept in its loop event (the console's Monitors page draws it
+    over time): the window's size, the largest JS distance of a feature (a distance: larger
+    is more drift) with its threshold and feature, and the share of features drifted; None
+    when the monitors compared no feature."""
+    features = report.features
+    if features is None or not features.features:
+        return None
+    worst = max(features.features, key=lambda f: f.js_distance)
     return {
-        "n": report.n,
-        "js_distance_max": None if worst is None else worst.js_distance,
-        "js_threshold": None if worst is None else worst.js_threshold,
-        "js_feature": None if worst is None else worst.feature,
-        "share_drifted": None if features is None or worst is None else features.share_drifted,
-        "accuracy": None if accuracy is None else accuracy.accuracy,
-        "accuracy_low": None if accuracy is None else accuracy.wilson_low,
-        "accuracy_high": None if accuracy is None else accuracy.wilson_high,
-        "labelled": None if accuracy is None else accuracy.labelled,
-        "coverage": None if accuracy is None else accuracy.coverage,
-    }
+        "n": features.window_n, "js_distance_max": worst.js_distance,
+        "js_threshold": worst.js_threshold, "js_feature": worst.feature,
+        "share_drifted": features.share_drifted,
+    }  # fmt: skip
+
+
+def check_accuracy(report: MonitorReport) -> dict[str, Any] | None:
+    """A check's live accuracy, kept in its loop event (the console shows it): labelled
+    and correct rows of the window, the accuracy with its Wilson interval, label coverage
+    (labelled / predicted rows); None when the monitors had no accuracy part."""
+    acc = report.accuracy
+    if acc is None:
+        return None
+    return {
+        "window_s": report.window_s, "end": report.end, "labelled": acc.labelled,
+        "correct": acc.correct, "accuracy": acc.accuracy, "wilson_low": acc.wilson_low,
+        "wilson_high": acc.wilson_high, "predicted": acc.predicted, "coverage": acc.coverage,
+    }  # fmt: skip
 
 
 def monitor_config(policy: Policy) -> MonitorConfig:
@@ -336,7 +343,7 @@ class Controller(PromotionSteps):
         self.store.record_loop_event(model, "check", logs.plain({
             "version": champion, "verdict": report.verdict, "reasons": report.reasons,
             "signals": signals, "source": report.source, "error": report.error,
-            "figures": check_figures(report)}))  # fmt: skip
+            "accuracy": check_accuracy(report), "drift": check_drift(report)}))  # fmt: skip
         manual = self._manual.pop(model, []) + self._claim(model)
         if detail.get("alarm") and not manual:  # an alarm waiting for labelled rows
             self._wait_for_labels(model, policy, detail, champion, report)

@@ -20,7 +20,7 @@ from monitors.monitor import AccuracyReport, MonitorReport
 from monitors.report import compare
 from retrain.pipeline import Pipeline, Runner, Step, StepContext, StepFailed
 from servo.console import pages_runs
-from servo.loop import check_figures
+from servo.loop import check_accuracy, check_drift
 from tests.admin import Admin, running_admin
 from tests.rollouts import judged_rollout
 
@@ -97,7 +97,8 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
                 accuracy=accuracy_report(90 - 10 * index, 100),
             )  # fmt: skip
             detail = {"version": 1, "verdict": report.verdict, "reasons": [], "signals": []}
-            store.record_loop_event("digits", "check", {**detail, "figures": check_figures(report)})
+            parts = {"drift": check_drift(report), "accuracy": check_accuracy(report)}
+            store.record_loop_event("digits", "check", {**detail, **parts})
         store.record_loop_event("digits", "check", {"version": 1, "verdict": "ok"})  # old check
         store.record_loop_event("digits", "retrain_started", {"trigger": "drift"})
         bad = judged_rollout(store, "digits", admin.version(), error_rates=(0.1, 0.02), seed=1)

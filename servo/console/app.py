@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import parse_qsl
 
 import jinja2
@@ -148,7 +148,7 @@ class Console:
         self.env = jinja2.Environment(
             loader=jinja2.PackageLoader("servo.console", "templates"),
             autoescape=True,  # every template, whatever its name
-            undefined=jinja2.StrictUndefined,
+            undefined=jinja2.ChainableUndefined,  # evidence parts may be missing
             trim_blocks=True,
             lstrip_blocks=True,
         )
@@ -217,7 +217,6 @@ class Console:
                     "no live console session (log in again)",
                     anonymous=True,
                 )
-            assert session is not None
             if not same_secret(form.get("csrf"), session.csrf):
                 self._refuse(
                     session.identity.name,
@@ -237,11 +236,10 @@ class Console:
                 )
             try:
                 return secured(view(Visit(self, request, session, form)))
-            except (ApiError, RegistryError) as exc:
-                code = exc.status if isinstance(exc, ApiError) else status_of(exc)
-                message = exc.message if isinstance(exc, ApiError) else str(exc)
+            except (ApiError, ConsoleError, RegistryError) as exc:
+                code = status_of(exc) if isinstance(exc, RegistryError) else exc.status
+                message = str(exc) if isinstance(exc, RegistryError) else exc.message
                 self._refuse(session.identity.name, action, request, code, message)
-                raise
         except ConsoleError as exc:
             return secured(self.error_page(exc.status, exc.message, session))
         except ApiError as exc:
@@ -261,7 +259,7 @@ class Console:
         message: str,
         *,
         anonymous: bool = False,
-    ) -> None:
+    ) -> NoReturn:
         """Audit a refused attempt (an anonymous one within the admin API's budget) and
         end the request with `status`."""
         if not anonymous or self.api.anonymous_attempts.take():

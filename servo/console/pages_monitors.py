@@ -1,7 +1,7 @@
 """Page 5, Monitors: per model, the drift score and the live accuracy over time per version,
-from the loop's recorded checks (loop events of kind "check": their "figures", see
-`servo.loop.check_figures`), with the retrains (loop events), promotions and rollbacks
-(the model's audit entries) marked; and a table of the latest checks."""
+from the loop's recorded checks (loop events of kind "check": their "drift" and "accuracy"
+parts, `servo.loop.check_drift` and `check_accuracy`), with the retrains (loop events),
+promotions and rollbacks (the model's audit entries) marked; and the latest checks."""
 
 from __future__ import annotations
 
@@ -68,6 +68,21 @@ def markers(store: Any, model: str, since: float) -> list[svg.Marker]:
     return sorted(out, key=lambda m: m.x)
 
 
+FIGURES = ("js_distance_max", "js_threshold", "js_feature", "accuracy", "wilson_low",
+           "wilson_high", "labelled", "coverage")  # fmt: skip
+
+
+def figures(detail: dict[str, Any]) -> dict[str, Any] | None:
+    """A check's figures (`FIGURES`, each present, None when not measured) from its
+    "drift" (`servo.loop.check_drift`) and "accuracy" (`servo.loop.check_accuracy`)
+    parts; None for a check recorded without them (before they were kept)."""
+    if "drift" not in detail and "accuracy" not in detail:
+        return None
+    parts = [detail.get("drift"), detail.get("accuracy")]
+    merged = {k: v for part in parts if isinstance(part, dict) for k, v in part.items()}
+    return {k: merged.get(k) for k in FIGURES}
+
+
 def series_by_version(checks: list[dict[str, Any]]) -> dict[str, Any]:
     """Per version: drift (largest JS distance, and its threshold) and accuracy (with its
     interval) points over time; checks without figures are counted, not drawn."""
@@ -78,19 +93,18 @@ def series_by_version(checks: list[dict[str, Any]]) -> dict[str, Any]:
     missing = 0
     for check in checks:
         detail = check["detail"] or {}
-        figures = detail.get("figures")
-        version = detail.get("version")
-        if not isinstance(figures, dict) or not isinstance(version, int):
+        found, version = figures(detail), detail.get("version")
+        if found is None or not isinstance(version, int):
             missing += 1
             continue
         at = stamp(check["at"])
-        js, limit = number(figures.get("js_distance_max")), number(figures.get("js_threshold"))
+        js, limit = number(found["js_distance_max"]), number(found["js_threshold"])
         if js is not None:
             drift.setdefault(version, []).append((at, js))
             if limit is not None:
                 threshold.setdefault(version, []).append((at, limit))
-        value = number(figures.get("accuracy"))
-        low, high = number(figures.get("accuracy_low")), number(figures.get("accuracy_high"))
+        value = number(found["accuracy"])
+        low, high = number(found["wilson_low"]), number(found["wilson_high"])
         if value is not None:
             accuracy.setdefault(version, []).append((at, value))
             band.setdefault(version, []).append(
@@ -108,10 +122,6 @@ def series_by_version(checks: list[dict[str, Any]]) -> dict[str, Any]:
 def check_row(check: dict[str, Any]) -> dict[str, Any]:
     """One check for the table: its fields, each present (None or empty when not recorded)."""
     detail = check["detail"] or {}
-    recorded = detail.get("figures")
-    figures: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
-    keys = ("js_distance_max", "js_threshold", "js_feature", "accuracy", "accuracy_low",
-            "accuracy_high", "labelled", "coverage")  # fmt: skip
     return {
         "at": check["at"],
         "version": detail.get("version"),
@@ -119,7 +129,7 @@ def check_row(check: dict[str, Any]) -> dict[str, Any]:
         "signals": list(detail.get("signals") or []),
         "reasons": list(detail.get("reasons") or []),
         "error": detail.get("error"),
-        "figures": {k: figures.get(k) for k in keys},
+        "figures": figures(detail) or dict.fromkeys(FIGURES),
     }
 
 
