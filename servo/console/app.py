@@ -62,7 +62,13 @@ SECURITY_HEADERS = (
 LOGIN = "/console/login"
 HOME = "/console/models"
 #: the links of every page's header: (label, path); page modules' own pages
-NAV = (("Models", "/console/models"), ("Promotions", "/console/promotions"))
+NAV = (
+    ("Models", "/console/models"),
+    ("Runs", "/console/runs"),
+    ("Promotions", "/console/promotions"),
+    ("Rollouts", "/console/rollouts"),
+    ("Monitors", "/console/monitors"),
+)
 #: a console form has few fields
 MAX_FIELDS = 16
 LOGIN_NONCE_S = 600
@@ -337,9 +343,15 @@ def _nonce() -> str:
 
 def _page_modules() -> list[Any]:
     """The page modules (imported here: they import this module)."""
-    from servo.console import pages_models, pages_promotions
+    from servo.console import (
+        pages_models,
+        pages_monitors,
+        pages_promotions,
+        pages_rollouts,
+        pages_runs,
+    )
 
-    return [pages_models, pages_promotions]
+    return [pages_models, pages_runs, pages_promotions, pages_rollouts, pages_monitors]
 
 
 def console_routes(api: AdminApi, *, secure: bool = False) -> list[Route]:

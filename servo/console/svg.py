@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from xml.sax.saxutils import escape, quoteattr
 
@@ -21,6 +21,8 @@ MARGIN_LEFT = 56
 MARGIN_RIGHT = 16
 MARGIN_TOP = 24
 MARGIN_BOTTOM = 36
+#: a line chart marks its points with dots up to this many points a series
+MAX_DOTS = 60
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2")
 STATUS_COLOURS = {
     "succeeded": "#2ca02c",
@@ -169,7 +171,14 @@ def box(x: Scale, y: Scale) -> str:
                height=y.pixel_low - y.pixel_high, fill="none", stroke="#999")  # fmt: skip
 
 
-def axes(x: Scale, y: Scale, *, x_label: str = "", y_label: str = "") -> list[str]:
+def axes(
+    x: Scale,
+    y: Scale,
+    *,
+    x_label: str = "",
+    y_label: str = "",
+    x_format: Callable[[float], str] = fmt,
+) -> list[str]:
     """The plot's frame, y ticks with grid lines, x ticks and axis labels."""
     left, right = x.pixel_low, x.pixel_high
     bottom, top = y.pixel_low, y.pixel_high
@@ -178,7 +187,7 @@ def axes(x: Scale, y: Scale, *, x_label: str = "", y_label: str = "") -> list[st
         py = y(tick)
         out.append(tag("line", x1=left, y1=py, x2=right, y2=py, stroke="#eee"))
         out.append(text(left - 4, py + 4, fmt(tick), anchor="end", size=10))
-    out.extend(text(x(t), bottom + 14, fmt(t), anchor="middle", size=10) for t in x.ticks())
+    out.extend(text(x(t), bottom + 14, x_format(t), anchor="middle", size=10) for t in x.ticks())
     if x_label:
         out.append(text((left + right) / 2, bottom + 30, x_label, anchor="middle", size=10))
     if y_label:
@@ -232,6 +241,7 @@ def line_chart(
     markers: Sequence[Marker] = (),
     x_label: str = "",
     y_label: str = "",
+    x_format: Callable[[float], str] = fmt,
 ) -> str:
     """Lines (or steps) with optional interval bands, horizontal (value, label) threshold
     lines and event markers.
@@ -248,7 +258,7 @@ def line_chart(
     ys += [value for value, _ in thresholds]
     x = Scale(*bounds(xs), MARGIN_LEFT, WIDTH - MARGIN_RIGHT)
     y = Scale(*bounds(ys, log=log_y), HEIGHT - MARGIN_BOTTOM, MARGIN_TOP, log=log_y)
-    body = axes(x, y, x_label=x_label, y_label=y_label)
+    body = axes(x, y, x_label=x_label, y_label=y_label, x_format=x_format)
     for index, s in enumerate(series):
         colour = PALETTE[index % len(PALETTE)]
         if s.band:
@@ -259,7 +269,8 @@ def line_chart(
         pixels = [(x(px), y(py)) for px, py in s.points]
         body.append(titled("path", s.label, d=path(pixels, step=s.step), fill="none",
                            stroke=colour, stroke_width=2, class_="series"))  # fmt: skip
-        body.extend(tag("circle", cx=px, cy=py, r=2.5, fill=colour) for px, py in pixels)
+        if len(pixels) <= MAX_DOTS:
+            body.extend(tag("circle", cx=px, cy=py, r=2.5, fill=colour) for px, py in pixels)
         body.append(legend(index, s.label, colour))
     for value, label in thresholds:
         ty = y(value)
