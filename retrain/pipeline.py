@@ -467,6 +467,11 @@ class Runner:
             # an executor's error may carry the remote log (StepExecutionError.log)
             remote = exc.log + "\n" if isinstance(exc, StepExecutionError) and exc.log else ""
             log_path.write_text(remote + traceback.format_exc())
+            if self.stop.is_set():
+                # the stop's Interrupted, raised inside a C extension, can come out as
+                # another error (seen: numpy's "buffer format string" ValueError): a step
+                # that fails once a stop was asked for was stopped, not failed
+                raise Interrupted(f"stopped during step '{step.name}' ({exc})") from exc
             return f"{type(exc).__name__}: {exc}"
         finally:
             self.stop.step = None

@@ -191,7 +191,9 @@ def test_the_chart_s_prometheus_rule_carries_the_rules_file() -> None:
 
     def render(*args: str) -> list[dict[str, Any]]:
         result = subprocess.run(
-            [str(helm), "template", "rel", str(chart), *args],
+            # the controller needs its Prometheus (the chart refuses to render without it)
+            [str(helm), "template", "rel", str(chart),
+             "--set", "controller.prometheusUrl=http://prometheus:9090", *args],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr

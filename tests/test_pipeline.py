@@ -119,6 +119,33 @@ def test_a_failing_step_fails_the_run_and_stops_downstream(runner: Runner, tmp_p
     assert "Traceback" in Path(failed["log_uri"]).read_text()
 
 
+def test_a_step_failing_once_a_stop_was_asked_for_is_interrupted(
+    runner: Runner, tmp_path: Path
+) -> None:
+    """The stop's Interrupted raised inside a C extension can come out as another error
+    (seen under load: numpy's "buffer format string" ValueError): once a stop was asked
+    for, that step and its run are interrupted, not failed (and not retried)."""
+    from retrain.stop import Interrupted, Stop
+
+    stop = Stop()
+
+    def stopped_mid_step(ctx: StepContext) -> None:
+        stop.set()  # as the signal handler does, before it raises into the step
+        raise ValueError("buffer format string")
+
+    stopping = Runner(tmp_path / "store", runner.sink, stop=stop)
+    pipeline = diamond(tmp_path).add(Step("boom", stopped_mid_step, ("x",), {"src": "e.joined"},
+                                          retries=2))  # fmt: skip
+    with pytest.raises(Interrupted, match="stopped during step 'boom'"):
+        stopping.run(pipeline)
+    store = runner.sink
+    assert isinstance(store, RegistryStore)
+    run = store.runs(1)[0]
+    assert run["status"] == "interrupted"
+    boom = next(s for s in store.run(run["id"])["steps"] if s["step"] == "boom")
+    assert boom["status"] == "interrupted" and boom["attempts"] == 1
+
+
 def test_retries(runner: Runner, tmp_path: Path) -> None:
     calls = tmp_path / "calls"
 
