@@ -22,6 +22,7 @@ from retrain.pipeline import Pipeline, Runner, Step, StepContext, StepFailed
 from servo.console import pages_runs
 from servo.loop import check_accuracy, check_drift
 from tests.admin import Admin, running_admin
+from tests.console_login import login, secured
 from tests.rollouts import judged_rollout
 
 HOSTILE_STEP = "<img src=x onerror=alert(1)>"
@@ -106,25 +107,10 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
         yield Seeded(admin, failed, good.run_id, bad["id"], promoted["id"])
 
 
-def login(admin: Admin, role: str) -> httpx.Client:
-    client = httpx.Client(base_url=admin.url, timeout=10)
-    form = client.get("/console/login")
-    nonce = re.search(r'name="nonce" value="([^"]+)"', form.text)
-    assert nonce is not None
-    answer = client.post(
-        "/console/login", data={"nonce": nonce.group(1), "token": admin.tokens[role]}
-    )
-    assert answer.status_code == 303, answer.text
-    return client
-
-
 @pytest.fixture(scope="module")
 def viewer(seeded: Seeded) -> Iterator[httpx.Client]:
-    client = login(seeded.admin, "viewer")
-    try:
-        yield client
-    finally:
-        client.close()
+    with httpx.Client(base_url=seeded.admin.url, timeout=10) as client:
+        yield login(client, seeded.admin.tokens["viewer"])
 
 
 def svgs(html: str) -> list[ET.Element]:
@@ -136,7 +122,7 @@ def page(client: httpx.Client, path: str, status: int = 200) -> str:
     answer = client.get(path)
     assert answer.status_code == status, answer.text
     assert answer.headers["content-type"].startswith("text/html")
-    assert "script-src 'self'" in answer.headers["content-security-policy"]
+    secured(answer)
     return answer.text
 
 
