@@ -3,13 +3,12 @@ requests and events of each arm), the judge's e-value paths per metric against t
 thresholds (rollback: m/alpha over the whole rollout; promotion: 1/(beta w) or 1/beta,
 restarting each step), each decision and when it was made, and whether the stored
 verdicts follow from the stored counts (`servo.cli_rollouts.replay_rollout`, the replay of
-`servo rollouts show`)."""
+`servo rollouts show`; for a long rollout on request)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import itertools
-import math
 from typing import TYPE_CHECKING, Any
 
 from markupsafe import Markup
@@ -19,12 +18,14 @@ from serving.http import Response, Route
 from servo.cli_rollouts import replay_rollout
 from servo.console import svg
 from servo.console.app import positive_id
+from servo.console.pages_runs import query
 
 if TYPE_CHECKING:
     from servo.console.app import Console, Visit
 
-#: the most points of an e-value path drawn (a long rollout has thousands of looks)
-MAX_POINTS = 400
+#: a rollout with more looks is replayed on request only (`?replay=1`): a replay costs
+#: about a third of a millisecond a look
+REPLAY_LOOKS = 300
 
 
 def judge_config(rollout: dict[str, Any]) -> JudgeConfig | None:
@@ -68,13 +69,6 @@ def step_rows(rollout: dict[str, Any], looks: list[dict[str, Any]]) -> list[dict
     return rows
 
 
-def thin(points: list[tuple[float, float]], keep: set[int]) -> list[tuple[float, float]]:
-    """At most about MAX_POINTS points: every k-th, the last, and the looks in `keep`."""
-    stride = max(1, math.ceil(len(points) / MAX_POINTS))
-    last = len(points) - 1
-    return [p for i, p in enumerate(points) if i % stride == 0 or i == last or int(p[0]) in keep]
-
-
 def e_value_charts(
     rollout: dict[str, Any], looks: list[dict[str, Any]], config: JudgeConfig | None
 ) -> list[Markup]:
@@ -92,7 +86,6 @@ def e_value_charts(
             markers.append(
                 svg.Marker(look["seq"], f"step {look['step'] + 1}: {look['percent']:g}%", "step")
             )
-    decided = {seq for seq, v in verdicts if v.get("decision") in ("advance", "rollback")}
     if looks and rollout["status"] != "running":
         markers.append(
             svg.Marker(looks[-1]["seq"], rollout["status"].replace("_", " "), rollout["status"])
@@ -112,7 +105,7 @@ def e_value_charts(
                 for seq, v in verdicts
                 if isinstance(v.get(key), dict) and isinstance(v[key].get(metric), int | float)
             ]
-            paths[key] = thin(points, decided)
+            paths[key] = points
         charts.append(
             Markup(
                 svg.line_chart(
@@ -142,7 +135,9 @@ def rollout(visit: Visit) -> Response:
     doc = visit.store.rollout(rollout_id)
     looks = visit.store.rollout_looks(rollout_id)
     config = judge_config(doc)
-    replayed = replay_rollout(doc, looks)
+    replayed = None
+    if len(looks) <= REPLAY_LOOKS or query(visit).get("replay") == "1":
+        replayed = replay_rollout(doc, looks)
     return visit.render(
         "rollout.html",
         title=f"Rollout {rollout_id}",
