@@ -20,6 +20,7 @@ from monitors.report import compare as drift_report
 from retrain.evidence import build_evidence, offline_from_comparison, paired_live, signature_diff
 from retrain.policy import Policy, to_json
 from retrain.steps import compare
+from servo.console.pages_promotions import drift_charts
 from tests.admin import Admin, running_admin, snapshot
 from tests.console_login import Clients, field, secured
 
@@ -201,3 +202,20 @@ def test_a_hostile_model_name_and_a_request_without_known_evidence_render(
         assert SCRIPT not in page.text and ESCAPED in page.text
     page = client.get(f"/console/promotions/{request}").text
     assert "the evidence holds no accuracy figures" in page and "the default gates" in page
+    odd = {"live": [1], "offline": "x", "signature": {"inputs": "bad", "compatible": True},
+           "trigger": {"report": {"features": {"features": [{"js_distance": "a"}, 5]}}},
+           "policy": {"gates": {"live_margin": "wide"}}}  # fmt: skip
+    strange = admin.store.file_promotion(SCRIPT, version, odd, "gates")
+    shown = client.get(f"/console/promotions/{strange}")
+    assert shown.status_code == 200 and "not judged: the evidence is malformed" in shown.text
+
+
+def test_features_with_their_bins_get_reference_and_live_histograms() -> None:
+    bins = {"edges": [0.0, 1.0, 2.0], "reference": [5, 5], "live": [9, 1]}
+    entry = {"feature": SCRIPT, "js_distance": 0.2, "js_threshold": 0.1, "drifted": True,
+             "ratio": 2.0, **bins}  # fmt: skip
+    ratios, histogram = drift_charts([entry])
+    assert "drifted" in ratios and "reference vs live" in histogram
+    assert SCRIPT not in histogram and ESCAPED in histogram
+    ET.fromstring(histogram)
+    assert drift_charts([]) == []

@@ -322,7 +322,13 @@ class Console:
         ]
         for module in _page_modules():
             routes += module.routes(self)
+        # last: any other console path is a page that does not exist (HTML, headers)
+        missing = self.page(self.missing)
+        routes += [Route("GET", "/console" + "/{p}" * depth, missing) for depth in (1, 2, 3)]
         return routes
+
+    def missing(self, visit: Visit) -> Response:
+        raise ConsoleError(HTTPStatus.NOT_FOUND, f"no console page {visit.request.path[:128]}")
 
 
 def secured(response: Response) -> Response:

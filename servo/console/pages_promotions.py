@@ -83,18 +83,18 @@ def drifted_features(evidence: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def drift_charts(features: list[dict[str, Any]]) -> list[str]:
-    """A bar chart of the top features' JS distance against their thresholds, and the
-    reference vs live histogram of each feature whose entry carries its bins."""
+    """A bar chart of the top features' JS distance over its threshold (above 1: past
+    it), and the reference vs live histogram of each feature whose entry has its bins."""
     if not features:
         return []
-    bars = []
-    for entry in features:
-        name = str(entry.get("feature", "?"))
-        bars.append(svg.Bar(name, float(entry["js_distance"]), group="JS distance (live)"))
-        threshold = _number(entry.get("js_threshold"))
-        if threshold is not None:
-            bars.append(svg.Bar(name, threshold, group="threshold"))
-    charts = [svg.bars("The features that drifted most", bars, low=0.0)]
+    bars = [
+        svg.Bar(str(e.get("feature", "?")), float(e["ratio"]),
+                group="drifted" if e.get("drifted") else "not drifted")
+        for e in features
+        if e["ratio"] is not None
+    ]  # fmt: skip
+    title = "The features that drifted most: JS distance / its threshold"
+    charts = [svg.bars(title, bars, low=0.0)] if bars else []
     for entry in features:
         edges, reference, live = entry.get("edges"), entry.get("reference"), entry.get("live")
         if isinstance(edges, list) and isinstance(reference, list) and isinstance(live, list):
