@@ -15,7 +15,7 @@ from markupsafe import Markup
 
 from retrain.judge import JudgeConfig
 from serving.http import Response, Route
-from servo.cli_rollouts import replay_rollout
+from servo.cli_rollouts import replay_rollout, step_totals
 from servo.console import svg
 from servo.console.app import positive_id
 from servo.console.pages_runs import query
@@ -37,33 +37,23 @@ def judge_config(rollout: dict[str, Any]) -> JudgeConfig | None:
 
 
 def step_rows(rollout: dict[str, Any], looks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per step of the rollout: its share, looks, requests and events of each arm, and the
-    decision of its last look (with when it was taken)."""
+    """Per step of the rollout (`servo.cli_rollouts.step_totals`): its share, looks,
+    requests and events of each arm, and the decision of its last look with its time."""
     rows = []
-    for index, percent in enumerate(rollout["steps"]):
-        mine = [look for look in looks if look["step"] == index]
-        requests = [0, 0]
-        events: dict[str, list[int]] = {}
-        for look in mine:
-            for metric, (ct, ce, bt, be) in look["counts"].items():
-                if metric == "errors":
-                    requests = [requests[0] + ct, requests[1] + bt]
-                pair = events.setdefault(metric, [0, 0])
-                pair[0], pair[1] = pair[0] + ce, pair[1] + be
-        last = mine[-1] if mine else None
-        verdict = last["verdict"] if last and isinstance(last["verdict"], dict) else {}
+    for step in step_totals(rollout, looks):
+        mine, verdict = step["looks"], step["verdict"]
         rows.append(
             {
-                "index": index,
-                "percent": percent,
+                "index": step["index"],
+                "percent": step["percent"],
                 "looks": len(mine),
-                "canary_requests": requests[0],
-                "champion_requests": requests[1],
-                "events": events,
+                "canary_requests": step["requests"][0],
+                "champion_requests": step["requests"][1],
+                "events": step["events"],
                 "decision": verdict.get("decision"),
                 "reason": verdict.get("reason"),
-                "at": last["at"] if last else None,
-                "reached": index <= rollout["step"],
+                "at": mine[-1]["at"] if mine else None,
+                "reached": step["index"] <= rollout["step"],
             }
         )
     return rows
