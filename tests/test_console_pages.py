@@ -130,7 +130,7 @@ def test_runs_list_newest_first_with_who_started_them(seeded: Seeded, viewer: ht
     html = page(viewer, "/console/runs")
     ids = [int(i) for i in re.findall(r'href="/console/runs/(\d+)"', html)]
     assert ids == sorted(ids, reverse=True) and ids[:2] == [seeded.failed_run, seeded.good_run]
-    assert "ops-1 (by hand)" in html and ">drift<" in html and ">failed<" in html
+    assert "ops-1 (by hand)" in html and "the loop (drift)" in html and ">failed<" in html
     assert page(viewer, "/console/runs?model=digits").count('href="/console/runs/') == 2
     assert 'href="/console/runs/' not in page(viewer, "/console/runs?model=nothing")
     page(viewer, "/console/runs?page=0", 400)
