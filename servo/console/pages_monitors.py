@@ -6,6 +6,7 @@ promotions and rollbacks (the model's audit entries) marked; and the latest chec
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -42,9 +43,15 @@ def stamp(at: dt.datetime) -> float:
     return (at if at.tzinfo else at.replace(tzinfo=dt.UTC)).timestamp()
 
 
-def clock(seconds: float) -> str:
-    """A time axis label: month-day hour:minute, UTC."""
-    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%m-%d %H:%M")
+def clock(seconds: float, pattern: str = "%m-%d %H:%M") -> str:
+    """A time label (UTC): month-day hour:minute by default."""
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime(pattern)
+
+
+def time_axis(span_s: float) -> Callable[[float], str]:
+    """Axis labels for a span of time: seconds within two hours, days beyond two days."""
+    pattern = "%H:%M:%S" if span_s < 7200 else "%m-%d %H:%M" if span_s < 172800 else "%Y-%m-%d"
+    return lambda seconds: clock(seconds, pattern)
 
 
 def number(value: Any) -> float | None:
@@ -129,6 +136,7 @@ def check_row(check: dict[str, Any]) -> dict[str, Any]:
         "signals": list(detail.get("signals") or []),
         "reasons": list(detail.get("reasons") or []),
         "error": detail.get("error"),
+        "recorded": figures(detail) is not None,
         "figures": figures(detail) or dict.fromkeys(FIGURES),
     }
 
@@ -141,6 +149,7 @@ def monitor_context(store: Any, model: str) -> dict[str, Any]:
     found = series_by_version(checks)
     since = stamp(checks[0]["at"]) if checks else 0.0
     marked = markers(store, model, since) if checks else []
+    axis = time_axis(stamp(checks[-1]["at"]) - since if checks else 0.0)
     drift = [svg.Series(f"v{v} largest JS distance", p) for v, p in sorted(found["drift"].items())]
     drift += [
         svg.Series(f"v{v} JS threshold", p, step=True)
@@ -155,14 +164,14 @@ def monitor_context(store: Any, model: str) -> dict[str, Any]:
             f"{model}: input drift (largest JS distance of a feature)",
             drift,
             markers=marked,
-            x_format=clock,
+            x_format=axis,
             y_label="JS distance",
         ),
         svg.line_chart(
             f"{model}: live accuracy (Wilson 95% interval)",
             accuracy,
             markers=marked,
-            x_format=clock,
+            x_format=axis,
             y_label="accuracy",
         ),
     ]
