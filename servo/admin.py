@@ -62,6 +62,7 @@ from servo.admin_wire import (
     status_of,
 )
 from servo.auth import Authenticator
+from servo.console.app import console_routes
 
 if TYPE_CHECKING:
     from registry.store import Identity, RegistryStore
@@ -125,7 +126,7 @@ class AdminApi:
                 f"a bearer token is needed (Authorization: Bearer <token>); this one is {what}"
             )
             if action is not None and self.anonymous_attempts.take():
-                self._attempt(f"({what} token)", action, request, HTTPStatus.UNAUTHORIZED, message)
+                self.attempt(f"({what} token)", action, request, HTTPStatus.UNAUTHORIZED, message)
             response = error_response(HTTPStatus.UNAUTHORIZED, message)
             response.headers.append(CHALLENGE)
             return response
@@ -142,13 +143,11 @@ class AdminApi:
             code = exc.status if isinstance(exc, ApiError) else status_of(exc)
             message = exc.message if isinstance(exc, ApiError) else str(exc)
             if action is not None:
-                self._attempt(identity.name, action, request, code, message)
+                self.attempt(identity.name, action, request, code, message)
             return error_response(code, message)
         return json_response(status, doc)
 
-    def _attempt(
-        self, actor: str, action: str, request: Request, status: int, message: str
-    ) -> None:
+    def attempt(self, actor: str, action: str, request: Request, status: int, message: str) -> None:
         """Audit a refused attempt to act; a failure to audit is logged, never raised."""
         params = request.params
         detail: dict[str, Any] = {"status": int(status), "error": message[:512]}
@@ -180,7 +179,7 @@ class AdminApi:
         request = Request(method, path, params, [])
         loop = asyncio.get_running_loop()
         loop.run_in_executor(
-            None, self._attempt, "(unread request)", action, request, error.status, error.message
+            None, self.attempt, "(unread request)", action, request, error.status, error.message
         )
 
     # reads
@@ -243,9 +242,16 @@ class AdminApi:
         return self._decide(call, "rejected")
 
     def _decide(self, call: Call, decision: str) -> tuple[int, Any]:
-        request_id = _request_id(call)
         body = parse_body(call.request.body, DecisionBody)
-        store, identity = self.store, call.identity
+        return 200, self.decide(_request_id(call), decision, call.identity, body)
+
+    def decide(
+        self, request_id: int, decision: str, identity: Identity, body: DecisionBody
+    ) -> dict[str, Any]:
+        """Approve or reject a request for `identity` (the admin API's and the console's
+        one path): the registry checks roles, separation of duties and the evidence hash;
+        an approval starts the rollout. Returns the request as it is now."""
+        store = self.store
         doc = store.decide(
             request_id,
             decision,
@@ -259,7 +265,7 @@ class AdminApi:
             status = self.rollout.start(doc, identity.name)
             log.info("promotion request %s approved by %s: %s", request_id, identity.name, status)
             doc = store.promotion(request_id)
-        return 200, doc
+        return doc
 
     def _separation_of_duties(self, request_id: int) -> bool:
         """The model's policy (approval.separation_of_duties), on unless it says off."""
@@ -353,11 +359,17 @@ def build_admin_app(
     authenticator: Authenticator,
     policy_for: Callable[[str], Any] | None = None,
     max_body_bytes: int = 65536,
+    console: bool = True,
+    console_secure: bool = False,
 ) -> AsgiApp:
     """The admin API as an app of Servo's HTTP layer (served by `AdminServer`, or by any
-    ASGI server)."""
+    ASGI server), with the ops console under `/console` unless `console` is off
+    (`console_secure`: it is served over https, its cookies say `Secure`)."""
     api = AdminApi(store, rollout, authenticator, policy_for)
-    app = AsgiApp(api.routes(), max_body_bytes)
+    routes = api.routes()
+    if console:
+        routes += console_routes(api, secure=console_secure)
+    app = AsgiApp(routes, max_body_bytes)
 
     def refused(method: str, path: str, error: ServingError) -> None:
         api.refused(method, path, error, app.match(method, path)[1])

@@ -64,6 +64,20 @@ def timestamp(value: Any) -> float:
     return dt.datetime.fromisoformat(str(value)).timestamp()
 
 
+def check_accuracy(report: MonitorReport) -> dict[str, Any] | None:
+    """A check's live accuracy, kept in its loop event (the console shows it): labelled
+    and correct rows of the window, the accuracy with its Wilson interval, label coverage
+    (labelled / predicted rows); None when the monitors had no accuracy part."""
+    acc = report.accuracy
+    if acc is None:
+        return None
+    return {
+        "window_s": report.window_s, "end": report.end, "labelled": acc.labelled,
+        "correct": acc.correct, "accuracy": acc.accuracy, "wilson_low": acc.wilson_low,
+        "wilson_high": acc.wilson_high, "predicted": acc.predicted, "coverage": acc.coverage,
+    }  # fmt: skip
+
+
 def monitor_config(policy: Policy) -> MonitorConfig:
     return MonitorConfig(
         window_s=float(policy.monitor_window_s), step_s=float(policy.check_every_s)
@@ -312,7 +326,8 @@ class Controller(PromotionSteps):
         signals = sorted(trigger.signals(report))
         self.store.record_loop_event(model, "check", logs.plain({
             "version": champion, "verdict": report.verdict, "reasons": report.reasons,
-            "signals": signals, "source": report.source, "error": report.error}))  # fmt: skip
+            "signals": signals, "source": report.source, "error": report.error,
+            "accuracy": check_accuracy(report)}))  # fmt: skip
         manual = self._manual.pop(model, []) + self._claim(model)
         if detail.get("alarm") and not manual:  # an alarm waiting for labelled rows
             self._wait_for_labels(model, policy, detail, champion, report)

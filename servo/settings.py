@@ -139,6 +139,11 @@ class Settings(BaseSettings):
     admin_port: int = Field(
         8082, ge=0, le=65535, description="servo up's admin API port on 127.0.0.1 (0: any free)"
     )
+    console_https: bool = Field(
+        False,
+        description="the ops console (/console on the admin port) is reached over https (a "
+        "TLS proxy in front): its session cookie says Secure",
+    )
     prometheus_url: str | None = Field(
         None, description="servo up's monitors read this Prometheus (unset: embedded)"
     )

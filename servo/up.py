@@ -435,6 +435,7 @@ def serve_loop(settings: Settings, options: UpOptions) -> None:
             rollout=rollout_for(running),
             authenticator=Authenticator(running.store),
             policy_for=config.for_model,
+            console_secure=settings.console_https,
         )
         server = AdminServer(app)
         server.start(options.admin_host, options.admin_port)

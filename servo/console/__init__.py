@@ -1,0 +1,2 @@
+"""The ops console: server-rendered pages under `/console` on the admin port (see
+`servo.console.app`)."""
