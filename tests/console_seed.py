@@ -85,6 +85,53 @@ def _drift_report(folder: Path, rows: np.ndarray[Any, Any], version: int) -> dic
     }  # fmt: skip
 
 
+def recorded_checks(store: RegistryStore, version: int, every_s: float = 60.0) -> None:
+    """The loop's checks of the champion as servo.loop records them, each a real monitors
+    report (monitors.monitor.build_report) over a window of digits rows: eight calm
+    windows, then four whose first features are shifted and whose accuracy drops; then
+    the alarm and the retrain it started."""
+    from monitors.monitor import MonitorConfig, build_report
+    from monitors.profile import ReferenceProfile
+    from monitors.sources import WindowData
+    from retrain import trigger
+    from serving.model_folder import read_card
+    from servo.demo import digits_holdout
+    from servo.loop import check_accuracy
+
+    folder = Path(store.version(MODEL, version).artifact_uri.removeprefix("file://"))
+    card = read_card(folder)
+    profile = ReferenceProfile.from_json(card.reference_profile)
+    x, y = digits_holdout()
+    rng = np.random.default_rng(0)
+    end, checks = time.time() - 12 * every_s, 12
+    for i in range(checks):
+        rows = x[rng.choice(len(x), 200, replace=False)]
+        drifted = i >= checks - 4
+        if drifted:
+            rows = rows.copy()
+            rows[:, :8] += 6.0
+        counts = profile.bin_counts(rows)
+        features = {name: {label: float(counts[j, index]) for index, label in profile.bin_labels(j)}
+                    for j, name in enumerate(profile.features)}  # fmt: skip
+        labelled = 60
+        correct = int(rng.binomial(labelled, 0.78 if drifted else 0.97))
+        data = WindowData(
+            MODEL, str(version), window_s=every_s * 5, end=end + i * every_s,
+            features=features, predictions={str(c): float(n) for c, n in
+                                            zip(*np.unique(y[:200], return_counts=True))},
+            feedback={"correct": float(correct), "incorrect": float(labelled - correct)},
+        )  # fmt: skip
+        report = build_report(data, profile, baseline=card.metrics.get("accuracy"),
+                              config=MonitorConfig(), source="payload_log")  # fmt: skip
+        store.record_loop_event(MODEL, "check", {
+            "version": version, "verdict": report.verdict, "reasons": report.reasons,
+            "signals": sorted(trigger.signals(report)), "source": report.source,
+            "error": report.error, "accuracy": check_accuracy(report),
+        })  # fmt: skip
+    store.record_loop_event(MODEL, "alarm", {"version": version, "signals": ["drift"],
+                                             "reason": "input drift", "consecutive": 2})  # fmt: skip
+
+
 def pending_evidence(
     store: RegistryStore, champion: int, candidate: int, run_id: int | None
 ) -> dict[str, Any]:
@@ -150,18 +197,26 @@ def seed(directory: Path) -> Seeded:
     from servo.train import train
 
     store = open_registry(directory)
-    first = train(store, work=directory, name=MODEL, trigger="bootstrap")
+    # the champion: a smaller network than the retrained candidate (which beats it)
+    first = train(store, work=directory, name=MODEL, params={"hidden": [8]},
+                  trigger="bootstrap")  # fmt: skip
     store.set_alias(MODEL, "champion", first.version, actor="setup")
     store.set_deployments(MODEL, [(first.version, "champion", 100.0)], actor="setup")
     store.set_loop_state(MODEL, "watching", {"reason": "seeded"})
     rollout = finished_rollout(store, first.version)
+    recorded_checks(store, first.version)
     broken = failed_run(store, directory / "pipeline")
-    second = train(store, work=directory, name=MODEL, params={"seed": 1, "hidden": [48]},
-                   trigger="drift")  # fmt: skip
+    second = train(store, work=directory, name=MODEL, trigger="drift")
+    store.record_loop_event(MODEL, "retrain_finished", {"status": "succeeded",
+                            "run_id": second.run.run_id, "version": second.version})  # fmt: skip
     doc = pending_evidence(store, first.version, second.version, second.run.run_id)
     request = store.file_promotion(MODEL, second.version, doc, "loop",
                                    run_id=second.run.run_id)  # fmt: skip
-    store.set_loop_state(MODEL, "awaiting_approval", {"request": request})
+    # as the loop leaves it: the candidate in shadow, waiting for an approver
+    store.set_deployments(MODEL, [(first.version, "champion", 100.0),
+                                  (second.version, "shadow", 100.0)], actor="loop")  # fmt: skip
+    store.set_loop_state(MODEL, "awaiting_approval", {"request": request, "candidate": {
+        "version": second.version, "run_id": second.run.run_id, "trigger": "drift"}})  # fmt: skip
     tokens = {role: store.create_token(f"console-{role}", role, "setup") for role in ROLES}
     return Seeded(store, directory, first.version, second.version, request, rollout, broken,
                   tokens)  # fmt: skip
