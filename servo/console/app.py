@@ -142,7 +142,7 @@ class Console:
         self.env = jinja2.Environment(
             loader=jinja2.PackageLoader("servo.console", "templates"),
             autoescape=True,  # every template, whatever its name
-            undefined=jinja2.StrictUndefined,
+            undefined=jinja2.ChainableUndefined,  # evidence parts may be missing
             trim_blocks=True,
             lstrip_blocks=True,
         )
