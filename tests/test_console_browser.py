@@ -92,7 +92,9 @@ def visit(console: Console, watched: Watched, name: str, path: str) -> None:
 
 
 def routes(store: RegistryStore) -> list[tuple[int, str, float]]:
-    return list(store.deployments().get(MODEL, []))
+    """The model's route table: (version, role, percent) rows."""
+    rows = store.deployments().get(MODEL, [])
+    return [(int(r["version"]), str(r["role"]), float(r["percent"])) for r in rows]
 
 
 def test_every_page_renders_without_errors_and_shows_the_evidence(
