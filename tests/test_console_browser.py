@@ -87,6 +87,11 @@ def visit(console: Console, watched: Watched, name: str, path: str) -> None:
     assert watched.problems() == [], (path, watched.problems())
     # the stylesheet came (same origin, allowed by the CSP) and applied
     assert watched.page.evaluate("document.styleSheets.length") >= 1
+    # every chart is drawn at a readable size (an SVG sized only by its viewBox collapses
+    # to nothing in a shrink-to-fit box)
+    sizes = "nodes => nodes.map(n => [n.getBoundingClientRect().width, n.clientHeight])"
+    for width, height in watched.page.locator("svg").evaluate_all(sizes):
+        assert width >= 200 and height >= 80, (path, width, height)
     console.shots.mkdir(exist_ok=True)
     watched.page.screenshot(path=str(console.shots / f"{name}.png"), full_page=True)
 
