@@ -426,7 +426,7 @@ class AdminServer:
         self._thread = threading.Thread(target=run, name="servo-admin", daemon=True)
         self._thread.start()
         started.result(timeout=30)
-        log.info("admin API on http://%s:%s/admin", host, self.port)
+        log.info("admin API on http://%s:%s/admin, console on /console", host, self.port)
         return self.port
 
     def stop(self, grace_s: float = 5.0) -> None:

@@ -64,6 +64,22 @@ def timestamp(value: Any) -> float:
     return dt.datetime.fromisoformat(str(value)).timestamp()
 
 
+def check_drift(report: MonitorReport) -> dict[str, Any] | None:
+    """A check's input drift, kept in its loop event (the console's Monitors page draws it
+    over time): the window's size, the largest JS distance of a feature (a distance: larger
+    is more drift) with its threshold and feature, and the share of features drifted; None
+    when the monitors compared no feature."""
+    features = report.features
+    if features is None or not features.features:
+        return None
+    worst = max(features.features, key=lambda f: f.js_distance)
+    return {
+        "n": features.window_n, "js_distance_max": worst.js_distance,
+        "js_threshold": worst.js_threshold, "js_feature": worst.feature,
+        "share_drifted": features.share_drifted,
+    }  # fmt: skip
+
+
 def check_accuracy(report: MonitorReport) -> dict[str, Any] | None:
     """A check's live accuracy, kept in its loop event (the console shows it): labelled
     and correct rows of the window, the accuracy with its Wilson interval, label coverage
@@ -327,7 +343,7 @@ class Controller(PromotionSteps):
         self.store.record_loop_event(model, "check", logs.plain({
             "version": champion, "verdict": report.verdict, "reasons": report.reasons,
             "signals": signals, "source": report.source, "error": report.error,
-            "accuracy": check_accuracy(report)}))  # fmt: skip
+            "accuracy": check_accuracy(report), "drift": check_drift(report)}))  # fmt: skip
         manual = self._manual.pop(model, []) + self._claim(model)
         if detail.get("alarm") and not manual:  # an alarm waiting for labelled rows
             self._wait_for_labels(model, policy, detail, champion, report)

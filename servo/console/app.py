@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import parse_qsl
 
 import jinja2
@@ -62,7 +62,13 @@ SECURITY_HEADERS = (
 LOGIN = "/console/login"
 HOME = "/console/models"
 #: the links of every page's header: (label, path); page modules' own pages
-NAV = (("Models", "/console/models"), ("Promotions", "/console/promotions"))
+NAV = (
+    ("Models", "/console/models"),
+    ("Runs", "/console/runs"),
+    ("Promotions", "/console/promotions"),
+    ("Rollouts", "/console/rollouts"),
+    ("Monitors", "/console/monitors"),
+)
 #: a console form has few fields
 MAX_FIELDS = 16
 LOGIN_NONCE_S = 600
@@ -211,7 +217,6 @@ class Console:
                     "no live console session (log in again)",
                     anonymous=True,
                 )
-            assert session is not None
             if not same_secret(form.get("csrf"), session.csrf):
                 self._refuse(
                     session.identity.name,
@@ -231,11 +236,10 @@ class Console:
                 )
             try:
                 return secured(view(Visit(self, request, session, form)))
-            except (ApiError, RegistryError) as exc:
-                code = exc.status if isinstance(exc, ApiError) else status_of(exc)
-                message = exc.message if isinstance(exc, ApiError) else str(exc)
+            except (ApiError, ConsoleError, RegistryError) as exc:
+                code = status_of(exc) if isinstance(exc, RegistryError) else exc.status
+                message = str(exc) if isinstance(exc, RegistryError) else exc.message
                 self._refuse(session.identity.name, action, request, code, message)
-                raise
         except ConsoleError as exc:
             return secured(self.error_page(exc.status, exc.message, session))
         except ApiError as exc:
@@ -255,7 +259,7 @@ class Console:
         message: str,
         *,
         anonymous: bool = False,
-    ) -> None:
+    ) -> NoReturn:
         """Audit a refused attempt (an anonymous one within the admin API's budget) and
         end the request with `status`."""
         if not anonymous or self.api.anonymous_attempts.take():
@@ -318,7 +322,13 @@ class Console:
         ]
         for module in _page_modules():
             routes += module.routes(self)
+        # last: any other console path is a page that does not exist (HTML, headers)
+        missing = self.page(self.missing)
+        routes += [Route("GET", "/console" + "/{p}" * depth, missing) for depth in (1, 2, 3)]
         return routes
+
+    def missing(self, visit: Visit) -> Response:
+        raise ConsoleError(HTTPStatus.NOT_FOUND, f"no console page {visit.request.path[:128]}")
 
 
 def secured(response: Response) -> Response:
@@ -333,9 +343,15 @@ def _nonce() -> str:
 
 def _page_modules() -> list[Any]:
     """The page modules (imported here: they import this module)."""
-    from servo.console import pages_models, pages_promotions
+    from servo.console import (
+        pages_models,
+        pages_monitors,
+        pages_promotions,
+        pages_rollouts,
+        pages_runs,
+    )
 
-    return [pages_models, pages_promotions]
+    return [pages_models, pages_runs, pages_promotions, pages_rollouts, pages_monitors]
 
 
 def console_routes(api: AdminApi, *, secure: bool = False) -> list[Route]:

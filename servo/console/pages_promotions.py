@@ -54,8 +54,8 @@ def accuracy_bars(evidence: Mapping[str, Any]) -> list[svg.Bar]:
     offline gate judges) and live (the labelled requests both answered)."""
     offline, rows = gate_rules.offline_comparison(evidence.get("offline"))
     bars = []
-    for where, part in ((f"offline ({rows})", offline), ("live", evidence.get("live"))):
-        part = _mapping(part)
+    for where, found in ((f"offline ({rows})", offline), ("live", evidence.get("live"))):
+        part = _mapping(found)
         for side in ("champion", "candidate"):
             value = _number(part.get(f"{side}_accuracy"))
             if value is None:
@@ -71,8 +71,8 @@ def drifted_features(evidence: Mapping[str, Any]) -> list[dict[str, Any]]:
     report = _mapping(_mapping(evidence.get("trigger")).get("report"))
     features = _mapping(report.get("features")).get("features")
     found = []
-    for entry in features if isinstance(features, list) else []:
-        entry = _mapping(entry)
+    for item in features if isinstance(features, list) else []:
+        entry = _mapping(item)
         js, threshold = _number(entry.get("js_distance")), _number(entry.get("js_threshold"))
         if js is None:
             continue
@@ -83,22 +83,23 @@ def drifted_features(evidence: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def drift_charts(features: list[dict[str, Any]]) -> list[str]:
-    """A bar chart of the top features' JS distance against their thresholds, and the
-    reference vs live histogram of each feature whose entry carries its bins."""
+    """A bar chart of the top features' JS distance over its threshold (above 1: past
+    it), and the reference vs live histogram of each feature whose entry has its bins."""
     if not features:
         return []
-    bars = []
-    for entry in features:
-        name = str(entry.get("feature", "?"))
-        bars.append(svg.Bar(name, float(entry["js_distance"]), group="JS distance (live)"))
-        threshold = _number(entry.get("js_threshold"))
-        if threshold is not None:
-            bars.append(svg.Bar(name, threshold, group="threshold"))
-    charts = [svg.bars("The features that drifted most", bars, low=0.0)]
+    bars = [
+        svg.Bar(str(e.get("feature", "?")), float(e["ratio"]),
+                group="drifted" if e.get("drifted") else "not drifted")
+        for e in features
+        if e["ratio"] is not None
+    ]  # fmt: skip
+    title = "The features that drifted most: JS distance / its threshold"
+    charts = [svg.bars(title, bars, low=0.0)] if bars else []
     for entry in features:
         edges, reference, live = entry.get("edges"), entry.get("reference"), entry.get("live")
-        if all(isinstance(v, list) for v in (edges, reference, live)):
-            charts.append(svg.histograms(f"{entry.get('feature')}", edges, reference, live))
+        if isinstance(edges, list) and isinstance(reference, list) and isinstance(live, list):
+            title = f"{entry.get('feature')}: reference vs live"
+            charts.append(svg.histograms(title, edges, reference, live))
     return charts
 
 
@@ -139,13 +140,10 @@ def evidence_view(evidence: Mapping[str, Any]) -> dict[str, Any]:
     features = drifted_features(evidence)
     gates, gates_source = gate_results(evidence)
     bars = accuracy_bars(evidence)
+    title = "Accuracy: champion vs candidate (95% intervals)"
     signature = _mapping(evidence.get("signature"))
     return {
-        "accuracy_chart": svg.bars(
-            "Accuracy: champion vs candidate (95% intervals)", bars, low=0.0, high=1.0
-        )
-        if bars
-        else None,  # fmt: skip
+        "accuracy_chart": svg.bars(title, bars, low=0.0, high=1.0) if bars else None,
         "live": live,
         "agreement": _number(live.get("agreement")),
         "shadow_chart": shadow_chart(live),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from xml.sax.saxutils import escape, quoteattr
 
@@ -19,8 +19,10 @@ WIDTH = 640
 HEIGHT = 260
 MARGIN_LEFT = 56
 MARGIN_RIGHT = 16
-MARGIN_TOP = 24
+MARGIN_TOP = 46
 MARGIN_BOTTOM = 36
+#: a line chart marks its points with dots up to this many points a series
+MAX_DOTS = 60
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2")
 STATUS_COLOURS = {
     "succeeded": "#2ca02c",
@@ -98,8 +100,16 @@ class Scale:
             return [10.0**e for e in range(first, last + 1) if self.low <= 10.0**e <= self.high]
         if self.high == self.low:
             return [self.low]
-        step = (self.high - self.low) / (count - 1)
-        return [self.low + i * step for i in range(count)]
+        step = nice((self.high - self.low) / (count - 1))
+        first = math.ceil(self.low / step - 1e-9)
+        last = math.floor(self.high / step + 1e-9)
+        return [round(i * step, 12) for i in range(first, last + 1)]
+
+
+def nice(step: float) -> float:
+    """The round step (1, 2 or 5 times a power of ten) at or above `step`."""
+    power = 10.0 ** math.floor(math.log10(step))
+    return next(m * power for m in (1, 2, 5, 10) if m * power >= step * (1 - 1e-9))
 
 
 def tag(name: str, content: str | None = None, /, **attrs: float | str) -> str:
@@ -128,10 +138,11 @@ def titled(name: str, title: str, /, **attrs: float | str) -> str:
 
 
 def frame(title: str, body: Sequence[str], *, width: int = WIDTH, height: int = HEIGHT) -> str:
-    """Wrap elements in an `<svg>` with a viewBox, a `<title>` and a heading."""
+    """Wrap elements in an `<svg>` with a viewBox, a `<title>` and a heading; its width and
+    height are the viewBox's (its natural size: CSS may scale it down)."""
     heading = text(MARGIN_LEFT, 15, title, size=12, font_weight="bold")
     content = f"<title>{escape(title)}</title>{heading}{''.join(body)}"
-    return tag("svg", content, xmlns="http://www.w3.org/2000/svg",
+    return tag("svg", content, xmlns="http://www.w3.org/2000/svg", width=width, height=height,
                viewBox=f"0 0 {width} {height}", role="img", class_="chart")  # fmt: skip
 
 
@@ -169,7 +180,14 @@ def box(x: Scale, y: Scale) -> str:
                height=y.pixel_low - y.pixel_high, fill="none", stroke="#999")  # fmt: skip
 
 
-def axes(x: Scale, y: Scale, *, x_label: str = "", y_label: str = "") -> list[str]:
+def axes(
+    x: Scale,
+    y: Scale,
+    *,
+    x_label: str = "",
+    y_label: str = "",
+    x_format: Callable[[float], str] = fmt,
+) -> list[str]:
     """The plot's frame, y ticks with grid lines, x ticks and axis labels."""
     left, right = x.pixel_low, x.pixel_high
     bottom, top = y.pixel_low, y.pixel_high
@@ -178,7 +196,7 @@ def axes(x: Scale, y: Scale, *, x_label: str = "", y_label: str = "") -> list[st
         py = y(tick)
         out.append(tag("line", x1=left, y1=py, x2=right, y2=py, stroke="#eee"))
         out.append(text(left - 4, py + 4, fmt(tick), anchor="end", size=10))
-    out.extend(text(x(t), bottom + 14, fmt(t), anchor="middle", size=10) for t in x.ticks())
+    out.extend(text(x(t), bottom + 14, x_format(t), anchor="middle", size=10) for t in x.ticks())
     if x_label:
         out.append(text((left + right) / 2, bottom + 30, x_label, anchor="middle", size=10))
     if y_label:
@@ -232,6 +250,7 @@ def line_chart(
     markers: Sequence[Marker] = (),
     x_label: str = "",
     y_label: str = "",
+    x_format: Callable[[float], str] = fmt,
 ) -> str:
     """Lines (or steps) with optional interval bands, horizontal (value, label) threshold
     lines and event markers.
@@ -248,7 +267,7 @@ def line_chart(
     ys += [value for value, _ in thresholds]
     x = Scale(*bounds(xs), MARGIN_LEFT, WIDTH - MARGIN_RIGHT)
     y = Scale(*bounds(ys, log=log_y), HEIGHT - MARGIN_BOTTOM, MARGIN_TOP, log=log_y)
-    body = axes(x, y, x_label=x_label, y_label=y_label)
+    body = axes(x, y, x_label=x_label, y_label=y_label, x_format=x_format)
     for index, s in enumerate(series):
         colour = PALETTE[index % len(PALETTE)]
         if s.band:
@@ -259,30 +278,38 @@ def line_chart(
         pixels = [(x(px), y(py)) for px, py in s.points]
         body.append(titled("path", s.label, d=path(pixels, step=s.step), fill="none",
                            stroke=colour, stroke_width=2, class_="series"))  # fmt: skip
-        body.extend(tag("circle", cx=px, cy=py, r=2.5, fill=colour) for px, py in pixels)
-        body.append(legend(index, s.label, colour))
+        if len(pixels) <= MAX_DOTS:
+            body.extend(tag("circle", cx=px, cy=py, r=2.5, fill=colour) for px, py in pixels)
     for value, label in thresholds:
         ty = y(value)
         body.append(tag("line", x1=x.pixel_low, y1=ty, x2=x.pixel_high, y2=ty, stroke="#d62728",
                         stroke_dasharray="6 3", class_="threshold"))  # fmt: skip
         if label:
-            body.append(text(x.pixel_high - 2, ty - 4, label, anchor="end", size=10,
-                             fill="#d62728"))  # fmt: skip
+            body.append(text(x.pixel_low + 4, ty - 4, label, size=10, fill="#d62728"))
     for index, m in enumerate(markers):
         mx = x(m.x)
         body.append(tag("line", x1=mx, y1=y.pixel_high, x2=mx, y2=y.pixel_low, stroke="#555",
                         stroke_dasharray="2 2", class_=f"marker {m.kind}"))  # fmt: skip
-        body.append(text(mx + 3, y.pixel_high + 10 + 11 * (index % 3), m.label, size=9,
+        right = mx > (x.pixel_low + x.pixel_high) / 2  # label on the side with room
+        body.append(text(mx - 3 if right else mx + 3, y.pixel_low - 6 - 11 * (index % 3),
+                         m.label, anchor="end" if right else "start", size=9,
                          fill="#555"))  # fmt: skip
+    body += legend([(s.label, PALETTE[i % len(PALETTE)]) for i, s in enumerate(series)])
     return frame(title, body)
 
 
-def legend(index: int, label: str, colour: str) -> str:
-    """A legend entry at the top right, one row per series."""
-    lx = WIDTH - MARGIN_RIGHT - 150
-    ly = MARGIN_TOP + 10 + 13 * index
-    swatch = tag("rect", x=lx, y=ly - 8, width=10, height=10, fill=colour)
-    return swatch + text(lx + 14, ly + 1, label, size=10)
+def legend(entries: Sequence[tuple[str, str]]) -> list[str]:
+    """(label, colour) entries in rows between the heading and the plot (two rows fit)."""
+    out: list[str] = []
+    lx, ly = float(MARGIN_LEFT), 30.0
+    for label, colour in entries:
+        width = 18 + 5.6 * len(label) + 14
+        if lx + width > WIDTH - MARGIN_RIGHT and lx > MARGIN_LEFT:
+            lx, ly = float(MARGIN_LEFT), ly + 12
+        out.append(tag("rect", x=lx, y=ly - 8, width=10, height=10, fill=colour))
+        out.append(text(lx + 14, ly + 1, label, size=10))
+        lx += width
+    return out
 
 
 def histograms(
@@ -315,9 +342,12 @@ def histograms(
     top = max(max(f) for f in fractions) or 1.0
     x = Scale(0, bins, MARGIN_LEFT, WIDTH - MARGIN_RIGHT)
     y = Scale(0, top, HEIGHT - MARGIN_BOTTOM, MARGIN_TOP)
-    body = axes(
-        Scale(edges[0], edges[-1], MARGIN_LEFT, WIDTH - MARGIN_RIGHT), y, y_label="fraction"
-    )
+
+    def edge(tick: float) -> str:  # ticks fall on bin boundaries: the edge's value
+        index = round(tick)
+        return fmt(edges[index]) if abs(tick - index) < 1e-9 and 0 <= index <= bins else ""
+
+    body = axes(x, y, y_label="fraction", x_format=edge)
     width = (x(1) - x(0)) / 2
     for series_index, values in enumerate(fractions):
         colour = PALETTE[series_index]
@@ -328,7 +358,7 @@ def histograms(
             body.append(titled("rect", tip, x=bx, y=by, width=max(width - 1, 0.5),
                                height=y.pixel_low - by, fill=colour, fill_opacity="0.8",
                                class_="bin"))  # fmt: skip
-        body.append(legend(series_index, labels[series_index], colour))
+    body += legend([(label, PALETTE[i]) for i, label in enumerate(labels)])
     return frame(title, body)
 
 
@@ -364,8 +394,7 @@ def bars(
             body.append(tag("path", d=d, stroke="#222", fill="none", class_="errorbar"))
         body.append(text(centre, y.pixel_low + 14, item.label, anchor="middle", size=10))
         body.append(text(centre, by - 4, fmt(item.value), anchor="middle", size=9))
-    for index, group in enumerate(g for g in groups if g):
-        body.append(legend(index, group, PALETTE[groups.index(group) % len(PALETTE)]))
+    body += legend([(g, PALETTE[i % len(PALETTE)]) for i, g in enumerate(groups) if g])
     return frame(title, body)
 
 
