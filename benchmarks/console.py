@@ -61,7 +61,8 @@ def pages(seeded: Seeded) -> dict[str, str]:
         "run": f"/console/runs/{seeded.failed_run}",
         "rollouts": "/console/rollouts",
         "rollout": f"/console/rollouts/{seeded.rollout}",
-        "monitors": f"/console/monitors/{MODEL}",
+        "monitors": "/console/monitors",
+        "monitor": f"/console/monitors/{MODEL}",
     }
 
 

@@ -96,7 +96,7 @@ def recorded_checks(store: RegistryStore, version: int, every_s: float = 60.0) -
     from retrain import trigger
     from serving.model_folder import read_card
     from servo.demo import digits_holdout
-    from servo.loop import check_accuracy
+    from servo.loop import check_accuracy, check_drift
 
     folder = Path(store.version(MODEL, version).artifact_uri.removeprefix("file://"))
     card = read_card(folder)
@@ -127,7 +127,7 @@ def recorded_checks(store: RegistryStore, version: int, every_s: float = 60.0) -
         store.record_loop_event(MODEL, "check", {
             "version": version, "verdict": report.verdict, "reasons": report.reasons,
             "signals": sorted(trigger.signals(report)), "source": report.source,
-            "error": report.error, "accuracy": check_accuracy(report),
+            "error": report.error, "accuracy": check_accuracy(report), "drift": check_drift(report),
         })  # fmt: skip
     alarm = {"version": version, "signals": ["drift"], "reason": "input drift", "consecutive": 2}
     store.record_loop_event(MODEL, "alarm", alarm)
@@ -192,8 +192,9 @@ def finished_rollout(store: RegistryStore, champion: int) -> int:
 
 
 def seed(directory: Path) -> Seeded:
-    """DIR/registry.db with the champion serving, a pending promotion, a finished rollout,
-    a failed run and one token per role."""
+    """DIR/registry.db with the champion serving, the loop's checks (calm, then drift), a
+    finished rollout (rolled back), a failed run, the retrain the drift started and its
+    candidate in shadow with a pending promotion, and one token per role."""
     from servo.train import train
 
     store = open_registry(directory)
@@ -203,9 +204,10 @@ def seed(directory: Path) -> Seeded:
     store.set_alias(MODEL, "champion", first.version, actor="setup")
     store.set_deployments(MODEL, [(first.version, "champion", 100.0)], actor="setup")
     store.set_loop_state(MODEL, "watching", {"reason": "seeded"})
-    rollout = finished_rollout(store, first.version)
     recorded_checks(store, first.version)
+    rollout = finished_rollout(store, first.version)
     broken = failed_run(store, directory / "pipeline")
+    store.record_loop_event(MODEL, "retrain_started", {"trigger": "drift", "triggered_by": None})
     second = train(store, work=directory, name=MODEL, trigger="drift")
     store.record_loop_event(MODEL, "retrain_finished", {"status": "succeeded",
                             "run_id": second.run.run_id, "version": second.version})  # fmt: skip

@@ -12,7 +12,8 @@ from types import ModuleType
 import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "console.py"
-PAGES = ["models", "promotions", "promotion", "runs", "run", "rollouts", "rollout", "monitors"]
+PAGES = ["models", "promotions", "promotion", "runs", "run", "rollouts", "rollout", "monitors",
+         "monitor"]  # fmt: skip
 
 
 def load() -> ModuleType:

@@ -44,8 +44,14 @@ class Console:
         s = self.seeded
         return {
             "models": "/console/models",
+            "runs": "/console/runs",
+            "run": f"/console/runs/{s.failed_run}",
             "promotions": "/console/promotions",
             "promotion": f"/console/promotions/{s.promotion}",
+            "rollouts": "/console/rollouts",
+            "rollout": f"/console/rollouts/{s.rollout}",
+            "monitors": "/console/monitors",
+            "monitor": f"/console/monitors/{MODEL}",
         }
 
 
@@ -122,6 +128,19 @@ def test_every_page_renders_without_errors_and_shows_the_evidence(
     # the models page: the route table as seeded (champion and the shadow candidate)
     page.goto(console.url("/console/models"))
     assert "shadow" in page.inner_text("main")
+    # the failed run: its DAG and the failing step's log (the traceback, kept with the run)
+    page.goto(console.url(console.pages()["run"]))
+    assert page.locator("svg").count() >= 1
+    assert "label column missing in the new batch" in page.inner_text("main")
+    assert "Traceback" in page.inner_text("main")
+    # the rollout: the judge's e-value paths and its decision
+    page.goto(console.url(console.pages()["rollout"]))
+    assert page.locator("svg").count() >= 2  # one per metric
+    assert "rolled_back" in page.inner_text("main")
+    # the monitors: drift and accuracy over time, the retrain marked
+    page.goto(console.url(console.pages()["monitor"]))
+    assert page.locator("svg").count() >= 2
+    assert "retrain" in page.inner_text("main")
     assert watched.problems() == []
 
 
