@@ -5,7 +5,8 @@ with no console error, no uncaught exception and no Content-Security-Policy viol
 evidence charts are there; a viewer cannot approve (even with the disabled form switched
 back on: the server refuses); an approver's approval changes the route table and the audit
 trail. A screenshot of each page is kept under the test's tmp folder; with
-SERVO_CONSOLE_SCREENSHOT=1 the promotion page's also goes to docs/console-promotion.png
+SERVO_CONSOLE_SCREENSHOT=1 the promotion page as an approver sees it also goes to
+docs/console-promotion.png
 (the README's picture)."""
 
 from __future__ import annotations
@@ -122,9 +123,6 @@ def test_every_page_renders_without_errors_and_shows_the_evidence(
     assert page.locator("script").count() == 0
     text = page.inner_text("main")
     assert "champion" in text and "candidate" in text
-    if os.environ.get("SERVO_CONSOLE_SCREENSHOT"):
-        README_PICTURE.parent.mkdir(exist_ok=True)
-        shutil.copyfile(console.shots / "promotion.png", README_PICTURE)
     # the models page: the route table as seeded (champion and the shadow candidate)
     page.goto(console.url("/console/models"))
     assert "shadow" in page.inner_text("main")
@@ -167,6 +165,11 @@ def test_a_viewer_cannot_approve_and_an_approver_can(console: Console, browser: 
     approver = log_in(console, browser, "approver")
     page = approver.page
     page.goto(console.url(path))
+    assert not page.locator("form.decide button.approve").is_disabled()
+    page.screenshot(path=str(console.shots / "promotion-approver.png"), full_page=True)
+    if os.environ.get("SERVO_CONSOLE_SCREENSHOT"):  # the README's picture: what an approver sees
+        README_PICTURE.parent.mkdir(exist_ok=True)
+        shutil.copyfile(console.shots / "promotion-approver.png", README_PICTURE)
     page.fill("#reason-approve", "better on the same live requests <script>alert(1)</script>")
     with page.expect_navigation() as navigation:
         page.click("form.decide button.approve")
