@@ -6,8 +6,10 @@ evidence charts are there; a viewer cannot approve (even with the disabled form 
 back on: the server refuses); an approver's approval changes the route table and the audit
 trail. A screenshot of each page is kept under the test's tmp folder; with
 SERVO_CONSOLE_SCREENSHOT=1 the promotion page as an approver sees it also goes to
-docs/console-promotion.png
-(the README's picture)."""
+docs/console-promotion.png (the README's picture).
+
+One test, in two parts: one `servo up` and one browser (a second test would start its
+own on another xdist worker)."""
 
 from __future__ import annotations
 
@@ -56,10 +58,10 @@ class Console:
         }
 
 
-@pytest.fixture(scope="module")
-def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
+@pytest.fixture
+def console(tmp_path: Path) -> Iterator[Console]:
     require_chromium()
-    root = tmp_path_factory.mktemp("console")
+    root = tmp_path
     seeded = seed(root / "s")
     up = start_up(root / "s", root / "up.log")
     try:
@@ -69,7 +71,7 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
         seeded.store.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def browser(console: Console) -> Iterator[Any]:
     with chromium() as found:
         yield found
@@ -109,7 +111,12 @@ def routes(store: RegistryStore) -> list[tuple[int, str, float]]:
     return [(int(r["version"]), str(r["role"]), float(r["percent"])) for r in rows]
 
 
-def test_every_page_renders_without_errors_and_shows_the_evidence(
+def test_the_console_in_a_real_browser(console: Console, browser: Any) -> None:
+    every_page_renders_without_errors_and_shows_the_evidence(console, browser)
+    a_viewer_cannot_approve_and_an_approver_can(console, browser)
+
+
+def every_page_renders_without_errors_and_shows_the_evidence(
     console: Console, browser: Any
 ) -> None:
     watched = log_in(console, browser, "viewer")
@@ -142,7 +149,7 @@ def test_every_page_renders_without_errors_and_shows_the_evidence(
     assert watched.problems() == []
 
 
-def test_a_viewer_cannot_approve_and_an_approver_can(console: Console, browser: Any) -> None:
+def a_viewer_cannot_approve_and_an_approver_can(console: Console, browser: Any) -> None:
     store, seeded = console.seeded.store, console.seeded
     path = console.pages()["promotion"]
     before = routes(store)
