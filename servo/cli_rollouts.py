@@ -112,14 +112,13 @@ def _e_values(values: Any) -> str:
                      for m, v in values.items())  # fmt: skip
 
 
-def _steps_text(rollout: dict[str, Any], looks: list[dict[str, Any]]) -> list[str]:
-    lines = []
+def step_totals(rollout: dict[str, Any], looks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per step of a rollout: its index and percent, its looks ("looks": the list),
+    "requests" [canary, champion] (the "errors" trials), "events" {metric: [canary,
+    champion]} and "verdict" (its last look's, {} if none)."""
+    out = []
     for index, percent in enumerate(rollout["steps"]):
         mine = [look for look in looks if look["step"] == index]
-        if not mine:
-            if index <= rollout["step"]:
-                lines.append(f"step {index + 1} at {percent:g}%: no looks")
-            continue
         requests = [0, 0]
         events: dict[str, list[int]] = {}
         for look in mine:
@@ -128,10 +127,25 @@ def _steps_text(rollout: dict[str, Any], looks: list[dict[str, Any]]) -> list[st
                     requests = [requests[0] + ct, requests[1] + bt]
                 pair = events.setdefault(metric, [0, 0])
                 pair[0], pair[1] = pair[0] + ce, pair[1] + be
-        last = mine[-1]["verdict"] if isinstance(mine[-1]["verdict"], dict) else {}
+        last = mine[-1]["verdict"] if mine and isinstance(mine[-1]["verdict"], dict) else {}
+        out.append({"index": index, "percent": percent, "looks": mine, "requests": requests,
+                    "events": events, "verdict": last})  # fmt: skip
+    return out
+
+
+def _steps_text(rollout: dict[str, Any], looks: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for step in step_totals(rollout, looks):
+        index, percent, mine = step["index"], step["percent"], step["looks"]
+        if not mine:
+            if index <= rollout["step"]:
+                lines.append(f"step {index + 1} at {percent:g}%: no looks")
+            continue
+        requests, last = step["requests"], step["verdict"]
         lines += [
             f"step {index + 1} at {percent:g}%: {len(mine)} looks; requests canary "
-            f"{requests[0]}, champion {requests[1]}; events (canary/champion) {_events(events)}",
+            f"{requests[0]}, champion {requests[1]}; events (canary/champion) "
+            f"{_events(step['events'])}",
             f"  at look {mine[-1]['seq']}: rollback e {_e_values(last.get('rollback_e'))}; "
             f"promotion e {_e_values(last.get('promote_e'))}",
             f"  decision {last.get('decision', '-')}: {last.get('reason', '-')}",

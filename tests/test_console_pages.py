@@ -19,7 +19,7 @@ from monitors.detectors import wilson_interval
 from monitors.monitor import AccuracyReport, MonitorReport
 from monitors.report import compare
 from retrain.pipeline import Pipeline, Runner, Step, StepContext, StepFailed
-from servo.console import pages_runs
+from servo.console import pages_rollouts, pages_runs
 from servo.loop import check_accuracy, check_drift
 from tests.admin import Admin, running_admin
 from tests.console_login import login, secured
@@ -130,7 +130,7 @@ def test_runs_list_newest_first_with_who_started_them(seeded: Seeded, viewer: ht
     html = page(viewer, "/console/runs")
     ids = [int(i) for i in re.findall(r'href="/console/runs/(\d+)"', html)]
     assert ids == sorted(ids, reverse=True) and ids[:2] == [seeded.failed_run, seeded.good_run]
-    assert "ops-1 (by hand)" in html and ">drift<" in html and ">failed<" in html
+    assert "ops-1 (by hand)" in html and "the loop (drift)" in html and ">failed<" in html
     assert page(viewer, "/console/runs?model=digits").count('href="/console/runs/') == 2
     assert 'href="/console/runs/' not in page(viewer, "/console/runs?model=nothing")
     page(viewer, "/console/runs?page=0", 400)
@@ -201,6 +201,16 @@ def test_rollout_pages_draw_e_value_paths_against_thresholds(
         assert doc["finished_at"].strftime("%Y-%m-%d %H:%M:%S") in html
     promoted = page(viewer, f"/console/rollouts/{seeded.promoted}")
     assert "advance" in promoted  # the first step's decision
+
+
+def test_long_rollout_is_replayed_on_request(
+    seeded: Seeded, viewer: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pages_rollouts, "REPLAY_LOOKS", 1)
+    path = f"/console/rollouts/{seeded.promoted}"
+    html = page(viewer, path)
+    assert "replayed:" not in html and f'href="{path}?replay=1"' in html
+    assert "replayed: the same verdict at every look" in page(viewer, f"{path}?replay=1")
 
 
 def test_monitor_page_draws_checks_per_version_with_events(

@@ -202,6 +202,12 @@ def test_a_hostile_model_name_and_a_request_without_known_evidence_render(
         assert SCRIPT not in page.text and ESCAPED in page.text
     page = client.get(f"/console/promotions/{request}").text
     assert "the evidence holds no accuracy figures" in page and "the default gates" in page
+    odd = {"live": [1], "offline": "x", "signature": {"inputs": "bad", "compatible": True},
+           "trigger": {"report": {"features": {"features": [{"js_distance": "a"}, 5]}}},
+           "policy": {"gates": {"live_margin": "wide"}}}  # fmt: skip
+    strange = admin.store.file_promotion(SCRIPT, version, odd, "gates")
+    shown = client.get(f"/console/promotions/{strange}")
+    assert shown.status_code == 200 and "not judged: the evidence is malformed" in shown.text
 
 
 def test_features_with_their_bins_get_reference_and_live_histograms() -> None:

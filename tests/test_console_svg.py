@@ -153,3 +153,14 @@ def test_flat_and_non_finite_values() -> None:
     )
     out = ET.tostring(root, encoding="unicode")
     assert "nan" not in out and "inf" not in out
+
+
+def test_long_series_are_decimated_keeping_peaks() -> None:
+    ys = [float(i % 100) for i in range(5000)]  # a saw: peaks of 99 every 100 points
+    ys[2345] = 1000.0
+    kept = svg.decimate(ys, limit=300)
+    assert len(kept) <= 310 and kept[-1] == 4999 and 2345 in kept
+    assert svg.decimate(ys[:10], limit=300) == list(range(10))
+    chart = svg.line_chart("long", [svg.Series("a", list(enumerate(ys)))])
+    (series,) = [p for p in parse(chart).iter(f"{NS}path") if p.get("class") == "series"]
+    assert series.get("d", "").count("L") < svg.MAX_POINTS + 10

@@ -3,28 +3,29 @@ requests and events of each arm), the judge's e-value paths per metric against t
 thresholds (rollback: m/alpha over the whole rollout; promotion: 1/(beta w) or 1/beta,
 restarting each step), each decision and when it was made, and whether the stored
 verdicts follow from the stored counts (`servo.cli_rollouts.replay_rollout`, the replay of
-`servo rollouts show`)."""
+`servo rollouts show`; for a long rollout on request)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import itertools
-import math
 from typing import TYPE_CHECKING, Any
 
 from markupsafe import Markup
 
 from retrain.judge import JudgeConfig
 from serving.http import Response, Route
-from servo.cli_rollouts import replay_rollout
+from servo.cli_rollouts import replay_rollout, step_totals
 from servo.console import svg
 from servo.console.app import positive_id
+from servo.console.pages_runs import query
 
 if TYPE_CHECKING:
     from servo.console.app import Console, Visit
 
-#: the most points of an e-value path drawn (a long rollout has thousands of looks)
-MAX_POINTS = 400
+#: a rollout with more looks is replayed on request only (`?replay=1`): a replay costs
+#: about a third of a millisecond a look
+REPLAY_LOOKS = 300
 
 
 def judge_config(rollout: dict[str, Any]) -> JudgeConfig | None:
@@ -36,43 +37,26 @@ def judge_config(rollout: dict[str, Any]) -> JudgeConfig | None:
 
 
 def step_rows(rollout: dict[str, Any], looks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per step of the rollout: its share, looks, requests and events of each arm, and the
-    decision of its last look (with when it was taken)."""
+    """Per step of the rollout (`servo.cli_rollouts.step_totals`): its share, looks,
+    requests and events of each arm, and the decision of its last look with its time."""
     rows = []
-    for index, percent in enumerate(rollout["steps"]):
-        mine = [look for look in looks if look["step"] == index]
-        requests = [0, 0]
-        events: dict[str, list[int]] = {}
-        for look in mine:
-            for metric, (ct, ce, bt, be) in look["counts"].items():
-                if metric == "errors":
-                    requests = [requests[0] + ct, requests[1] + bt]
-                pair = events.setdefault(metric, [0, 0])
-                pair[0], pair[1] = pair[0] + ce, pair[1] + be
-        last = mine[-1] if mine else None
-        verdict = last["verdict"] if last and isinstance(last["verdict"], dict) else {}
+    for step in step_totals(rollout, looks):
+        mine, verdict = step["looks"], step["verdict"]
         rows.append(
             {
-                "index": index,
-                "percent": percent,
+                "index": step["index"],
+                "percent": step["percent"],
                 "looks": len(mine),
-                "canary_requests": requests[0],
-                "champion_requests": requests[1],
-                "events": events,
+                "canary_requests": step["requests"][0],
+                "champion_requests": step["requests"][1],
+                "events": step["events"],
                 "decision": verdict.get("decision"),
                 "reason": verdict.get("reason"),
-                "at": last["at"] if last else None,
-                "reached": index <= rollout["step"],
+                "at": mine[-1]["at"] if mine else None,
+                "reached": step["index"] <= rollout["step"],
             }
         )
     return rows
-
-
-def thin(points: list[tuple[float, float]], keep: set[int]) -> list[tuple[float, float]]:
-    """At most about MAX_POINTS points: every k-th, the last, and the looks in `keep`."""
-    stride = max(1, math.ceil(len(points) / MAX_POINTS))
-    last = len(points) - 1
-    return [p for i, p in enumerate(points) if i % stride == 0 or i == last or int(p[0]) in keep]
 
 
 def e_value_charts(
@@ -92,7 +76,6 @@ def e_value_charts(
             markers.append(
                 svg.Marker(look["seq"], f"step {look['step'] + 1}: {look['percent']:g}%", "step")
             )
-    decided = {seq for seq, v in verdicts if v.get("decision") in ("advance", "rollback")}
     if looks and rollout["status"] != "running":
         markers.append(
             svg.Marker(looks[-1]["seq"], rollout["status"].replace("_", " "), rollout["status"])
@@ -112,7 +95,7 @@ def e_value_charts(
                 for seq, v in verdicts
                 if isinstance(v.get(key), dict) and isinstance(v[key].get(metric), int | float)
             ]
-            paths[key] = thin(points, decided)
+            paths[key] = points
         charts.append(
             Markup(
                 svg.line_chart(
@@ -142,7 +125,9 @@ def rollout(visit: Visit) -> Response:
     doc = visit.store.rollout(rollout_id)
     looks = visit.store.rollout_looks(rollout_id)
     config = judge_config(doc)
-    replayed = replay_rollout(doc, looks)
+    replayed = None
+    if len(looks) <= REPLAY_LOOKS or query(visit).get("replay") == "1":
+        replayed = replay_rollout(doc, looks)
     return visit.render(
         "rollout.html",
         title=f"Rollout {rollout_id}",

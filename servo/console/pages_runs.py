@@ -39,10 +39,17 @@ def duration_s(run: dict[str, Any]) -> float | None:
 
 
 def started_by(run: dict[str, Any]) -> str:
-    """Who or what started a run: the token that triggered it by hand, or its trigger."""
+    """Who or what started a run: the token that asked for it by hand (through the admin
+    API or the console), the command line (trigger "manual"), a schedule, or the loop (any
+    other trigger: the signal that fired)."""
     if run.get("triggered_by"):
         return f"{run['triggered_by']} (by hand)"
-    return "the loop" if run.get("model") else "a schedule or the CLI"
+    trigger = str(run.get("trigger") or "")
+    if trigger == "manual":
+        return "the command line"
+    if trigger in ("cron", "schedule"):
+        return "a schedule"
+    return f"the loop ({trigger})" if run.get("model") else trigger or "unknown"
 
 
 def runs_context(store: Any, page: int, model: str | None = None) -> dict[str, Any]:

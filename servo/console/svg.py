@@ -23,6 +23,8 @@ MARGIN_TOP = 46
 MARGIN_BOTTOM = 36
 #: a line chart marks its points with dots up to this many points a series
 MAX_DOTS = 60
+#: a line chart draws about this many points of a series at most (`decimate`)
+MAX_POINTS = 400
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2")
 STATUS_COLOURS = {
     "succeeded": "#2ca02c",
@@ -225,14 +227,29 @@ def path(points: Sequence[tuple[float, float]], *, step: bool = False) -> str:
     return " ".join(parts)
 
 
+def decimate(ys: Sequence[float], limit: int = MAX_POINTS) -> list[int]:
+    """Indices of at most about `limit` of the points: in each run of consecutive points,
+    its first, lowest and highest (peaks and troughs stay: a path still reaches its
+    threshold where it did), and the very last point."""
+    if len(ys) <= limit:
+        return list(range(len(ys)))
+    size = math.ceil(3 * len(ys) / limit)
+    keep: set[int] = {len(ys) - 1}
+    for start in range(0, len(ys), size):
+        run = range(start, min(start + size, len(ys)))
+        keep |= {start, min(run, key=ys.__getitem__), max(run, key=ys.__getitem__)}
+    return sorted(keep)
+
+
 def finite(s: Series, log: bool) -> Series:
     """The series without points (and band entries) that cannot be drawn: NaN, infinite,
-    or (on a log axis) not positive."""
-    keep = [
+    or (on a log axis) not positive; decimated to about MAX_POINTS points."""
+    drawable = [
         i
         for i, (px, py) in enumerate(s.points)
         if math.isfinite(px) and math.isfinite(py) and (py > 0 or not log)
     ]
+    keep = [drawable[i] for i in decimate([s.points[i][1] for i in drawable])]
     band = None
     if s.band is not None and len(s.band) == len(s.points):
         band = [s.band[i] for i in keep]
