@@ -413,11 +413,14 @@ class Runner:
             return result
         log_path = self.root / "logs" / f"run-{run_id}" / f"{step.name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("")  # every attempt appends: its records, then its outcome
         work = scratch / f"{step.name}-{key[:16]}"
         attempts = 0
         error = ""
         while attempts <= step.retries:
             attempts += 1
+            if step.retries:
+                _append(log_path, f"--- attempt {attempts} of {step.retries + 1}\n")
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
             context = StepContext(dict(inputs), dict(step.params), work)
@@ -442,6 +445,11 @@ class Runner:
             outputs = {o: placed / o for o in step.outputs}
             result = StepResult("succeeded", outputs, hashes, key, time.perf_counter() - started,
                                 attempts)  # fmt: skip
+            if self.executor is None:  # (a Job's pod log already ends with servo step's)
+                _append(log_path, json.dumps({
+                    "step": step.name, "status": "succeeded", "attempts": attempts,
+                    "duration_s": round(result.duration_s, 3), "metrics": context.metrics,
+                    "outputs": hashes}, sort_keys=True) + "\n")  # fmt: skip
             self._record(run_id, self._records(step, result, found, context.metrics, log_path))
             return result
         shutil.rmtree(work, ignore_errors=True)
@@ -457,16 +465,17 @@ class Runner:
             # a stop asked for since the last check, before a signal could interrupt the step
             self.stop.check(f"during step '{step.name}'")
             if self.executor is None:
-                step.fn(context)
+                with _StepLog(log_path):
+                    step.fn(context)
             else:
-                log_path.write_text(self.executor(run_id, step, context))
+                _append(log_path, self.executor(run_id, step, context))
             missing = [o for o in step.outputs if not context.output(o).is_file()]
             if missing:
                 raise PipelineError(f"did not write output(s) {', '.join(missing)}")
         except Exception as exc:
             # an executor's error may carry the remote log (StepExecutionError.log)
             remote = exc.log + "\n" if isinstance(exc, StepExecutionError) and exc.log else ""
-            log_path.write_text(remote + traceback.format_exc())
+            _append(log_path, remote + traceback.format_exc())
             if self.stop.is_set():
                 # the stop's Interrupted, raised inside a C extension, can come out as
                 # another error (seen: numpy's "buffer format string" ValueError): a step
@@ -570,3 +579,39 @@ def _complete(folder: Path, step: Step) -> dict[str, str] | None:
     if not all((folder / o).is_file() for o in step.outputs):
         return None
     return hashes
+
+
+def _append(path: Path, text: str) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(text)
+
+
+class _StepLog(logging.Handler):
+    """While a step function runs here: the log records it emits on its own thread
+    (through any logger, at the levels that logger passes), appended to the step's log
+    file, which the run keeps (its `log_uri`)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(logging.DEBUG)
+        self.path = path
+        self.thread = threading.get_ident()
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self._file: Any = None
+
+    def __enter__(self) -> _StepLog:
+        self._file = self.path.open("a", encoding="utf-8")
+        logging.getLogger().addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger().removeHandler(self)
+        self._file.close()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread != self.thread:
+            return
+        try:
+            self._file.write(self.format(record) + "\n")
+            self._file.flush()
+        except Exception:
+            self.handleError(record)

@@ -146,6 +146,37 @@ def test_a_step_failing_once_a_stop_was_asked_for_is_interrupted(
     assert boom["status"] == "interrupted" and boom["attempts"] == 1
 
 
+def test_a_succeeded_step_keeps_its_log_with_the_run(runner: Runner, tmp_path: Path) -> None:
+    """What a step logs while it runs (its own thread's records), then its outcome: kept in
+    the file the run records as the step's log_uri (the console shows it)."""
+    import json
+    import logging
+    import threading
+
+    def elsewhere() -> None:  # another thread's records, while the step runs: not its own
+        logging.getLogger("servo.retrain.test").warning("not the step's line")
+
+    def chatty(ctx: StepContext) -> None:
+        logging.getLogger("servo.retrain.test").warning("read %d rows", 3)
+        noise = threading.Thread(target=elsewhere)
+        noise.start()
+        noise.join()
+        ctx.output("x").write_text("ok")
+        ctx.metrics["rows"] = 3.0
+
+    pipeline = Pipeline("chatty").add(Step("chatty", chatty, ("x",)))
+    result = runner.run(pipeline)
+    store = runner.sink
+    assert isinstance(store, RegistryStore)
+    (step,) = store.run(result.run_id)["steps"]
+    text = Path(step["log_uri"]).read_text()
+    assert "WARNING servo.retrain.test: read 3 rows" in text
+    assert "not the step's line" not in text
+    summary = json.loads(text.splitlines()[-1])
+    assert summary["step"] == "chatty" and summary["status"] == "succeeded"
+    assert summary["metrics"] == {"rows": 3.0} and summary["outputs"]["x"].startswith("sha256:")
+
+
 def test_retries(runner: Runner, tmp_path: Path) -> None:
     calls = tmp_path / "calls"
 
