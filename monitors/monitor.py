@@ -22,7 +22,14 @@ import numpy as np
 
 from monitors.detectors import make_detector, wilson_interval
 from monitors.profile import CONFIDENCE_EDGES, ReferenceProfile
-from monitors.report import DRIFT, INSUFFICIENT, DriftReport, distribution_drift, feature_drift
+from monitors.report import (
+    DRIFT,
+    INSUFFICIENT,
+    DriftReport,
+    distribution_drift,
+    feature_drift,
+    flat_histograms,
+)
 from monitors.sources import MetricsSource, SourceUnavailable, WindowData
 
 OK, ALARM, UNAVAILABLE, STALLED = "ok", "alarm", "unavailable", "stalled"
@@ -89,6 +96,9 @@ class MonitorReport:
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = _finite(asdict(self))
+        for part in ("features", "predictions", "confidence"):
+            if doc.get(part):
+                flat_histograms(doc[part])
         return doc
 
     @property
@@ -222,13 +232,17 @@ def build_report(
     )
     least, rate = config.min_samples, config.false_alarm_rate
     if profile is not None:
+        live = live_feature_counts(profile, data)
         report.features = feature_drift(
             profile,
-            live_feature_counts(profile, data),
+            live,
             fixed_js_threshold=config.fixed_js_threshold,
             fixed_psi_threshold=config.fixed_psi_threshold,
             min_samples=least,
             false_alarm_rate=rate,
+        )
+        report.features.attach_histograms(
+            profile.edges, profile.reference_counts, live, ~profile.categorical_mask()
         )
         reference: dict[str, float] = {k: float(v) for k, v in profile.prediction_counts.items()}
         if not reference:

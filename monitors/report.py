@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -45,6 +45,13 @@ class FeatureDrift:
     chi2_p_value: float
     ks_distance_bound: float
     drifted: bool
+    #: the histogram behind the verdict, kept for the features that drifted most (see
+    #: `attach_histograms`): bin edges (one more than counts), reference and live counts
+    histogram: dict[str, list[float]] | None = None
+
+
+#: drifted features whose histograms a report keeps (the evidence and the console show them)
+HISTOGRAMS_KEPT = 3
 
 
 @dataclass
@@ -62,7 +69,37 @@ class DriftReport:
         return [f.feature for f in self.features if f.drifted]
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return flat_histograms(asdict(self))
+
+    def attach_histograms(
+        self, edges: npt.NDArray[Any], reference: npt.NDArray[Any], live: npt.NDArray[Any],
+        numeric: npt.NDArray[np.bool_], keep: int = HISTOGRAMS_KEPT,
+    ) -> None:  # fmt: skip
+        """Keep the histograms of the `keep` drifted numeric features of largest JS
+        distance: `edges` (F, 11) the reference's minimum, inner deciles and maximum; the
+        under- and overflow bins get edges one tenth of the range beyond them."""
+        ranked = sorted(
+            (i for i, f in enumerate(self.features) if f.drifted and numeric[i]),
+            key=lambda i: self.features[i].js_distance, reverse=True,
+        )  # fmt: skip
+        for i in ranked[:keep]:
+            inner = [float(e) for e in edges[i]]
+            pad = (inner[-1] - inner[0]) / 10 or 1.0
+            self.features[i] = replace(self.features[i], histogram={
+                "edges": [inner[0] - pad, *inner, inner[-1] + pad],
+                "reference": [float(c) for c in reference[i]],
+                "live": [float(c) for c in live[i]],
+            })  # fmt: skip
+
+
+def flat_histograms(doc: dict[str, Any]) -> dict[str, Any]:
+    """A DriftReport's `asdict`, its kept histograms flat on their feature entries
+    (`edges`, `reference`, `live`), none where none is kept."""
+    for feature in doc["features"]:
+        histogram = feature.pop("histogram", None)
+        if histogram is not None:
+            feature.update(histogram)
+    return doc
 
 
 def js_thresholds(

@@ -70,8 +70,6 @@ def _answers(folder: Path, rows: np.ndarray[Any, Any]) -> tuple[list[str], list[
 def _drift_report(folder: Path, rows: np.ndarray[Any, Any], version: int) -> dict[str, Any]:
     """The champion's check that triggered the retrain: its reference profile against a
     live window whose first features are shifted (a sensor gone bright)."""
-    from dataclasses import asdict
-
     from monitors.profile import ReferenceProfile
     from monitors.report import compare
     from serving.model_folder import read_card
@@ -80,12 +78,16 @@ def _drift_report(folder: Path, rows: np.ndarray[Any, Any], version: int) -> dic
     profile = ReferenceProfile.from_json(card.reference_profile)
     live = rows.copy()
     live[:, :8] += 6.0
-    drift = compare(profile.features, profile.reference_counts, profile.bin_counts(live))
+    counts = profile.bin_counts(live)
+    drift = compare(profile.features, profile.reference_counts, counts)
+    # the bins of the features that drifted most, as monitors.monitor keeps them
+    drift.attach_histograms(profile.edges, profile.reference_counts, counts,
+                            ~profile.categorical_mask())  # fmt: skip
     return {
         "model": MODEL, "version": str(version), "source": "payload_log",
         "verdict": "alarm" if drift.verdict == "drift" else "ok",
         "reasons": ["input drift"] if drift.verdict == "drift" else [],
-        "n": drift.window_n, "features": asdict(drift),
+        "n": drift.window_n, "features": drift.to_json(),
     }  # fmt: skip
 
 

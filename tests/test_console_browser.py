@@ -128,6 +128,9 @@ def every_page_renders_without_errors_and_shows_the_evidence(
     # the evidence as pictures, drawn server-side (no script on the page at all)
     assert page.locator("svg").count() >= 2
     assert page.locator("script").count() == 0
+    # the features that drifted most, each with its reference vs live histogram (the bins
+    # the loop's monitor report kept)
+    assert page.locator("svg", has_text="reference vs live").count() >= 1
     text = page.inner_text("main")
     assert "champion" in text and "candidate" in text
     # the models page: the route table as seeded (champion and the shadow candidate)

@@ -191,3 +191,29 @@ def test_classes_the_reference_never_predicted(profile: ReferenceProfile) -> Non
     assert report.reasons == ["prediction drift"]
     drift = report.predictions.features[0]
     assert np.isfinite([drift.js_distance, drift.psi, drift.chi2_p_value]).all()
+
+
+def test_a_drifted_report_keeps_the_histograms_of_its_most_drifted_features(
+    profile: ReferenceProfile,
+) -> None:
+    """The evidence and the console draw reference vs live: the report keeps the bins of
+    the (at most 3) drifted features of largest JS distance, none of a calm feature."""
+    rng = np.random.default_rng(7)
+    data = window(profile, rng)
+    rows = rng.standard_normal((500, 4))
+    rows[:, 0] += 2.0  # two features drift, one of them more
+    rows[:, 2] *= 3.0
+    counts = profile.bin_counts(rows)
+    for j, feature in enumerate(profile.features):
+        data.features[feature] = {label: float(counts[j, k]) for k, label in profile.bin_labels(j)}
+    doc = build_report(data, profile).to_json()
+    entries = {e["feature"]: e for e in doc["features"]["features"]}
+    kept = {name for name, e in entries.items() if "edges" in e}
+    assert kept == {name for name, e in entries.items() if e["drifted"]} == {"input:0", "input:2"}
+    first = entries["input:0"]
+    assert len(first["edges"]) == len(first["reference"]) + 1 == len(first["live"]) + 1 == 13
+    assert first["live"] == [float(c) for c in counts[0]]
+    assert first["reference"] == [float(c) for c in profile.reference_counts[0]]
+    assert first["edges"][1:-1] == [float(e) for e in profile.edges[0]]
+    assert "histogram" not in first  # flat on the entry, as the console reads it
+    json.dumps(doc, allow_nan=False)
