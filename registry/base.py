@@ -223,7 +223,51 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         return
     from alembic import command
 
-    _migrate(engine, lambda config: command.upgrade(config, revision))
+    # Alembic runs SQLite's migrations one transaction each and reads the current revision
+    # outside them: two processes upgrading a new database at once both ran 0004 ("table
+    # rollouts already exists", seen with three `servo train` at once). One at a time, the
+    # second finding the first's work done.
+    with _migration_lock(engine):
+        if revision == "head" and _at_head(engine):
+            return
+        _migrate(engine, lambda config: command.upgrade(config, revision))
+
+
+#: pg_advisory_lock's key for the registry's migrations ("servo" + "mig", any fixed number)
+_PG_MIGRATION_LOCK = 0x7365_7276_6F6D_6967
+
+
+@contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """Migrations of one database one process at a time: an flock on a file beside a
+    SQLite database (none for an in-memory one), a session advisory lock on PostgreSQL."""
+    if engine.dialect.name == "sqlite":
+        database = engine.url.database
+        if not database or database == ":memory:":
+            yield
+            return
+        import fcntl
+
+        with open(f"{database}.migrate.lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        return
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            connection.execute(sql_text("SELECT pg_advisory_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+            connection.commit()
+            try:
+                yield
+            finally:
+                connection.execute(
+                    sql_text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_MIGRATION_LOCK}
+                )
+                connection.commit()
+        return
+    yield
 
 
 def downgrade(engine: Engine, revision: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,6 +94,41 @@ def _writer(url: str, role: str, count: int) -> None:
             else:
                 store.register_version("digits", f"file:///ops/{i}", {"i": i}, actor="ops")
                 store.set_alias("digits", "champion", 1, actor="ops", reason=f"move {i}")
+    finally:
+        store.close()
+
+
+def _create_schema(url: str, start: Any) -> None:
+    start.wait(60)
+    store = RegistryStore(url)
+    try:
+        store.create_schema()
+    finally:
+        store.close()
+
+
+def test_processes_creating_one_new_schema_at_once_all_succeed(url: str) -> None:
+    """Three `servo train` on a new registry at once once failed with "table rollouts
+    already exists": Alembic reads the revision outside SQLite's per-migration
+    transactions. Migrations now take a lock (an flock beside the SQLite file, an advisory
+    lock on PostgreSQL); each process finds the database at the head, or brings it there."""
+    context = multiprocessing.get_context("spawn")
+    start = context.Event()
+    makers = [context.Process(target=_create_schema, args=(url, start)) for _ in range(4)]
+    for process in makers:
+        process.start()
+    start.set()
+    for process in makers:
+        process.join(120)
+    assert [p.exitcode for p in makers] == [0] * 4
+    store = RegistryStore(url)
+    try:
+        store.create_schema()  # at the head: nothing to do
+        with store.engine.connect() as connection:
+            (current,) = connection.exec_driver_sql("SELECT version_num FROM alembic_version")
+        from registry.lite import migration_heads
+
+        assert {current[0]} == migration_heads()
     finally:
         store.close()
 

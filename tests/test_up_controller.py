@@ -176,7 +176,9 @@ def test_the_controller_form_serves_no_model_and_monitors_through_prometheus(
         assert answered[0]["detail"]["source"] == "prometheus"
         assert answered[0]["detail"]["verdict"] in ("ok", "insufficient_data")
         # the series came from the gateway: Prometheus saw digits requests only there
-        series = prometheus.query('sum by (instance) (servo_requests_total{model="digits"})')
+        # (waited for: a verdict of insufficient_data can come before its first scrape)
+        series = wait_for(lambda: prometheus.query(
+            'sum by (instance) (servo_requests_total{model="digits"})'))  # fmt: skip
         assert {s["metric"]["instance"] for s in series} == {targets[0]}
     finally:
         for process in reversed(started):
