@@ -480,7 +480,7 @@ class Runner:
                 # the stop's Interrupted, raised inside a C extension, can come out as
                 # another error (seen: numpy's "buffer format string" ValueError): a step
                 # that fails once a stop was asked for was stopped, not failed
-                raise Interrupted(f"stopped during step '{step.name}' ({exc})") from exc
+                raise Interrupted(f"stopped during step '{step.name}'") from exc
             return f"{type(exc).__name__}: {exc}"
         finally:
             self.stop.step = None
