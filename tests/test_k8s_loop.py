@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +33,17 @@ from servo.reconcile import KubernetesConfig, Reconciler
 from servo.routes import RegistryRouteSource, table_from_deployments
 from servo.settings import Settings
 from servo.worker import TrainOutcome
+from tests.crash import wait_for as _wait_for
 from tests.test_k8s_deployer import GROUP, PLURAL, VERSION, _cond, kube  # noqa: F401
 from tests.test_routing import BODY
 
 PREFIX = "pvc://servo-data/"
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 120) -> Any:
+    """tests.crash.wait_for (a hang guard) polling every 50 ms: the conditions ask the
+    API server."""
+    return _wait_for(condition, timeout, every=0.05)
 
 
 # a real Servo server on its own thread and event loop
@@ -52,10 +58,7 @@ class ServoThread:
             target=self.loop.run_until_complete, args=(self.server.run(),), daemon=True
         )
         self.thread.start()
-        deadline = time.monotonic() + 10
-        while self.server.http_port is None:
-            assert time.monotonic() < deadline, "server did not listen"
-            time.sleep(0.01)
+        wait_for(lambda: self.server.http_port is not None)  # a hang guard, not a speed test
         self.url = f"http://127.0.0.1:{self.server.http_port}"
 
     def requests(self, model: str, version: str) -> float:
@@ -73,16 +76,6 @@ class ServoThread:
         self.loop.call_soon_threadsafe(self.server.stop)
         self.thread.join(timeout=30)
         self.loop.close()
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = condition()
-        if found:
-            return found
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def champion_served_by(gateway: ServoThread, url: str | None) -> bool:
